@@ -1,0 +1,108 @@
+"""Validation at the public boundary.
+
+Every public function of ``refimpl`` checks its arguments with these helpers, so that a mistake
+gets an error naming the argument, what was expected and what came. Kernels below the boundary
+(and every backend) assume validated input.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def as_pair(value, name):
+    """Return ``value`` as a pair of non-negative ints (``3 -> (3, 3)``)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        pair = (int(value), int(value))
+    else:
+        try:
+            pair = tuple(int(v) for v in value)
+        except TypeError:
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
+        if len(pair) != 2 or any(isinstance(v, bool) for v in value):
+            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if any(v < 0 for v in pair):
+        raise ValueError(f"{name} must be non-negative, got {value!r}")
+    return pair
+
+
+def positive_pair(value, name):
+    """Like :func:`as_pair` but every entry must be at least 1."""
+    pair = as_pair(value, name)
+    if min(pair) < 1:
+        raise ValueError(f"{name} must be at least 1, got {value!r}")
+    return pair
+
+
+def float_array(x, name, ndim=None, allow_nonfinite=False):
+    """Return ``x`` as a C-contiguous float32/float64 array, checking ndim and finiteness."""
+    if not isinstance(x, np.ndarray):
+        if isinstance(x, (list, tuple)) or np.isscalar(x):
+            x = np.asarray(x, dtype=np.float64)
+        else:
+            raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
+    if x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
+    if ndim is not None and x.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-dimensional, got shape {x.shape}")
+    if not allow_nonfinite and not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} contains NaN or inf")
+    return np.ascontiguousarray(x)
+
+
+def same_dtype(arrays, names):
+    """Raise TypeError unless every array in ``arrays`` has the dtype of the first."""
+    dtypes = [a.dtype for a in arrays]
+    if any(d != dtypes[0] for d in dtypes):
+        listing = ", ".join(f"{n}={d}" for n, d in zip(names, dtypes))
+        raise TypeError(f"arrays must share one dtype, got {listing}")
+
+
+def rate(value, name="rate"):
+    """Check a perforation rate: a real number in [0, 1)."""
+    if not isinstance(value, numbers.Real) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a real number in [0, 1), got {value!r}")
+    if not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def generator(rng, name="rng"):
+    """Require an explicit ``numpy.random.Generator`` (no global seeding anywhere)."""
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(
+            f"{name} must be a numpy.random.Generator (e.g. numpy.random.default_rng(0)), "
+            f"got {type(rng).__name__}"
+        )
+    return rng
+
+
+def choice(value, name, allowed):
+    """Check that ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
+    return value
+
+
+def bool_mask(mask, name, out_hw, batch=None):
+    """Check a perforation mask: boolean, shape (Ho, Wo) or (N, Ho, Wo), at least one True per sample."""
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"{name} must be a boolean numpy array, got {type(mask).__name__}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"{name} must have dtype bool, got {mask.dtype}")
+    ho, wo = out_hw
+    shared_ok = mask.shape == (ho, wo)
+    per_sample_ok = mask.ndim == 3 and mask.shape[1:] == (ho, wo) and (
+        batch is None or mask.shape[0] == batch
+    )
+    if not (shared_ok or per_sample_ok):
+        expected = f"({ho}, {wo})" + (f" or ({batch}, {ho}, {wo})" if batch is not None else f" or (N, {ho}, {wo})")
+        raise ValueError(f"{name} must have shape {expected}, got {mask.shape}")
+    counts = mask.reshape(-1, ho * wo).sum(axis=1)
+    if np.any(counts == 0):
+        raise ValueError(f"{name} must select at least one position (per sample), got an empty mask")
+    return np.ascontiguousarray(mask)

@@ -1,0 +1,36 @@
+"""The ``ponder`` command line.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args)``;
+this file only lists them, so adding a command is one line in ``COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "demo": ("refimpl.commands.demo", "perforate a convolution of a photo with every mask and fill"),
+    "bench": ("fastpath.bench", "benchmark every backend on reference layers"),
+}
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="ponder", description="Adaptive computation in convolutional networks.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return importlib.import_module(args._module).run(args) or 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

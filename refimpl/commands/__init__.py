@@ -1,0 +1,1 @@
+"""Subcommands of the ``ponder`` command line, one module each."""

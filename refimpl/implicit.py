@@ -1,0 +1,281 @@
+r"""Implicit interpolation: the next layer reads the compact tensor through an index table.
+
+A perforated layer with nearest fill copies values; the copies never have to exist. If the
+*next* spatial layer (a convolution or a pooling) is told, for each of its own output positions
+``o`` and kernel taps ``t = (i, j)``, *which compact entry* it would have read,
+
+.. math::
+
+    \text{table}[n, o, t] = \text{index\_map}[n, s_h y_o - p_h + i,\; s_w x_o - p_w + j]
+    \quad(-1 \text{ where the tap falls in the padding}),
+
+it can compute directly from the (N, C, P) compact tensor. The same *table convolution*
+
+.. math::
+
+    \text{out}[n, k, o] = b_k + \sum_{c, t} w[k, c, t]\; \text{src}[n, c, \text{table}[n, o, t]]
+
+also describes the ordinary convolution (``src`` = the input flattened over H·W, ``table`` = the
+pixel each tap reads), which is how the tests tie the two together. Memory saved: the (N, C, Ho·Wo)
+filled tensor is replaced by (N, C, P) plus an int table shared by all channels.
+
+Pooling reads the same way. Max pooling may treat duplicate indices once or many times (the max
+is the same); average pooling counts duplicates, exactly as if the filled tensor existed. Padding
+taps are excluded from both (max over real values, mean over in-bounds taps).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _checks
+from .conv import conv_output_shape
+from .perforation import INDEX_DTYPE, PerforationPlan
+
+POOL_MODES = ("max", "avg")
+
+
+def compose_index_table(index_map, kernel, stride=1, padding=0, out_positions=None):
+    """Table of compact indices read by a following layer.
+
+    Parameters
+    ----------
+    index_map : ndarray of int (B, H, W)
+        For every input position of the following layer, where its value lives in the source
+        (``PerforationPlan.index_map`` for a compact source; ``arange(H*W)`` for a dense one).
+    kernel, stride, padding : the following layer's window
+    out_positions : ndarray of int (R,), optional
+        Raster indices of the following layer's outputs to compute (all when omitted).
+
+    Returns
+    -------
+    table : ndarray of int32 (B, R, kh*kw)
+        Source index read by tap ``t = i * kw + j`` of output ``o``; -1 for padding.
+    """
+    index_map = np.asarray(index_map)
+    if index_map.ndim == 2:
+        index_map = index_map[None]
+    (kh, kw) = _checks.positive_pair(kernel, "kernel")
+    (sh, sw) = _checks.positive_pair(stride, "stride")
+    (ph, pw) = _checks.as_pair(padding, "padding")
+    b, h, w = index_map.shape
+    ho, wo = conv_output_shape((h, w), (kh, kw), (sh, sw), (ph, pw))
+    if out_positions is None:
+        out_positions = np.arange(ho * wo)
+    oy, ox = np.divmod(np.asarray(out_positions), wo)
+    iy = oy[:, None, None] * sh - ph + np.arange(kh)[None, :, None]  # (R, kh, 1)
+    ix = ox[:, None, None] * sw - pw + np.arange(kw)[None, None, :]  # (R, 1, kw)
+    iy, ix = np.broadcast_arrays(iy, ix)
+    inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
+    table = index_map[:, np.clip(iy, 0, h - 1), np.clip(ix, 0, w - 1)]  # (B, R, kh, kw)
+    table = np.where(inside[None], table, -1)
+    return table.reshape(b, len(out_positions), kh * kw).astype(INDEX_DTYPE)
+
+
+def dense_index_map(in_hw):
+    """The identity index map of an unperforated input: position (y, x) lives at ``y * W + x``."""
+    h, w = in_hw
+    return np.arange(h * w, dtype=INDEX_DTYPE).reshape(1, h, w)
+
+
+def _gather(src, table):
+    """``src[n, c, table[n, r, t]]`` with 0 where the table says -1: shape (N, C, R, T)."""
+    n, c, s = src.shape
+    padded = np.concatenate([src, np.zeros((n, c, 1), dtype=src.dtype)], axis=2)
+    safe = np.where(table < 0, s, table)  # -1 reads the appended zero
+    flat = np.broadcast_to(safe.reshape(safe.shape[0], 1, -1), (n, 1, safe[0].size))
+    return np.take_along_axis(padded, flat, axis=2).reshape(n, c, *table.shape[1:])
+
+
+def _scatter_add(values, table, source_size):
+    """Adjoint of :func:`_gather`: add ``values`` (N, C, R, T) into (N, C, S) at the table's indices."""
+    n, c = values.shape[:2]
+    out = np.zeros((n, c, source_size + 1), dtype=values.dtype)
+    safe = np.where(table < 0, source_size, table)
+    safe = np.broadcast_to(safe, (n, *table.shape[1:])).reshape(n, -1)
+    flat = values.reshape(n, c, -1)
+    for sample in range(n):  # duplicates are the point here (nearest fill), so add.at
+        np.add.at(out[sample].T, safe[sample], flat[sample].T)
+    return out[:, :, :source_size]
+
+
+class TableConvCache(NamedTuple):
+    rows: np.ndarray  # (N*R, C*T)
+    w: np.ndarray  # (K, C, kh, kw)
+    table: np.ndarray  # (B, R, T)
+    src_shape: tuple
+
+
+def table_conv_forward(src, table, w, b):
+    """Convolution that reads its input through an index table.
+
+    Parameters
+    ----------
+    src : ndarray (N, C, S)
+    table : ndarray of int32 (B, R, T), B in {1, N}, T = kh*kw, -1 = zero padding
+    w : ndarray (K, C, kh, kw)
+    b : ndarray (K,)
+
+    Returns
+    -------
+    out : ndarray (N, K, R)
+    cache : TableConvCache
+    """
+    n, c, _ = src.shape
+    k = w.shape[0]
+    gathered = _gather(src, table)  # (N, C, R, T)
+    r = table.shape[1]
+    rows = gathered.transpose(0, 2, 1, 3).reshape(n * r, -1)
+    out = (rows @ w.reshape(k, -1).T + b).reshape(n, r, k).transpose(0, 2, 1)
+    return np.ascontiguousarray(out), TableConvCache(rows, w, table, src.shape)
+
+
+def table_conv_backward(dout, cache):
+    """Gradients ``(dsrc, dw, db)`` of :func:`table_conv_forward`."""
+    n, c, s = cache.src_shape
+    k = cache.w.shape[0]
+    r, t = cache.table.shape[1:]
+    dy = dout.transpose(0, 2, 1).reshape(n * r, k)
+    dw = (dy.T @ cache.rows).reshape(cache.w.shape)
+    db = dy.sum(axis=0)
+    drows = (dy @ cache.w.reshape(k, -1)).reshape(n, r, c, t).transpose(0, 2, 1, 3)
+    return _scatter_add(drows, cache.table, s), dw, db
+
+
+class TablePoolCache(NamedTuple):
+    mode: str
+    table: np.ndarray  # (B, R, T)
+    src_shape: tuple
+    weights: np.ndarray  # (N, C, R, T): d out / d gathered tap
+
+
+def table_pool_forward(src, table, mode):
+    """Max or average pooling that reads through an index table; -1 taps are padding (ignored).
+
+    Returns ``out`` (N, C, R) and a :class:`TablePoolCache`. Max ties go to the first tap.
+    """
+    gathered = _gather(src, table)  # (N, C, R, T)
+    valid = np.broadcast_to((table >= 0)[:, None], gathered.shape)
+    if mode == "max":
+        masked = np.where(valid, gathered, -np.inf)
+        first = np.argmax(masked, axis=3)
+        out = np.take_along_axis(gathered, first[..., None], axis=3)[..., 0]
+        weights = np.zeros_like(gathered)
+        np.put_along_axis(weights, first[..., None], 1.0, axis=3)
+    else:
+        count = valid.sum(axis=3, keepdims=True)
+        weights = valid / count
+        out = (gathered * weights).sum(axis=3)
+    return out.astype(src.dtype), TablePoolCache(mode, table, src.shape, weights.astype(src.dtype))
+
+
+def table_pool_backward(dout, cache):
+    """Gradient ``dsrc`` (N, C, S) of :func:`table_pool_forward`."""
+    return _scatter_add(dout[..., None] * cache.weights, cache.table, cache.src_shape[2])
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions
+# ---------------------------------------------------------------------------------------------
+
+
+class ImplicitCache(NamedTuple):
+    backend: Any
+    inner: Any
+    out_hw: tuple
+
+
+def _check_compact(compact, plan):
+    if not isinstance(plan, PerforationPlan):
+        raise TypeError(f"plan must be a PerforationPlan, got {type(plan).__name__}")
+    compact = _checks.float_array(compact, "compact", ndim=3)
+    plan.check_batch(compact.shape[0], "plan")
+    if compact.shape[2] != plan.width:
+        raise ValueError(f"compact must have {plan.width} entries on its last axis (the plan's P), got {compact.shape[2]}")
+    return compact
+
+
+def implicit_conv2d_forward(compact, plan, w, b=None, stride=1, padding=0, backend=None):
+    """A convolution whose input is a perforated layer's compact output, read through an index table.
+
+    Equal to ``conv2d(fill_forward(compact, plan, "nearest"), w, b, stride, padding)`` without
+    ever forming the filled tensor.
+
+    Parameters
+    ----------
+    compact : ndarray (N, C, P), the ``output="compact"`` result of a perforated convolution
+    plan : PerforationPlan of that perforated convolution (its ``index_map`` is used)
+    w : ndarray (K, C, kh, kw); b : ndarray (K,) or None
+    stride, padding : this convolution's
+
+    Returns
+    -------
+    out : ndarray (N, K, Ho, Wo)
+    cache : ImplicitCache
+    """
+    from .backend import get_backend
+
+    compact = _check_compact(compact, plan)
+    w = _checks.float_array(w, "w", ndim=4)
+    b = np.zeros(w.shape[0], dtype=w.dtype) if b is None else _checks.float_array(b, "b", ndim=1)
+    _checks.same_dtype([compact, w, b], ["compact", "w", "b"])
+    if w.shape[1] != compact.shape[1]:
+        raise ValueError(f"w has {w.shape[1]} input channels but compact has {compact.shape[1]}")
+    if b.shape != (w.shape[0],):
+        raise ValueError(f"b must have shape ({w.shape[0]},), got {b.shape}")
+    out_hw = conv_output_shape(plan.out_hw, w.shape[2:], stride, padding)
+    table = compose_index_table(plan.index_map, w.shape[2:], stride, padding)
+    backend = get_backend(backend)
+    out, inner = backend.table_conv_forward(compact, table, w, b)
+    return out.reshape(*out.shape[:2], *out_hw), ImplicitCache(backend, inner, out_hw)
+
+
+def implicit_conv2d_backward(dout, cache):
+    """Gradients ``(dcompact, dw, db)`` of :func:`implicit_conv2d_forward`."""
+    n, k = dout.shape[:2]
+    return cache.backend.table_conv_backward(np.ascontiguousarray(dout).reshape(n, k, -1), cache.inner)
+
+
+def implicit_pool2d_forward(compact, plan, mode="max", size=2, stride=None, padding=0, backend=None):
+    """Max or average pooling of a compact tensor through an index table.
+
+    Equal to pooling ``fill_forward(compact, plan, "nearest")``. Padding taps are ignored
+    (max over real values; average over in-bounds taps).
+
+    Returns ``out`` (N, C, Ho, Wo) and an :class:`ImplicitCache`.
+    """
+    from .backend import get_backend
+
+    compact = _check_compact(compact, plan)
+    _checks.choice(mode, "mode", set(POOL_MODES))
+    size = _checks.positive_pair(size, "size")
+    stride = size if stride is None else _checks.positive_pair(stride, "stride")
+    padding = _checks.as_pair(padding, "padding")
+    if padding[0] > size[0] // 2 or padding[1] > size[1] // 2:
+        raise ValueError(f"padding must be at most half the pooling size {size}, got {padding}")
+    out_hw = conv_output_shape(plan.out_hw, size, stride, padding)
+    table = compose_index_table(plan.index_map, size, stride, padding)
+    backend = get_backend(backend)
+    out, inner = backend.table_pool_forward(compact, table, mode)
+    return out.reshape(*out.shape[:2], *out_hw), ImplicitCache(backend, inner, out_hw)
+
+
+def implicit_pool2d_backward(dout, cache):
+    """Gradient ``dcompact`` of :func:`implicit_pool2d_forward`."""
+    n, c = dout.shape[:2]
+    return cache.backend.table_pool_backward(np.ascontiguousarray(dout).reshape(n, c, -1), cache.inner)
+
+
+def implicit_memory_saved(plan, batch, channels, itemsize):
+    """Bytes of activations not stored: the filled (N, C, Ho·Wo) tensor minus compact + table.
+
+    The table of the following layer is not counted here (it replaces nothing of the dense path
+    either: a dense layer computes the same addresses on the fly).
+    """
+    ho, wo = plan.out_hw
+    dense = batch * channels * ho * wo * itemsize
+    compact = batch * channels * plan.width * itemsize
+    index = plan.index_map.size * plan.index_map.itemsize
+    return dense - compact - index

@@ -1,0 +1,367 @@
+r"""Perforated convolution: evaluate a convolution only at the positions of a mask.
+
+A *mask* ``M`` over output positions is boolean, (Ho, Wo) shared by the batch or (N, Ho, Wo) per
+sample. The layer computes, for every computed position, exactly the value of the dense
+convolution (the im2row rows of :mod:`refimpl.conv` restricted to ``M``, one GEMM for the whole
+batch) and *fills* the others:
+
+* ``fill="nearest"`` — the value of the nearest computed position (Euclidean distance on the
+  (row, col) grid; ties go to the smallest raster index ``row * Wo + col``);
+* ``fill="zero"`` — zero (SACT: a skipped residual is a zero residual);
+* ``output="compact"`` — no fill: the (N, K, P) tensor of computed values, in raster order, which
+  the next layer can read through an index table (:mod:`refimpl.implicit`).
+
+The cost is ``(1 - r)`` of the dense cost for perforation rate ``r = 1 - |M| / (Ho Wo)``.
+
+Backward: the compact gradient is the scatter-add of ``dY`` through the index map (nearest) or
+``dY`` at the computed positions (zero); then ``dW = rowsᵀ dY_c``, ``db = Σ dY_c`` and
+``dX = col2im`` of ``dY_c W`` restricted to ``M``.
+
+The :class:`PerforationPlan` turns a mask into the integer data every backend consumes — positions,
+counts and the nearest-neighbour index map — computed once, here, so that all backends fill
+identically.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from . import _checks
+from .conv import ConvGeometry, check_conv_args, conv_flops
+
+FILLS = ("nearest", "zero")
+INDEX_DTYPE = np.int32
+
+
+def realised_rate(mask):
+    """Fraction of output positions *not* computed: ``1 - |M| / (Ho Wo)`` (mean over samples)."""
+    mask = np.asarray(mask, dtype=bool)
+    return 1.0 - float(mask.mean())
+
+
+def nearest_index(mask, tie_break="raster", rng=None):
+    """Index, for every output position, of the nearest computed position in the compact list.
+
+    Parameters
+    ----------
+    mask : ndarray of bool (Ho, Wo)
+        Computed positions; the compact list holds them in raster order.
+    tie_break : {"raster", "random"}
+        Among computed positions at the same Euclidean distance, ``"raster"`` picks the one with
+        the smallest raster index ``row * Wo + col`` (project choice, deterministic);
+        ``"random"`` picks uniformly with ``rng`` (what the released code did).
+    rng : numpy.random.Generator, required for ``tie_break="random"``
+
+    Returns
+    -------
+    index_map : ndarray of int32 (Ho, Wo)
+        ``index_map[y, x] = p`` such that compact position ``p`` is nearest to (y, x); computed
+        positions map to themselves.
+    """
+    _checks.choice(tie_break, "tie_break", {"raster", "random"})
+    if tie_break == "random":
+        _checks.generator(rng)
+    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2:
+        raise TypeError(f"mask must be a 2-D boolean array, got {getattr(mask, 'dtype', type(mask))} "
+                        f"with shape {getattr(mask, 'shape', None)}")
+    if not mask.any():
+        raise ValueError("mask must select at least one position, got an empty mask")
+    ho, wo = mask.shape
+    kept_r, kept_c = np.nonzero(mask)  # raster order
+    all_r, all_c = np.divmod(np.arange(ho * wo), wo)
+    index_map = np.empty(ho * wo, dtype=INDEX_DTYPE)
+    priority = rng.permutation(kept_r.size) if tie_break == "random" else None
+    chunk = max(1, 2**22 // kept_r.size)  # bound the (chunk, P) distance matrix to ~32 MB
+    for start in range(0, ho * wo, chunk):
+        rows = slice(start, start + chunk)
+        # Squared distances are exact integers, so ties are real ties.
+        d2 = (all_r[rows, None] - kept_r) ** 2 + (all_c[rows, None] - kept_c) ** 2
+        if priority is None:
+            index_map[rows] = np.argmin(d2, axis=1)  # first minimum = smallest raster index
+        else:
+            tied = d2 == d2.min(axis=1, keepdims=True)
+            index_map[rows] = np.argmin(np.where(tied, priority, kept_r.size), axis=1)
+    return index_map.reshape(ho, wo)
+
+
+class PerforationPlan:
+    """A mask turned into the integer arrays that every convolution backend consumes.
+
+    Parameters
+    ----------
+    mask : ndarray of bool, (Ho, Wo) shared or (N, Ho, Wo) per sample
+    tie_break, rng : see :func:`nearest_index`
+
+    Attributes
+    ----------
+    mask : ndarray of bool (B, Ho, Wo)
+        ``B = 1`` for a shared mask, ``N`` for per-sample masks.
+    shared : bool
+    out_hw : (Ho, Wo)
+    positions : ndarray of int32 (B, P)
+        Raster indices ``row * Wo + col`` of the computed positions of each sample, ascending,
+        padded with -1 to the largest count ``P`` (per-sample masks differ in size).
+    counts : ndarray of int32 (B,)
+        Number of computed positions of each sample.
+    index_map : ndarray of int32 (B, Ho, Wo)
+        Nearest computed position, as an index into the compact axis (computed on first use).
+    full : bool
+        Every position is computed (the layer is the dense convolution).
+    """
+
+    def __init__(self, mask, tie_break="raster", rng=None):
+        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim not in (2, 3):
+            raise TypeError(
+                "mask must be a boolean array of shape (Ho, Wo) or (N, Ho, Wo), got "
+                f"{getattr(mask, 'dtype', type(mask).__name__)} with shape {getattr(mask, 'shape', None)}"
+            )
+        _checks.choice(tie_break, "tie_break", {"raster", "random"})
+        self.shared = mask.ndim == 2
+        self.mask = np.ascontiguousarray(mask[None] if self.shared else mask)
+        _checks.bool_mask(self.mask, "mask", self.mask.shape[1:])
+        self.out_hw = tuple(self.mask.shape[1:])
+        flat = self.mask.reshape(self.mask.shape[0], -1)
+        self.counts = flat.sum(axis=1).astype(INDEX_DTYPE)
+        self.positions = np.full((flat.shape[0], int(self.counts.max())), -1, dtype=INDEX_DTYPE)
+        for b, row in enumerate(flat):
+            kept = np.flatnonzero(row)
+            self.positions[b, : kept.size] = kept
+        self.full = bool(flat.all())
+        self.tie_break = tie_break
+        self._rng = rng
+        if tie_break == "random":
+            _checks.generator(rng)
+            _ = self.index_map  # draw the ties now, so the generator is consumed at a known time
+
+    @classmethod
+    def dense(cls, out_hw):
+        """The plan of the ordinary convolution: every position computed."""
+        return cls(np.ones(out_hw, dtype=bool))
+
+    @cached_property
+    def index_map(self):
+        return np.stack([nearest_index(m, self.tie_break, self._rng) for m in self.mask])
+
+    @property
+    def batch(self):
+        """B: 1 for a shared mask, N for per-sample masks."""
+        return self.mask.shape[0]
+
+    @property
+    def width(self):
+        """P: the size of the compact axis."""
+        return self.positions.shape[1]
+
+    @property
+    def rate(self):
+        """Realised perforation rate (mean over samples)."""
+        return realised_rate(self.mask)
+
+    def check_batch(self, n, name="mask"):
+        """Raise unless this plan applies to a batch of ``n`` samples."""
+        if not self.shared and self.batch != n:
+            raise ValueError(f"{name} is per-sample for {self.batch} samples but the batch has {n}")
+
+    def computed_positions(self, n):
+        """Total computed output positions over a batch of ``n`` samples."""
+        return int(self.counts[0]) * n if self.shared else int(self.counts.sum())
+
+    def rows(self, n):
+        """The computed (sample, slot, position) triples in sample-major order.
+
+        Returns three int arrays of length ``T = computed_positions(n)``: the sample index, the
+        slot in the compact axis, and the raster position. This is the row order of the
+        batched GEMM.
+        """
+        self.check_batch(n)
+        positions = np.broadcast_to(self.positions, (n, self.width))
+        sample, slot = np.nonzero(positions >= 0)
+        return sample, slot, positions[sample, slot]
+
+
+def as_plan(mask, out_hw, batch, name="mask"):
+    """Accept a boolean mask or a :class:`PerforationPlan`; check it fits (Ho, Wo) and the batch."""
+    if mask is None:
+        return PerforationPlan.dense(out_hw)
+    plan = mask if isinstance(mask, PerforationPlan) else None
+    if plan is None:
+        _checks.bool_mask(mask, name, out_hw, batch)
+        plan = PerforationPlan(mask)
+    if plan.out_hw != tuple(out_hw):
+        raise ValueError(f"{name} is for outputs of size {plan.out_hw}, but this convolution gives {tuple(out_hw)}")
+    plan.check_batch(batch, name)
+    return plan
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference kernels (what the NumPy backend runs; fast backends must agree with these)
+# ---------------------------------------------------------------------------------------------
+
+
+class CompactConvCache(NamedTuple):
+    """What :func:`compact_conv_backward` needs."""
+
+    rows: np.ndarray  # (T, C*kh*kw) gathered input windows
+    w: np.ndarray  # (K, C, kh, kw)
+    row_index: tuple  # (sample, slot, position), each (T,)
+    x_shape: tuple
+    width: int  # P, the compact axis
+    geometry: ConvGeometry
+
+
+def _window_coordinates(position, geometry):
+    """Padded-input coordinates (T, kh, kw) of the window of each raster output position."""
+    (kh, kw), (sh, sw), (_, wo) = geometry.kernel, geometry.stride, geometry.out_hw
+    oy, ox = np.divmod(position, wo)
+    iy = oy[:, None, None] * sh + np.arange(kh)[None, :, None]
+    ix = ox[:, None, None] * sw + np.arange(kw)[None, None, :]
+    return np.broadcast_arrays(iy, ix)
+
+
+def gather_rows(x, plan, geometry):
+    """im2row restricted to the plan: one row of C·kh·kw input values per computed position.
+
+    Returns
+    -------
+    rows : ndarray (T, C*kh*kw), row order of ``plan.rows(N)``
+    row_index : (sample, slot, position)
+    """
+    sample, slot, position = plan.rows(x.shape[0])
+    ph, pw = geometry.padding
+    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    iy, ix = _window_coordinates(position, geometry)
+    windows = xp[sample[:, None, None], :, iy, ix]  # (T, kh, kw, C): advanced indices first
+    rows = windows.transpose(0, 3, 1, 2).reshape(sample.size, -1)
+    return rows, (sample, slot, position)
+
+
+def compact_conv_forward(x, w, b, plan, geometry):
+    """Perforated convolution to the compact tensor: one GEMM over the rows of every image.
+
+    Returns
+    -------
+    compact : ndarray (N, K, P)
+        ``compact[n, :, p]`` is the output at raster position ``plan.positions[n, p]``; slots past
+        ``plan.counts[n]`` (per-sample masks of unequal size) are 0.
+    cache : CompactConvCache
+    """
+    rows, row_index = gather_rows(x, plan, geometry)
+    k = w.shape[0]
+    out_rows = rows @ w.reshape(k, -1).T + b  # (T, K)
+    compact = np.zeros((x.shape[0], k, plan.width), dtype=x.dtype)
+    sample, slot, _ = row_index
+    compact[sample, :, slot] = out_rows
+    return compact, CompactConvCache(rows, w, row_index, x.shape, plan.width, geometry)
+
+
+def compact_conv_backward(dcompact, cache):
+    """Gradients of :func:`compact_conv_forward` from the compact gradient (N, K, P)."""
+    sample, slot, position = cache.row_index
+    k = cache.w.shape[0]
+    dy = dcompact[sample, :, slot]  # (T, K)
+    dw = (dy.T @ cache.rows).reshape(cache.w.shape)
+    db = dy.sum(axis=0)
+    drows = (dy @ cache.w.reshape(k, -1)).reshape(sample.size, *cache.w.shape[1:])  # (T, C, kh, kw)
+    n, c, h, wd = cache.x_shape
+    (kh, kw), (ph, pw) = cache.geometry.kernel, cache.geometry.padding
+    dxp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dcompact.dtype)
+    iy, ix = _window_coordinates(position, cache.geometry)
+    for i in range(kh):
+        for j in range(kw):
+            # For one kernel offset, distinct (sample, position) rows read distinct pixels,
+            # so this fancy-index += never drops a duplicate.
+            dxp[sample, :, iy[:, i, j], ix[:, i, j]] += drows[:, :, i, j]
+    return dxp[:, :, ph : ph + h, pw : pw + wd], dw, db
+
+
+def fill_forward(compact, plan, fill):
+    """Dense output (N, K, Ho, Wo) from the compact tensor (N, K, P)."""
+    n, k, _ = compact.shape
+    ho, wo = plan.out_hw
+    if fill == "nearest":
+        index = np.broadcast_to(plan.index_map.reshape(plan.batch, 1, ho * wo), (n, 1, ho * wo))
+        dense = np.take_along_axis(compact, index, axis=2)
+    else:
+        dense = np.zeros((n, k, ho * wo), dtype=compact.dtype)
+        sample, slot, position = plan.rows(n)
+        dense[sample, :, position] = compact[sample, :, slot]
+    return dense.reshape(n, k, ho, wo)
+
+
+def fill_backward(ddense, plan, fill):
+    """Compact gradient (N, K, P) from the dense one: the adjoint of :func:`fill_forward`."""
+    n, k, ho, wo = ddense.shape
+    flat = ddense.reshape(n, k, ho * wo)
+    dcompact = np.zeros((n, k, plan.width), dtype=ddense.dtype)
+    if fill == "nearest":
+        index = np.broadcast_to(plan.index_map.reshape(plan.batch, ho * wo), (n, ho * wo))
+        for sample in range(n):  # scatter-add: many positions copy one source
+            np.add.at(dcompact[sample].T, index[sample], flat[sample].T)
+    else:
+        sample, slot, position = plan.rows(n)
+        dcompact[sample, :, slot] = flat[sample, :, position]
+    return dcompact
+
+
+# ---------------------------------------------------------------------------------------------
+# Public functions: validate, then run on a backend
+# ---------------------------------------------------------------------------------------------
+
+
+class PerforatedConvCache(NamedTuple):
+    """What :func:`perforated_conv2d_backward` needs: the backend, its cache, the plan and fill."""
+
+    backend: Any
+    conv_cache: Any
+    plan: PerforationPlan
+    fill: str | None
+
+
+def perforated_conv2d_forward(x, w, b=None, mask=None, stride=1, padding=0, fill="nearest",
+                              output="dense", backend=None):
+    """Perforated convolution.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W), float32 or float64
+    w : ndarray (K, C, kh, kw)
+    b : ndarray (K,) or None
+    mask : ndarray of bool (Ho, Wo) or (N, Ho, Wo), or PerforationPlan, or None (dense)
+    stride, padding : int or pair
+    fill : {"nearest", "zero"}
+        How the dense output is completed (ignored for ``output="compact"``).
+    output : {"dense", "compact"}
+        ``"dense"`` gives (N, K, Ho, Wo); ``"compact"`` gives (N, K, P) without filling.
+    backend : ConvBackend, name, or None for the NumPy reference
+
+    Returns
+    -------
+    out : ndarray (N, K, Ho, Wo) or (N, K, P)
+    cache : PerforatedConvCache
+    """
+    from .backend import get_backend
+
+    x, w, b, geometry = check_conv_args(x, w, b, stride, padding)
+    _checks.choice(fill, "fill", set(FILLS))
+    _checks.choice(output, "output", {"dense", "compact"})
+    plan = as_plan(mask, geometry.out_hw, x.shape[0])
+    backend = get_backend(backend)
+    compact, conv_cache = backend.conv_forward(x, w, b, plan, geometry)
+    if output == "compact":
+        return compact, PerforatedConvCache(backend, conv_cache, plan, None)
+    return backend.fill_forward(compact, plan, fill), PerforatedConvCache(backend, conv_cache, plan, fill)
+
+
+def perforated_conv2d_backward(dout, cache):
+    """Gradients ``(dx, dw, db)`` of :func:`perforated_conv2d_forward` given ``dout`` of its output shape."""
+    backend = cache.backend
+    dcompact = dout if cache.fill is None else backend.fill_backward(dout, cache.plan, cache.fill)
+    return backend.conv_backward(dcompact, cache.conv_cache)
+
+
+def perforated_conv_flops(plan, batch, in_channels, out_channels, kernel):
+    """FLOPs actually spent: ``2 · C · kh · kw · K`` per computed position over the batch."""
+    return conv_flops(plan.computed_positions(batch), in_channels, out_channels, kernel)
