@@ -55,7 +55,7 @@ def _require(status):
         raise BackendUnavailableError(f"the {status.name} backend is unavailable: {status.reason}")
 
 
-def cython_backend():
+def make_cython_backend():
     """Factory for the ``ponder.backends`` entry point ``cython``."""
     _require(_cython_status())
     from .cython_backend import CythonBackend
@@ -63,7 +63,7 @@ def cython_backend():
     return CythonBackend()
 
 
-def opencl_backend():
+def make_opencl_backend():
     """Factory for the ``ponder.backends`` entry point ``opencl``."""
     _require(_opencl_status())
     from .opencl_backend import OpenCLBackend
@@ -71,4 +71,4 @@ def opencl_backend():
     return OpenCLBackend()
 
 
-__all__ = ["BackendStatus", "available_backends", "usable_backends", "cython_backend", "opencl_backend"]
+__all__ = ["BackendStatus", "available_backends", "usable_backends", "make_cython_backend", "make_opencl_backend"]
