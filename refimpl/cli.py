@@ -13,7 +13,6 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("refimpl.commands.demo", "perforate a convolution of a photo with every mask and fill"),
-    "bench": ("fastpath.bench", "benchmark every backend on reference layers"),
 }
 
 
