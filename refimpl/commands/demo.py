@@ -1,0 +1,287 @@
+"""``ponder demo``: perforate a convolution of a photo with every mask type and fill.
+
+The demo is a list of *sections* (:data:`SECTIONS`). Each section is a function
+``section(ctx) -> SectionResult`` that computes something on the shared :class:`DemoContext`
+(the photo, one convolution layer, the backend, a seeded generator), returns a table and the
+checks it failed, and may draw figures into the output folder. Adding a section (fast backends
+agreeing with the reference, an SACT ponder-cost map, ...) is one function and one entry in
+``SECTIONS``.
+
+Every check compares against the dense float convolution of :mod:`refimpl.conv`; the command
+exits with status 1 if any error exceeds :data:`TOLERANCE` for the layer's dtype.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from refimpl.backend import get_backend
+from refimpl.conv import conv2d_forward, conv_flops
+from refimpl.implicit import implicit_memory_saved, implicit_pool2d_forward
+from refimpl.masks import MASK_TYPES, impact_scores, make_mask
+from refimpl.perforation import FILLS, PerforationPlan, perforated_conv2d_forward, perforated_conv_flops
+from refimpl.pooling import pool2d_forward
+
+#: Largest accepted |perforated - dense| at computed positions, by dtype.
+TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+#: The pooling layer assumed to follow the convolution (structure masks, implicit pooling).
+POOL = {"size": 3, "stride": 2, "padding": 1}
+
+
+def add_arguments(parser):
+    parser.add_argument("--out", type=Path, default=Path("ponder-demo"),
+                        help="folder for the PNG figures (created; default ./ponder-demo)")
+    parser.add_argument("--rate", type=_rate, default=0.75,
+                        help="requested perforation rate r in [0, 1): the fraction of positions skipped (default 0.75)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the numpy.random.Generator (default 0)")
+    parser.add_argument("--backend", default="numpy",
+                        help="convolution backend by name (default numpy; see fastpath.available_backends())")
+    parser.add_argument("--size", type=int, default=128, help="side of the downscaled photo in pixels (default 128)")
+
+
+def _rate(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"rate must be in [0, 1), got {value}")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared state and results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DemoContext:
+    """Everything the sections share: one photo, one 3x3 convolution layer, one backend."""
+
+    x: np.ndarray  # (1, 3, S, S) float32 photo in [0, 1]
+    w: np.ndarray  # (K, 3, 3, 3)
+    b: np.ndarray  # (K,)
+    stride: int
+    padding: int
+    rate: float
+    rng: np.random.Generator
+    backend: object
+    out_dir: Path
+    dense: np.ndarray = None  # (1, K, Ho, Wo): the dense convolution, the reference of every check
+    masks: dict = field(default_factory=dict)  # kind -> (Ho, Wo) bool, filled by the first section
+    outputs: dict = field(default_factory=dict)  # (kind, fill) -> (1, K, Ho, Wo)
+
+    @property
+    def tolerance(self):
+        return TOLERANCE[self.x.dtype]
+
+
+@dataclass
+class SectionResult:
+    """A section's table, the checks it failed (empty = passed) and the files it wrote."""
+
+    title: str
+    columns: list
+    rows: list
+    failures: list = field(default_factory=list)
+    files: list = field(default_factory=list)
+
+    def format(self):
+        cells = [[str(c) for c in self.columns]] + [[_cell(v) for v in row] for row in self.rows]
+        widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
+        lines = [self.title, "=" * len(self.title)]
+        for i, row in enumerate(cells):
+            # Text columns (the first two) left-aligned, numbers right-aligned.
+            lines.append("  ".join(v.ljust(wd) if (i == 0 or j < 2) else v.rjust(wd)
+                                   for j, (v, wd) in enumerate(zip(row, widths))))
+            if i == 0:
+                lines.append("  ".join("-" * wd for wd in widths))
+        return "\n".join(lines)
+
+
+def _cell(value):
+    if isinstance(value, float):
+        return f"{value:.3g}" if (value == 0 or 1e-3 <= abs(value) < 1e4) else f"{value:.2e}"
+    return str(value)
+
+
+def load_photo(size):
+    """scikit-image's bundled astronaut photo, downscaled to (1, 3, size, size) float32 in [0, 1]."""
+    from skimage import data, transform
+
+    rgb = transform.resize(data.astronaut(), (size, size), anti_aliasing=True)  # float64 in [0, 1]
+    return np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], dtype=np.float32)
+
+
+def make_context(args):
+    rng = np.random.default_rng(args.seed)
+    x = load_photo(args.size)
+    k = 8
+    w = (rng.standard_normal((k, 3, 3, 3)) / np.sqrt(3 * 9)).astype(np.float32)
+    # Channel 0 is a horizontal edge detector on the grey image, so the pictures show structure.
+    w[0] = np.array([[1, 2, 1], [0, 0, 0], [-1, -2, -1]], dtype=np.float32) / 3.0
+    b = np.zeros(k, dtype=np.float32)
+    return DemoContext(x=x, w=w, b=b, stride=1, padding=1, rate=args.rate, rng=rng,
+                       backend=get_backend(args.backend), out_dir=args.out)
+
+
+def _best_time(fn, repeats=3):
+    best, result = np.inf, None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        best = min(best, time.perf_counter() - start)
+    return result, best
+
+
+# ---------------------------------------------------------------------------------------------
+# Sections
+# ---------------------------------------------------------------------------------------------
+
+
+def perforation_section(ctx):
+    """Every mask type and fill against the dense convolution; draws the masks and outputs."""
+    n, c = ctx.x.shape[:2]
+    k, _, kh, kw = ctx.w.shape
+    ctx.dense, dense_time = _best_time(
+        lambda: conv2d_forward(ctx.x, ctx.w, ctx.b, ctx.stride, ctx.padding)[0])
+    out_hw = ctx.dense.shape[2:]
+    dense_flops = conv_flops(n * out_hw[0] * out_hw[1], c, k, (kh, kw))
+    result = SectionResult(
+        f"Perforated convolution of a {ctx.x.shape[2]}x{ctx.x.shape[3]} photo: C={c}, K={k}, "
+        f"{kh}x{kw}, backend {ctx.backend.name}, {ctx.x.dtype}",
+        ["mask", "fill", "rate", "realised", "MFLOPs", "ideal speedup", "measured", "max|err|", "time ms"],
+        [["dense", "-", 0.0, 0.0, dense_flops / 1e6, 1.0, 1.0, 0.0, dense_time * 1e3]],
+    )
+    # Impact: the squared-output loss L = ½ Σ V² has ∂L/∂V = V, so impact = mean Σ_c V².
+    impact = impact_scores(ctx.dense, ctx.dense)
+    extra = {"structure": {"pool_size": POOL["size"], "pool_stride": POOL["stride"],
+                           "pool_padding": POOL["padding"]},
+             "impact": {"impact": impact}}
+    for kind in MASK_TYPES:
+        mask = make_mask(kind, out_hw, ctx.rate, ctx.rng, **extra.get(kind, {}))
+        ctx.masks[kind] = mask
+        plan = PerforationPlan(mask)
+        _ = plan.index_map  # computed once per mask, outside the timed layer
+        flops = perforated_conv_flops(plan, n, c, k, (kh, kw))
+        for fill in FILLS:
+            out, seconds = _best_time(lambda: ctx.backend.to_host(perforated_conv2d_forward(
+                ctx.x, ctx.w, ctx.b, plan, ctx.stride, ctx.padding, fill=fill, backend=ctx.backend)[0]))
+            ctx.outputs[kind, fill] = out
+            error = float(np.abs(out - ctx.dense)[:, :, mask].max())
+            result.rows.append([kind, fill, ctx.rate, plan.rate, flops / 1e6, dense_flops / flops,
+                                dense_time / seconds, error, seconds * 1e3])
+            if not error <= ctx.tolerance:
+                result.failures.append(f"{kind}/{fill}: max error {error:.3g} > {ctx.tolerance:g}")
+            result.failures.extend(_check_fill(out, plan, fill, f"{kind}/{fill}"))
+    result.files.append(_draw_perforation(ctx))
+    return result
+
+
+def _check_fill(out, plan, fill, label):
+    """The skipped positions hold exactly what the fill rule says (a copy, or zero)."""
+    mask, index_map = plan.mask[0], plan.index_map[0]
+    compact = out[:, :, mask]  # (N, K, P) in raster order
+    expected = compact[:, :, index_map] if fill == "nearest" else np.zeros_like(out)
+    if not np.array_equal(out[:, :, ~mask], expected[:, :, ~mask]):
+        return [f"{label}: skipped positions differ from the {fill} fill rule"]
+    return []
+
+
+def implicit_section(ctx):
+    """Max/avg pooling read through an index table equals pooling the filled tensor."""
+    result = SectionResult(
+        f"Implicit interpolation: {POOL['size']}x{POOL['size']}/{POOL['stride']} pooling read from the compact tensor",
+        ["mask", "pool", "max|err| vs filled", "KiB saved", "of dense"], [])
+    n, k = ctx.dense.shape[:2]
+    dense_bytes = ctx.dense.nbytes
+    for kind, mask in ctx.masks.items():
+        plan = PerforationPlan(mask)
+        compact, _ = perforated_conv2d_forward(ctx.x, ctx.w, ctx.b, plan, ctx.stride, ctx.padding,
+                                               output="compact", backend=ctx.backend)
+        compact = ctx.backend.to_host(compact)
+        saved = implicit_memory_saved(plan, n, k, ctx.x.dtype.itemsize)
+        for mode in ("max", "avg"):
+            implicit, _ = implicit_pool2d_forward(compact, plan, mode, POOL["size"], POOL["stride"],
+                                                  POOL["padding"], backend=ctx.backend)
+            explicit, _ = pool2d_forward(ctx.outputs[kind, "nearest"], mode, POOL["size"],
+                                         POOL["stride"], POOL["padding"])
+            error = float(np.abs(ctx.backend.to_host(implicit) - explicit).max())
+            result.rows.append([kind, mode, error, saved / 1024, f"{saved / dense_bytes:.0%}"])
+            if not error <= ctx.tolerance:
+                result.failures.append(f"implicit {kind}/{mode}: max error {error:.3g} > {ctx.tolerance:g}")
+    return result
+
+
+#: The demo, in order. A later section may use what an earlier one stored on the context.
+SECTIONS = [perforation_section, implicit_section]
+
+
+# ---------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------
+
+
+def _draw_perforation(ctx):
+    """Photo and dense output on top; one row per mask: mask, nearest fill, zero fill."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    channel = 0
+    lim = float(np.abs(ctx.dense[0, channel]).max())
+    show = {"cmap": "RdBu_r", "vmin": -lim, "vmax": lim, "interpolation": "nearest"}
+    kinds = list(ctx.masks)
+    fig, axes = plt.subplots(len(kinds) + 1, 3, figsize=(6.6, 2.25 * (len(kinds) + 1)), dpi=72)
+    axes[0, 0].imshow(ctx.x[0].transpose(1, 2, 0))
+    axes[0, 0].set_title("photo")
+    axes[0, 1].imshow(ctx.dense[0, channel], **show)
+    axes[0, 1].set_title("dense conv (edges)")
+    axes[0, 2].axis("off")
+    axes[0, 2].text(0.0, 0.5, f"requested rate {ctx.rate:g}\nblack = computed\n"
+                    f"structure: {POOL['size']}x{POOL['size']}/{POOL['stride']} pool\n"
+                    "impact: loss ½ΣV²", va="center", fontsize=9)
+    for row, kind in enumerate(kinds, start=1):
+        mask = ctx.masks[kind]
+        axes[row, 0].imshow(~mask, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+        axes[row, 0].set_title(f"{kind} ({1 - mask.mean():.2f})")
+        for col, fill in enumerate(FILLS, start=1):
+            axes[row, col].imshow(ctx.outputs[kind, fill][0, channel], **show)
+            axes[row, col].set_title(f"{fill} fill")
+    for ax in axes.ravel():
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    path = ctx.out_dir / "perforation.png"
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def run(args):
+    start = time.perf_counter()
+    ctx = make_context(args)
+    failures, files = [], []
+    for section in SECTIONS:
+        result = section(ctx)
+        print(result.format(), end="\n\n")
+        failures += result.failures
+        files += result.files
+    for path in files:
+        print(f"wrote {path}")
+    print(f"total {time.perf_counter() - start:.1f} s")
+    if failures:
+        print("FAILED checks:\n  " + "\n  ".join(failures))
+        return 1
+    print(f"all checks passed (tolerance {ctx.tolerance:g} for {ctx.x.dtype})")
+    return 0
