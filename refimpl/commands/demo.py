@@ -153,7 +153,7 @@ def perforation_section(ctx):
     result = SectionResult(
         f"Perforated convolution of a {ctx.x.shape[2]}x{ctx.x.shape[3]} photo: C={c}, K={k}, "
         f"{kh}x{kw}, backend {ctx.backend.name}, {ctx.x.dtype}",
-        ["mask", "fill", "rate", "realised", "MFLOPs", "ideal speedup", "measured", "max|err|", "time ms"],
+        ["mask", "fill", "rate", "realised", "MFLOPs", "ideal-speedup", "measured", "max|err|", "time ms"],
         [["dense", "-", 0.0, 0.0, dense_flops / 1e6, 1.0, 1.0, 0.0, dense_time * 1e3]],
     )
     # Impact: the squared-output loss L = ½ Σ V² has ∂L/∂V = V, so impact = mean Σ_c V².
