@@ -17,6 +17,9 @@ Every generator returns a boolean (Ho, Wo) array (``True`` = computed) and takes
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
 
 from . import _checks
@@ -50,21 +53,39 @@ def uniform_mask(out_hw, rate, rng):
 
 
 def fmp_sequence(length, n_kept, u):
-    """Fractional Max-Pooling coordinates ``a_i = ceil(α (i + u)) - 1``, ``α = length / n_kept``.
+    r"""Fractional Max-Pooling coordinates :math:`a_i = \lceil α (i + u) \rceil - 1`, ``α = length / n_kept``.
 
-    Returns ``n_kept`` distinct increasing ints in ``[0, length - 1]`` whose gaps are
-    ``floor(α)`` or ``ceil(α)`` (integer arithmetic on ``α (i + u)`` would lose that guarantee
-    to rounding at exact integers, so the ceiling is taken on the exact product).
+    Parameters
+    ----------
+    length : int
+        L, the axis length.
+    n_kept : int
+        n, the number of coordinates, ``1 <= n <= L``.
+    u : float in [0, 1)
+        The sequence's random offset.
+
+    Returns
+    -------
+    coords : ndarray of int64 (n_kept,)
+        Distinct increasing coordinates in ``[0, L - 1]`` whose gaps are ``floor(α)`` or
+        ``ceil(α)``; a regular grid with step α when α is an integer.
+
+    Notes
+    -----
+    The ceiling is taken in exact rational arithmetic (a float ``u`` is an exact binary
+    fraction): in floating point, ``α (i + u)`` can round onto an integer and two coordinates
+    collapse (``L = n = 2``, ``u = 1e-45`` gives ``[0, 0]``).
     """
     if not 1 <= n_kept <= length:
         raise ValueError(f"n_kept must be in [1, {length}], got {n_kept}")
     if not 0.0 <= u < 1.0:
         raise ValueError(f"u must be in [0, 1), got {u}")
-    i = np.arange(n_kept)
-    coords = np.ceil(length * (i + u) / n_kept).astype(np.int64) - 1
-    # u = 0 would give a_0 = -1; the sequence is defined for u in (0, 1), and at u = 0 its
-    # right-continuous limit is ceil(α i), which keeps every coordinate in range.
-    return coords if u > 0 else coords + 1
+    alpha, offset = Fraction(length, n_kept), Fraction(float(u))
+    if offset == 0:
+        # The formula would give a_0 = -1. The sequence is meant for u in (0, 1); at u = 0 use its
+        # limit as u -> 0+, which is floor(α i) (in range, same gaps).
+        return np.array([math.floor(alpha * i) for i in range(n_kept)], dtype=np.int64)
+    return np.array([math.ceil(alpha * (i + offset)) - 1 for i in range(n_kept)], dtype=np.int64)
 
 
 def grid_mask(out_hw, rate, rng):
