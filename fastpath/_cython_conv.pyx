@@ -1,0 +1,481 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False, nonecheck=False
+"""Kernels of the Cython backend: gather + one BLAS GEMM per chunk + scatter.
+
+The layout every convolution here shares (row-major, "K-major" output):
+
+* ``cols`` (CKK, Tc): column ``t`` holds the receptive field of computed output ``t`` of the
+  chunk; row ``r = (c, i, j)`` is one input channel and kernel tap (im2col restricted to the mask);
+* ``buf`` (K, Tc) = ``Wmat`` (K, CKK) · ``cols`` — one GEMM for many images, so that a high
+  perforation rate still gives a tall GEMM;
+* ``buf[k, t]`` is scattered to ``out[sample[t], k, slot[t]]``: for a shared mask the slots of one
+  image are consecutive, so each (n, k) row of the compact output is a contiguous copy.
+
+Backward runs the same chunks: dY (K, Tc) is gathered from the compact gradient,
+``dW += dY · colsᵀ``, ``dcols = Wmatᵀ · dY`` and ``dcols`` is scatter-added onto the input
+(col2im), one thread per (image, channel) plane so that no two threads write the same pixel.
+
+Everything here assumes validated input (the Python wrapper checks and converts) and releases the
+GIL; ``threads`` is passed in from Python to every ``prange``.
+"""
+
+from cython.parallel cimport prange
+from libc.stdint cimport int32_t, int64_t
+from libc.string cimport memset
+from scipy.linalg.cython_blas cimport dgemm, sgemm
+
+import numpy as np
+
+cdef extern from *:
+    """
+    #ifndef PONDER_HAVE_OPENMP
+    #define PONDER_HAVE_OPENMP 0
+    #endif
+    """
+    int PONDER_HAVE_OPENMP
+
+OPENMP = bool(PONDER_HAVE_OPENMP)
+
+ctypedef fused real:
+    float
+    double
+
+
+cdef inline void gemm(char transa, char transb, int m, int n, int k, real alpha,
+                      const real *a, int lda, const real *b, int ldb, real beta,
+                      real *c, int ldc) noexcept nogil:
+    """Column-major GEMM ``C = alpha op(A) op(B) + beta C`` in the precision of ``real``."""
+    if real is float:
+        sgemm(&transa, &transb, &m, &n, &k, &alpha, <float *> a, &lda, <float *> b, &ldb,
+              &beta, c, &ldc)
+    else:
+        dgemm(&transa, &transb, &m, &n, &k, &alpha, <double *> a, &lda, <double *> b, &ldb,
+              &beta, c, &ldc)
+
+
+# ----------------------------------------------------------------------------------------------
+# Padding (forward) and cropping (backward)
+# ----------------------------------------------------------------------------------------------
+
+def pad_planes(const real[:, :, ::1] x, real[:, :, ::1] xp, int ph, int pw, int threads):
+    """``xp[q] = x[q]`` zero-padded by (ph, pw) for every plane ``q`` of (N*C, H, W)."""
+    cdef Py_ssize_t planes = x.shape[0], h = x.shape[1], w = x.shape[2]
+    cdef Py_ssize_t hp = xp.shape[1], wp = xp.shape[2]
+    cdef Py_ssize_t q, y, j
+    for q in prange(planes, nogil=True, num_threads=threads, schedule="static"):
+        for y in range(hp):
+            if y < ph or y >= ph + h:
+                memset(&xp[q, y, 0], 0, wp * sizeof(real))
+            else:
+                for j in range(pw):
+                    xp[q, y, j] = 0
+                for j in range(w):
+                    xp[q, y, pw + j] = x[q, y - ph, j]
+                for j in range(pw + w, wp):
+                    xp[q, y, j] = 0
+
+
+def crop_planes(const real[:, :, ::1] xp, real[:, :, ::1] x, int ph, int pw, int threads):
+    """``x[q] = xp[q, ph:ph+H, pw:pw+W]`` for every plane ``q``."""
+    cdef Py_ssize_t planes = x.shape[0], h = x.shape[1], w = x.shape[2]
+    cdef Py_ssize_t q, y, j
+    for q in prange(planes, nogil=True, num_threads=threads, schedule="static"):
+        for y in range(h):
+            for j in range(w):
+                x[q, y, j] = xp[q, y + ph, j + pw]
+
+
+# ----------------------------------------------------------------------------------------------
+# Row bookkeeping: which (sample, slot) every GEMM column is
+# ----------------------------------------------------------------------------------------------
+
+def plan_columns(const int32_t[:, ::1] positions, const int32_t[::1] counts, Py_ssize_t n,
+                 Py_ssize_t wo, Py_ssize_t sh, Py_ssize_t sw, Py_ssize_t plane, Py_ssize_t wp):
+    """Columns of the batched GEMM for a perforation plan, sample-major then slot order.
+
+    Returns ``base`` (T,) int64 — offset of the window's top-left corner in the flattened padded
+    input (sample n at ``n * plane``) — ``sample`` (T,), ``slot`` (T,) int32 and ``start`` (N+1,)
+    int64, the first column of every sample.
+    """
+    cdef Py_ssize_t batch = positions.shape[0]
+    cdef Py_ssize_t s, p, t = 0, b, total = 0
+    start_arr = np.empty(n + 1, dtype=np.int64)
+    cdef int64_t[::1] start = start_arr
+    for s in range(n):
+        start[s] = total
+        total += counts[s if batch > 1 else 0]
+    start[n] = total
+    base_arr = np.empty(total, dtype=np.int64)
+    sample_arr = np.empty(total, dtype=np.int32)
+    slot_arr = np.empty(total, dtype=np.int32)
+    cdef int64_t[::1] base = base_arr
+    cdef int32_t[::1] sample = sample_arr, slot = slot_arr
+    cdef int32_t pos
+    with nogil:
+        for s in range(n):
+            b = s if batch > 1 else 0
+            for p in range(counts[b]):
+                pos = positions[b, p]
+                base[t] = s * plane + (pos // wo) * sh * wp + (pos % wo) * sw
+                sample[t] = <int32_t> s
+                slot[t] = <int32_t> p
+                t += 1
+    return base_arr, sample_arr, slot_arr, start_arr
+
+
+def table_columns(Py_ssize_t n, Py_ssize_t r):
+    """Columns of the batched GEMM of a table convolution: column ``n * R + r``."""
+    sample = np.repeat(np.arange(n, dtype=np.int32), r)
+    slot = np.tile(np.arange(r, dtype=np.int32), n)
+    start = np.arange(n + 1, dtype=np.int64) * r
+    return sample, slot, start
+
+
+# ----------------------------------------------------------------------------------------------
+# Gathers into cols (CKK, Tc) and their adjoints
+# ----------------------------------------------------------------------------------------------
+
+cdef void gather_windows(const real *xp, const int64_t *base, const int64_t *off, real *cols,
+                         Py_ssize_t rows, Py_ssize_t tc, int threads) noexcept nogil:
+    """``cols[r, t] = xp[base[t] + off[r]]``: im2col of the chunk's windows."""
+    cdef Py_ssize_t r, t
+    cdef const real *src
+    cdef real *dst
+    for r in prange(rows, num_threads=threads, schedule="static"):
+        src = xp + off[r]
+        dst = cols + r * tc
+        for t in range(tc):
+            dst[t] = src[base[t]]
+
+
+cdef void scatter_windows(real *dxp, const int64_t *base, const int64_t *off, const real *dcols,
+                          const int32_t *sample, const int64_t *start, Py_ssize_t t0,
+                          Py_ssize_t tc, Py_ssize_t channels, Py_ssize_t taps,
+                          int threads) noexcept nogil:
+    """col2im: ``dxp[base[t] + off[r]] += dcols[r, t]``, one thread per (sample, channel) plane."""
+    cdef Py_ssize_t n0 = sample[0], n1 = sample[tc - 1] + 1
+    cdef Py_ssize_t q, n, c, r, t, lo, hi
+    cdef real *dst
+    cdef const real *src
+    for q in prange((n1 - n0) * channels, num_threads=threads, schedule="dynamic"):
+        n = n0 + q // channels
+        c = q % channels
+        lo = start[n] - t0
+        if lo < 0:
+            lo = 0
+        hi = start[n + 1] - t0
+        if hi > tc:
+            hi = tc
+        for r in range(c * taps, (c + 1) * taps):
+            dst = dxp + off[r]
+            src = dcols + r * tc
+            for t in range(lo, hi):
+                dst[base[t]] += src[t]
+
+
+cdef void gather_table(const real *src, const int32_t *table, real *cols, Py_ssize_t j0,
+                       Py_ssize_t tc, Py_ssize_t channels, Py_ssize_t size, Py_ssize_t r_out,
+                       Py_ssize_t taps, bint per_sample, int threads) noexcept nogil:
+    """``cols[(c, tap), j] = src[n, c, table[n, r, tap]]`` (0 for -1) for columns ``j = n R + r``."""
+    cdef Py_ssize_t row, c, tap, j, n, r, idx
+    cdef real *dst
+    for row in prange(channels * taps, num_threads=threads, schedule="static"):
+        c = row // taps
+        tap = row % taps
+        dst = cols + row * tc
+        for j in range(tc):
+            n = (j0 + j) // r_out
+            r = (j0 + j) % r_out
+            idx = table[((n if per_sample else 0) * r_out + r) * taps + tap]
+            if idx >= 0:
+                dst[j] = src[(n * channels + c) * size + idx]
+            else:
+                dst[j] = 0
+
+
+cdef void scatter_table(real *dsrc, const int32_t *table, const real *dcols, Py_ssize_t j0,
+                        Py_ssize_t tc, Py_ssize_t channels, Py_ssize_t size, Py_ssize_t r_out,
+                        Py_ssize_t taps, bint per_sample, int threads) noexcept nogil:
+    """Adjoint of :func:`gather_table`, one thread per (sample, channel) row of ``dsrc``."""
+    cdef Py_ssize_t n0 = j0 // r_out, n1 = (j0 + tc - 1) // r_out + 1
+    cdef Py_ssize_t q, n, c, tap, j, lo, hi, idx
+    cdef const int32_t *tab
+    cdef real *dst
+    for q in prange((n1 - n0) * channels, num_threads=threads, schedule="dynamic"):
+        n = n0 + q // channels
+        c = q % channels
+        lo = n * r_out - j0
+        if lo < 0:
+            lo = 0
+        hi = (n + 1) * r_out - j0
+        if hi > tc:
+            hi = tc
+        tab = table + (n if per_sample else 0) * r_out * taps
+        dst = dsrc + (n * channels + c) * size
+        for tap in range(taps):
+            for j in range(lo, hi):
+                idx = tab[(j0 + j - n * r_out) * taps + tap]
+                if idx >= 0:
+                    dst[idx] += dcols[(c * taps + tap) * tc + j]
+
+
+# ----------------------------------------------------------------------------------------------
+# Between the GEMM buffer (K, Tc) and the (N, K, P) output
+# ----------------------------------------------------------------------------------------------
+
+cdef void scatter_output(const real *buf, const real *bias, const int32_t *sample,
+                         const int32_t *slot, real *out, Py_ssize_t k_out, Py_ssize_t width,
+                         Py_ssize_t tc, int threads) noexcept nogil:
+    """``out[sample[t], k, slot[t]] = buf[k, t] + bias[k]``."""
+    cdef Py_ssize_t k, t
+    cdef real bk
+    for k in prange(k_out, num_threads=threads, schedule="static"):
+        bk = bias[k]
+        for t in range(tc):
+            out[(sample[t] * k_out + k) * width + slot[t]] = buf[k * tc + t] + bk
+
+
+cdef void gather_output(const real *dout, const int32_t *sample, const int32_t *slot, real *buf,
+                        real *db, Py_ssize_t k_out, Py_ssize_t width, Py_ssize_t tc,
+                        int threads) noexcept nogil:
+    """``buf[k, t] = dout[sample[t], k, slot[t]]`` and ``db[k] += Σ_t buf[k, t]``."""
+    cdef Py_ssize_t k, t
+    cdef real v, acc
+    for k in prange(k_out, num_threads=threads, schedule="static"):
+        acc = 0
+        for t in range(tc):
+            v = dout[(sample[t] * k_out + k) * width + slot[t]]
+            buf[k * tc + t] = v
+            acc = acc + v
+        db[k] += acc
+
+
+# ----------------------------------------------------------------------------------------------
+# The chunked drivers
+# ----------------------------------------------------------------------------------------------
+
+cdef void gather_cols(bint table_mode, const real *src, const int64_t *base, const int64_t *off,
+                      const int32_t *table, real *cols, Py_ssize_t ckk, Py_ssize_t t0,
+                      Py_ssize_t tc, Py_ssize_t channels, Py_ssize_t size, Py_ssize_t r_out,
+                      Py_ssize_t taps, bint per_sample, int threads) noexcept nogil:
+    if table_mode:
+        gather_table(src, table, cols, t0, tc, channels, size, r_out, taps, per_sample, threads)
+    else:
+        gather_windows(src, base + t0, off, cols, ckk, tc, threads)
+
+
+def gemm_forward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
+                 const real[::1] bias, const int64_t[::1] base, const int64_t[::1] off,
+                 const int32_t[::1] table, const int32_t[::1] sample, const int32_t[::1] slot,
+                 real[:, :, ::1] out, Py_ssize_t chunk, Py_ssize_t channels, Py_ssize_t size,
+                 Py_ssize_t r_out, Py_ssize_t taps, bint per_sample, int threads):
+    """``out[sample[t], :, slot[t]] = Wmat · cols[:, t] + bias`` over all columns, chunk by chunk.
+
+    ``table_mode = 0``: ``src`` is the flattened padded input and columns are windows at ``base``
+    (perforated convolution); ``1``: ``src`` is (N, C, S) flattened, read through ``table``.
+    """
+    cdef Py_ssize_t total = sample.shape[0], k_out = wmat.shape[0], ckk = wmat.shape[1]
+    cdef Py_ssize_t width = out.shape[2], t0, tc
+    if total == 0:
+        return
+    dtype = np.float32 if real is float else np.float64
+    cols_arr = np.empty((ckk, min(chunk, total)), dtype=dtype)
+    buf_arr = np.empty((k_out, min(chunk, total)), dtype=dtype)
+    cdef real[:, ::1] cols = cols_arr
+    cdef real[:, ::1] buf = buf_arr
+    cdef real one = 1, zero = 0
+    for t0 in range(0, total, chunk):
+        tc = min(chunk, total - t0)
+        with nogil:
+            gather_cols(table_mode, &src[0], &base[0], &off[0], &table[0], &cols[0, 0], ckk, t0,
+                        tc, channels, size, r_out, taps, per_sample, threads)
+            # Row-major buf (K, tc) = Wmat (K, CKK) · cols (CKK, tc), i.e. column-major
+            # bufᵀ = colsᵀ · Wmatᵀ with the matrices as stored.
+            gemm(c'N', c'N', <int> tc, <int> k_out, <int> ckk, one, &cols[0, 0], <int> tc,
+                 &wmat[0, 0], <int> ckk, zero, &buf[0, 0], <int> tc)
+            scatter_output(&buf[0, 0], &bias[0], &sample[t0], &slot[t0], &out[0, 0, 0], k_out,
+                           width, tc, threads)
+
+
+def gemm_backward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
+                  const real[:, :, ::1] dout, const int64_t[::1] base, const int64_t[::1] off,
+                  const int32_t[::1] table, const int32_t[::1] sample, const int32_t[::1] slot,
+                  const int64_t[::1] start, real[::1] dsrc, real[:, ::1] dwmat, real[::1] db,
+                  Py_ssize_t chunk, Py_ssize_t channels, Py_ssize_t size, Py_ssize_t r_out,
+                  Py_ssize_t taps, bint per_sample, int threads):
+    """Gradients of :func:`gemm_forward`, accumulated into zeroed ``dsrc``, ``dwmat``, ``db``."""
+    cdef Py_ssize_t total = sample.shape[0], k_out = wmat.shape[0], ckk = wmat.shape[1]
+    cdef Py_ssize_t width = dout.shape[2], t0, tc
+    if total == 0:
+        return
+    dtype = np.float32 if real is float else np.float64
+    cols_arr = np.empty((ckk, min(chunk, total)), dtype=dtype)
+    dcols_arr = np.empty((ckk, min(chunk, total)), dtype=dtype)
+    dy_arr = np.empty((k_out, min(chunk, total)), dtype=dtype)
+    cdef real[:, ::1] cols = cols_arr
+    cdef real[:, ::1] dcols = dcols_arr
+    cdef real[:, ::1] dy = dy_arr
+    cdef real one = 1, zero = 0
+    for t0 in range(0, total, chunk):
+        tc = min(chunk, total - t0)
+        with nogil:
+            gather_cols(table_mode, &src[0], &base[0], &off[0], &table[0], &cols[0, 0], ckk, t0,
+                        tc, channels, size, r_out, taps, per_sample, threads)
+            gather_output(&dout[0, 0, 0], &sample[t0], &slot[t0], &dy[0, 0], &db[0], k_out,
+                          width, tc, threads)
+            # dW (K, CKK) += dY (K, tc) · colsᵀ: column-major dWᵀ += cols(as tc×CKK)ᵀ · dYᵀ.
+            gemm(c'T', c'N', <int> ckk, <int> k_out, <int> tc, one, &cols[0, 0], <int> tc,
+                 &dy[0, 0], <int> tc, one, &dwmat[0, 0], <int> ckk)
+            # dcols (CKK, tc) = Wmatᵀ · dY: column-major dcolsᵀ = dYᵀ · Wmat.
+            gemm(c'N', c'T', <int> tc, <int> ckk, <int> k_out, one, &dy[0, 0], <int> tc,
+                 &wmat[0, 0], <int> ckk, zero, &dcols[0, 0], <int> tc)
+            if table_mode:
+                scatter_table(&dsrc[0], &table[0], &dcols[0, 0], t0, tc, channels, size, r_out,
+                              taps, per_sample, threads)
+            else:
+                scatter_windows(&dsrc[0], &base[t0], &off[0], &dcols[0, 0], &sample[t0],
+                                &start[0], t0, tc, channels, taps, threads)
+
+
+# ----------------------------------------------------------------------------------------------
+# Fills
+# ----------------------------------------------------------------------------------------------
+
+def fill_nearest(const real[:, :, ::1] compact, const int32_t[:, ::1] index_map,
+                 real[:, :, ::1] dense, int threads):
+    """``dense[n, k, q] = compact[n, k, index_map[n or 0, q]]``."""
+    cdef Py_ssize_t n = dense.shape[0], k = dense.shape[1], hw = dense.shape[2]
+    cdef bint per_sample = index_map.shape[0] > 1
+    cdef Py_ssize_t row, s, q
+    cdef const int32_t *imap
+    for row in prange(n * k, nogil=True, num_threads=threads, schedule="static"):
+        s = row // k
+        imap = &index_map[s if per_sample else 0, 0]
+        for q in range(hw):
+            dense[s, row % k, q] = compact[s, row % k, imap[q]]
+
+
+def fill_nearest_adjoint(const real[:, :, ::1] ddense, const int32_t[:, ::1] index_map,
+                         real[:, :, ::1] dcompact, int threads):
+    """``dcompact[n, k, index_map[q]] += ddense[n, k, q]`` into a zeroed ``dcompact``."""
+    cdef Py_ssize_t n = ddense.shape[0], k = ddense.shape[1], hw = ddense.shape[2]
+    cdef bint per_sample = index_map.shape[0] > 1
+    cdef Py_ssize_t row, s, q
+    cdef const int32_t *imap
+    for row in prange(n * k, nogil=True, num_threads=threads, schedule="static"):
+        s = row // k
+        imap = &index_map[s if per_sample else 0, 0]
+        for q in range(hw):
+            dcompact[s, row % k, imap[q]] += ddense[s, row % k, q]
+
+
+def fill_zero(const real[:, :, ::1] compact, const int32_t[:, ::1] positions,
+              const int32_t[::1] counts, real[:, :, ::1] dense, int threads):
+    """``dense[n, k, positions[p]] = compact[n, k, p]``, 0 elsewhere."""
+    cdef Py_ssize_t n = dense.shape[0], k = dense.shape[1], hw = dense.shape[2]
+    cdef bint per_sample = positions.shape[0] > 1
+    cdef Py_ssize_t row, s, b, p
+    for row in prange(n * k, nogil=True, num_threads=threads, schedule="static"):
+        s = row // k
+        b = s if per_sample else 0
+        memset(&dense[s, row % k, 0], 0, hw * sizeof(real))
+        for p in range(counts[b]):
+            dense[s, row % k, positions[b, p]] = compact[s, row % k, p]
+
+
+def fill_zero_adjoint(const real[:, :, ::1] ddense, const int32_t[:, ::1] positions,
+                      const int32_t[::1] counts, real[:, :, ::1] dcompact, int threads):
+    """``dcompact[n, k, p] = ddense[n, k, positions[p]]``, 0 in padded slots."""
+    cdef Py_ssize_t n = dcompact.shape[0], k = dcompact.shape[1], width = dcompact.shape[2]
+    cdef bint per_sample = positions.shape[0] > 1
+    cdef Py_ssize_t row, s, b, p
+    for row in prange(n * k, nogil=True, num_threads=threads, schedule="static"):
+        s = row // k
+        b = s if per_sample else 0
+        for p in range(width):
+            if p < counts[b]:
+                dcompact[s, row % k, p] = ddense[s, row % k, positions[b, p]]
+            else:
+                dcompact[s, row % k, p] = 0
+
+
+def zero_padded_slots(real[:, :, ::1] out, const int32_t[::1] counts, int threads):
+    """Set the slots past ``counts[n]`` of every (n, k) row to 0 (per-sample masks)."""
+    cdef Py_ssize_t n = out.shape[0], k = out.shape[1], width = out.shape[2]
+    cdef Py_ssize_t row, s, p
+    for row in prange(n * k, nogil=True, num_threads=threads, schedule="static"):
+        s = row // k
+        for p in range(counts[s], width):
+            out[s, row % k, p] = 0
+
+
+# ----------------------------------------------------------------------------------------------
+# Pooling through an index table
+# ----------------------------------------------------------------------------------------------
+
+def table_pool(const real[:, :, ::1] src, const int32_t[:, :, ::1] table, bint is_max,
+               real[:, :, ::1] out, int32_t[:, :, ::1] argmax, int threads):
+    """Max (first maximal tap; its source index into ``argmax``) or mean over the valid taps.
+
+    A window without any valid tap gives 0 (and ``argmax = -1``).
+    """
+    cdef Py_ssize_t n = src.shape[0], c = src.shape[1]
+    cdef Py_ssize_t r_out = table.shape[1], taps = table.shape[2]
+    cdef bint per_sample = table.shape[0] > 1
+    cdef Py_ssize_t q, s, ch, r, tap, count
+    cdef int32_t idx, best_idx
+    cdef real acc, best
+    for q in prange(n * c, nogil=True, num_threads=threads, schedule="static"):
+        s = q // c
+        ch = q % c
+        for r in range(r_out):
+            count = 0
+            acc = 0
+            best = 0
+            best_idx = -1
+            for tap in range(taps):
+                idx = table[s if per_sample else 0, r, tap]
+                if idx >= 0:
+                    if is_max:
+                        if best_idx < 0 or src[s, ch, idx] > best:
+                            best = src[s, ch, idx]
+                            best_idx = idx
+                    else:
+                        acc = acc + src[s, ch, idx]
+                        count = count + 1
+            if is_max:
+                out[s, ch, r] = best
+                argmax[s, ch, r] = best_idx
+            elif count > 0:
+                out[s, ch, r] = acc / count
+            else:
+                out[s, ch, r] = 0
+
+
+def table_pool_adjoint(const real[:, :, ::1] dout, const int32_t[:, :, ::1] table, bint is_max,
+                       const int32_t[:, :, ::1] argmax, real[:, :, ::1] dsrc, int threads):
+    """Gradient of :func:`table_pool` into a zeroed ``dsrc``, one thread per (sample, channel)."""
+    cdef Py_ssize_t n = dout.shape[0], c = dout.shape[1]
+    cdef Py_ssize_t r_out = table.shape[1], taps = table.shape[2]
+    cdef bint per_sample = table.shape[0] > 1
+    cdef Py_ssize_t q, s, ch, r, tap, count
+    cdef int32_t idx
+    cdef real share
+    for q in prange(n * c, nogil=True, num_threads=threads, schedule="static"):
+        s = q // c
+        ch = q % c
+        for r in range(r_out):
+            if is_max:
+                idx = argmax[s, ch, r]
+                if idx >= 0:
+                    dsrc[s, ch, idx] += dout[s, ch, r]
+            else:
+                count = 0
+                for tap in range(taps):
+                    if table[s if per_sample else 0, r, tap] >= 0:
+                        count = count + 1
+                if count > 0:
+                    share = dout[s, ch, r] / count
+                    for tap in range(taps):
+                        idx = table[s if per_sample else 0, r, tap]
+                        if idx >= 0:
+                            dsrc[s, ch, idx] += share

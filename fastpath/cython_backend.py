@@ -1,0 +1,269 @@
+"""The Cython CPU backend: the :class:`refimpl.backend.ConvBackend` interface on compiled kernels.
+
+This module is the thin layer between validated NumPy arrays and :mod:`fastpath._cython_conv`: it
+converts inputs (C-contiguous, one float dtype, int32 indices — read-only arrays are fine), allocates
+outputs, and keeps in each cache exactly what the backward kernels read. The kernels themselves
+gather masked im2col columns of many images into one buffer and make one BLAS GEMM per chunk of
+columns (see the docstring of ``_cython_conv.pyx`` for the matrix picture).
+
+Thread count: ``CythonBackend(threads=...)``, else the ``PONDER_THREADS`` environment variable, else
+``os.cpu_count()``; it drives every OpenMP loop. BLAS keeps its own thread pool; to pin it as well
+use :mod:`threadpoolctl` (the benchmark does).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import numpy as np
+
+from refimpl.backend import ConvBackend
+from refimpl.conv import ConvGeometry
+
+from . import BackendStatus
+
+try:
+    from . import _cython_conv as _kernels
+except ImportError as _exc:  # not compiled: status() says why and how to fix it
+    _kernels = None
+    _IMPORT_ERROR = str(_exc)
+else:
+    _IMPORT_ERROR = ""
+
+INDEX = np.int32
+CHUNK_BYTES = 4 << 20  # size of the gathered column buffer of one GEMM (see CythonBackend.chunk_bytes)
+
+
+def default_threads():
+    """``PONDER_THREADS`` if set (a positive int), else ``os.cpu_count()``."""
+    value = os.environ.get("PONDER_THREADS")
+    if value is None:
+        return os.cpu_count() or 1
+    try:
+        threads = int(value)
+    except ValueError:
+        raise ValueError(f"PONDER_THREADS must be a positive integer, got {value!r}") from None
+    if threads < 1:
+        raise ValueError(f"PONDER_THREADS must be a positive integer, got {value!r}")
+    return threads
+
+
+def status():
+    """Whether the compiled extension is importable, and whether it was built with OpenMP."""
+    if _kernels is None:
+        return BackendStatus(
+            "cython", False,
+            f"the compiled extension fastpath._cython_conv is missing ({_IMPORT_ERROR}); build it with "
+            "`pip install -e .` on a machine with a C compiler (and OpenMP for multi-threading)",
+        )
+    if _kernels.OPENMP:
+        return BackendStatus("cython", True, f"compiled with OpenMP ({default_threads()} threads by default)")
+    return BackendStatus(
+        "cython", True,
+        "compiled WITHOUT OpenMP: runs single-threaded (rebuild with an OpenMP-capable compiler "
+        "for threads)",
+    )
+
+
+def _float(a, dtype):
+    return np.ascontiguousarray(a, dtype=dtype)
+
+
+def _index(a):
+    return np.ascontiguousarray(a, dtype=INDEX)
+
+
+class ConvCache(NamedTuple):
+    """What :meth:`CythonBackend.conv_backward` needs."""
+
+    xp: np.ndarray  # (N, C, H+2ph, W+2pw) padded input, read again to rebuild the columns
+    wmat: np.ndarray  # (K, C*kh*kw)
+    w_shape: tuple
+    x_shape: tuple
+    geometry: ConvGeometry
+    base: np.ndarray  # (T,) int64 window offsets into xp
+    offsets: np.ndarray  # (C*kh*kw,) int64 tap offsets into xp
+    sample: np.ndarray  # (T,) int32
+    slot: np.ndarray  # (T,) int32
+    start: np.ndarray  # (N+1,) int64 first column of each sample
+
+
+class TableConvCache(NamedTuple):
+    src: np.ndarray  # (N, C, S)
+    table: np.ndarray  # (B, R, T)
+    wmat: np.ndarray  # (K, C*T)
+    w_shape: tuple
+    sample: np.ndarray
+    slot: np.ndarray
+    start: np.ndarray
+
+
+class TablePoolCache(NamedTuple):
+    mode: str
+    table: np.ndarray  # (B, R, T)
+    src_shape: tuple
+    argmax: np.ndarray  # (N, C, R) source index of the max (mode "max"), else empty
+
+
+_EMPTY_I64 = np.zeros(1, dtype=np.int64)
+_EMPTY_I32 = np.zeros(1, dtype=INDEX)
+
+
+class CythonBackend(ConvBackend):
+    """Compiled CPU kernels: gather + BLAS GEMM + scatter, OpenMP over ``threads`` threads.
+
+    Parameters
+    ----------
+    threads : int, optional
+        OpenMP threads of the gathers and scatters (default :func:`default_threads`).
+    chunk_bytes : int, optional
+        Size of the gathered column buffer per GEMM. Larger chunks make larger GEMMs; smaller
+        ones keep the buffer in cache and bound the memory. Columns of many images share a chunk.
+    """
+
+    name = "cython"
+
+    def __init__(self, threads=None, chunk_bytes=CHUNK_BYTES):
+        if _kernels is None:
+            raise RuntimeError(status().reason)
+        self.threads = default_threads() if threads is None else threads
+        self.chunk_bytes = chunk_bytes
+
+    @property
+    def threads(self):
+        return self._threads
+
+    @threads.setter
+    def threads(self, value):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"threads must be a positive integer, got {value!r}")
+        self._threads = int(value)
+
+    def _chunk(self, rows, itemsize):
+        """Columns per GEMM: ``chunk_bytes`` of (rows, chunk) buffer, at least 256 columns."""
+        return max(256, self.chunk_bytes // max(1, rows * itemsize))
+
+    # -- perforated convolution ----------------------------------------------------------------
+
+    def conv_forward(self, x, w, b, plan, geometry):
+        dtype = x.dtype
+        x, w, b = _float(x, dtype), _float(w, dtype), _float(b, dtype)
+        n, c, h, wd = x.shape
+        k = w.shape[0]
+        (kh, kw), (sh, sw), (ph, pw), (_, wo) = geometry.kernel, geometry.stride, geometry.padding, geometry.out_hw
+        hp, wp = h + 2 * ph, wd + 2 * pw
+        if ph or pw:
+            xp = np.empty((n, c, hp, wp), dtype=dtype)
+            _kernels.pad_planes(x.reshape(n * c, h, wd), xp.reshape(n * c, hp, wp), ph, pw, self.threads)
+        else:
+            xp = x
+        positions, counts = _index(plan.positions), _index(plan.counts)
+        base, sample, slot, start = _kernels.plan_columns(positions, counts, n, wo, sh, sw, c * hp * wp, wp)
+        ci, ii, jj = np.meshgrid(np.arange(c), np.arange(kh), np.arange(kw), indexing="ij")
+        offsets = (ci * (hp * wp) + ii * wp + jj).astype(np.int64).ravel()
+        wmat = w.reshape(k, -1)
+        width = positions.shape[1]
+        compact = np.empty((n, k, width), dtype=dtype)
+        _kernels.gemm_forward(False, xp.reshape(-1), wmat, b, base, offsets, _EMPTY_I32, sample, slot,
+                              compact, self._chunk(wmat.shape[1], x.itemsize), c, 0, 0, kh * kw,
+                              False, self.threads)
+        if not plan.shared and int(counts.min()) < width:
+            _kernels.zero_padded_slots(compact, counts, self.threads)
+        cache = ConvCache(xp, wmat, w.shape, x.shape, geometry, base, offsets, sample, slot, start)
+        return compact, cache
+
+    def conv_backward(self, dcompact, cache):
+        xp, wmat = cache.xp, cache.wmat
+        dcompact = _float(dcompact, wmat.dtype)
+        n, c, h, wd = cache.x_shape
+        (kh, kw), (ph, pw) = cache.geometry.kernel, cache.geometry.padding
+        dxp = np.zeros(xp.shape, dtype=wmat.dtype)
+        dwmat = np.zeros(wmat.shape, dtype=wmat.dtype)
+        db = np.zeros(wmat.shape[0], dtype=wmat.dtype)
+        _kernels.gemm_backward(False, xp.reshape(-1), wmat, dcompact, cache.base, cache.offsets, _EMPTY_I32,
+                               cache.sample, cache.slot, cache.start, dxp.reshape(-1), dwmat, db,
+                               self._chunk(wmat.shape[1], wmat.itemsize), c, 0, 0, kh * kw, False,
+                               self.threads)
+        if ph or pw:
+            dx = np.empty(cache.x_shape, dtype=wmat.dtype)
+            hp, wp = xp.shape[2:]
+            _kernels.crop_planes(dxp.reshape(n * c, hp, wp), dx.reshape(n * c, h, wd), ph, pw, self.threads)
+        else:
+            dx = dxp
+        return dx, dwmat.reshape(cache.w_shape), db
+
+    # -- fills ---------------------------------------------------------------------------------
+
+    def fill_forward(self, compact, plan, fill):
+        compact = _float(compact, compact.dtype)
+        n, k, _ = compact.shape
+        ho, wo = plan.out_hw
+        dense = np.empty((n, k, ho * wo), dtype=compact.dtype)
+        if fill == "nearest":
+            _kernels.fill_nearest(compact, _index(plan.index_map).reshape(plan.batch, -1), dense, self.threads)
+        else:
+            _kernels.fill_zero(compact, _index(plan.positions), _index(plan.counts), dense, self.threads)
+        return dense.reshape(n, k, ho, wo)
+
+    def fill_backward(self, ddense, plan, fill):
+        ddense = _float(ddense, ddense.dtype)
+        n, k, ho, wo = ddense.shape
+        flat = ddense.reshape(n, k, ho * wo)
+        if fill == "nearest":
+            dcompact = np.zeros((n, k, plan.width), dtype=ddense.dtype)
+            _kernels.fill_nearest_adjoint(flat, _index(plan.index_map).reshape(plan.batch, -1), dcompact,
+                                          self.threads)
+        else:
+            dcompact = np.empty((n, k, plan.width), dtype=ddense.dtype)
+            _kernels.fill_zero_adjoint(flat, _index(plan.positions), _index(plan.counts), dcompact, self.threads)
+        return dcompact
+
+    # -- convolution and pooling through an index table ----------------------------------------
+
+    def table_conv_forward(self, src, table, w, b):
+        dtype = src.dtype
+        src, w, b, table = _float(src, dtype), _float(w, dtype), _float(b, dtype), _index(table)
+        n, c, s = src.shape
+        k = w.shape[0]
+        r, taps = table.shape[1:]
+        sample, slot, start = _kernels.table_columns(n, r)
+        wmat = w.reshape(k, -1)
+        out = np.empty((n, k, r), dtype=dtype)
+        _kernels.gemm_forward(True, src.reshape(-1), wmat, b, _EMPTY_I64, _EMPTY_I64, table.reshape(-1),
+                              sample, slot, out, self._chunk(wmat.shape[1], src.itemsize), c, s, r, taps,
+                              table.shape[0] > 1, self.threads)
+        return out, TableConvCache(src, table, wmat, w.shape, sample, slot, start)
+
+    def table_conv_backward(self, dout, cache):
+        src, table, wmat = cache.src, cache.table, cache.wmat
+        dout = _float(dout, wmat.dtype)
+        n, c, s = src.shape
+        r, taps = table.shape[1:]
+        dsrc = np.zeros(src.shape, dtype=wmat.dtype)
+        dwmat = np.zeros(wmat.shape, dtype=wmat.dtype)
+        db = np.zeros(wmat.shape[0], dtype=wmat.dtype)
+        _kernels.gemm_backward(True, src.reshape(-1), wmat, dout, _EMPTY_I64, _EMPTY_I64, table.reshape(-1),
+                               cache.sample, cache.slot, cache.start, dsrc.reshape(-1), dwmat, db,
+                               self._chunk(wmat.shape[1], wmat.itemsize), c, s, r, taps,
+                               table.shape[0] > 1, self.threads)
+        return dsrc, dwmat.reshape(cache.w_shape), db
+
+    def table_pool_forward(self, src, table, mode):
+        src, table = _float(src, src.dtype), _index(table)
+        n, c, _ = src.shape
+        r = table.shape[1]
+        out = np.empty((n, c, r), dtype=src.dtype)
+        is_max = mode == "max"
+        argmax = np.empty((n, c, r) if is_max else (1, 1, 1), dtype=INDEX)
+        _kernels.table_pool(src, table, is_max, out, argmax, self.threads)
+        return out, TablePoolCache(mode, table, src.shape, argmax)
+
+    def table_pool_backward(self, dout, cache):
+        dout = _float(dout, dout.dtype)
+        dsrc = np.zeros(cache.src_shape, dtype=dout.dtype)
+        _kernels.table_pool_adjoint(dout, cache.table, cache.mode == "max", cache.argmax, dsrc, self.threads)
+        return dsrc
+
+    def __repr__(self):
+        return f"<CythonBackend threads={self.threads}>"
