@@ -1,0 +1,784 @@
+"""PyOpenCL backend of the perforated convolution: the same interface as the NumPy reference.
+
+Every convolution the interface needs is run as one *table convolution* (an implicit GEMM that
+reads its input through an int32 index table; see ``kernels/perforated_conv.cl``):
+
+======================= ===================== ========================================
+operation               source (N, C, S)      table (B, R, T)
+======================= ===================== ========================================
+``conv_forward``        x, S = H·W            input pixel of tap t of computed position r
+``table_conv_forward``  compact, S = P        the composed index table (refimpl)
+dX of both              dY (N, K, R)          the inverted table: readers of each pixel
+======================= ===================== ========================================
+
+Index data (tables, their inverses, fill indices) is integer data derived on the host from the
+:class:`~refimpl.perforation.PerforationPlan` or the given table, uploaded once and cached with
+that object. Float data may stay on the device: every method accepts NumPy arrays or
+:class:`pyopencl.array.Array` and returns the kind it was given (``to_device`` / ``to_host``
+move data explicitly), so a network whose activations live on the device copies nothing back
+between layers.
+
+Kernels are ``.cl`` files shipped in the package, built once per (context, dtype, options) and
+cached. ``kernels="oracle"`` runs the one-work-item-per-output kernels of
+``perforated_conv_oracle.cl`` instead of the tiled ones (the tests compare the two).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+import weakref
+from importlib import resources
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from refimpl.backend import ConvBackend
+
+try:
+    import pyopencl as cl
+    import pyopencl.array as cla
+except ImportError as _exc:  # status() reports it; importing this module never fails
+    cl = cla = None
+    _PYOPENCL_IMPORT_ERROR = _exc
+else:
+    _PYOPENCL_IMPORT_ERROR = None
+
+KERNEL_FILES = {"fast": "perforated_conv.cl", "oracle": "perforated_conv_oracle.cl", "probe": "probe.cl"}
+
+#: Tile of the fast GEMM kernels: -D options of perforated_conv.cl. TM, TN: output tile; TK: step
+#: along the reduction; WM x WN: register block of one work-item (work-group (TN/WN, TM/WM)).
+TILE = {"TM": 64, "TN": 64, "TK": 16, "WM": 4, "WN": 4}
+
+POCL_WHEEL_NOTE = (
+    "note: the PyPI wheel pocl-binary-distribution fails to build kernels on AMD CPUs with "
+    "\"unknown target CPU 'generic'\"; Debian/Ubuntu's pocl-opencl-icd package works "
+    "(apt-get install pocl-opencl-icd)"
+)
+
+
+class KernelBuildError(RuntimeError):
+    """An OpenCL program failed to build; the message carries the compiler's log."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Contexts, programs, status
+# ---------------------------------------------------------------------------------------------
+
+
+def kernel_source(filename):
+    """Text of a kernel file shipped in ``fastpath/kernels``."""
+    return resources.files("fastpath").joinpath("kernels", filename).read_text(encoding="utf-8")
+
+
+_PROGRAMS = {}
+
+
+def build_program(context, filename, options=()):
+    """Build ``kernels/filename`` for ``context`` with ``options`` (cached per context and options).
+
+    Vendors that always print a build log (NVIDIA) make pyopencl emit ``CompilerWarning`` for a
+    successful build; that warning is silenced here. A failed build raises
+    :class:`KernelBuildError` with the file, the device, the options and the full build log.
+    """
+    key = (context.int_ptr, filename, tuple(options))
+    program = _PROGRAMS.get(key)
+    if program is None:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", cl.CompilerWarning)
+                program = cl.Program(context, kernel_source(filename)).build(options=list(options))
+        except cl.RuntimeError as exc:
+            devices = ", ".join(d.name.strip() for d in context.devices)
+            raise KernelBuildError(
+                f"building fastpath/kernels/{filename} for {devices} with options {list(options)} "
+                f"failed:\n{exc}"
+            ) from exc
+        _PROGRAMS[key] = program
+    return program
+
+
+def _device_label(device):
+    return f"{device.name.strip()} [{device.platform.name.strip()}]"
+
+
+def probe_device(device):
+    """Build and run the trivial probe kernel on ``device``; return None if it works, else why not."""
+    try:
+        context = cl.Context([device])
+        queue = cl.CommandQueue(context)
+        program = build_program(context, KERNEL_FILES["probe"])
+        x = np.arange(8, dtype=np.float32)
+        buf = cla.to_device(queue, x)
+        program.probe(queue, (8,), None, buf.data)
+        if not np.array_equal(buf.get(queue), 2 * x + 1):
+            return "the probe kernel ran but returned wrong values"
+    except Exception as exc:  # noqa: BLE001 - any driver failure means "does not work"
+        message = str(exc).strip().splitlines()
+        text = " ".join(message[:6])
+        if "generic" in text:
+            text += f" ({POCL_WHEEL_NOTE})"
+        return f"{type(exc).__name__}: {text}"
+    return None
+
+
+def _choose_context():
+    """The context to run on: ``PYOPENCL_CTX`` when set, else the first working GPU, else any device.
+
+    Returns ``(context, None)`` or ``(None, reason)``.
+    """
+    if cl is None:
+        return None, f"pyopencl is not installed ({_PYOPENCL_IMPORT_ERROR}); pip install 'ponder[opencl]'"
+    try:
+        platforms = cl.get_platforms()
+    except cl.Error as exc:
+        platforms, platform_error = [], exc
+    else:
+        platform_error = None
+    if not platforms:
+        return None, (
+            "no OpenCL platform found"
+            + (f" ({platform_error})" if platform_error else "")
+            + "; install an ICD (NVIDIA driver, ROCm, intel-opencl-icd, or pocl-opencl-icd for the CPU) "
+            f"and check /etc/OpenCL/vendors or OCL_ICD_VENDORS; {POCL_WHEEL_NOTE}"
+        )
+    if os.environ.get("PYOPENCL_CTX"):
+        try:
+            context = cl.create_some_context(interactive=False)
+        except Exception as exc:  # noqa: BLE001
+            return None, f"PYOPENCL_CTX={os.environ['PYOPENCL_CTX']!r} selects no usable device: {exc}"
+        why = probe_device(context.devices[0])
+        if why:
+            return None, f"PYOPENCL_CTX selects {_device_label(context.devices[0])}, which fails: {why}"
+        return context, None
+    failures = []
+    devices = [d for p in platforms for d in p.get_devices()]
+    devices.sort(key=lambda d: not d.type & cl.device_type.GPU)  # GPUs first, stable otherwise
+    for device in devices:
+        why = probe_device(device)
+        if why is None:
+            return cl.Context([device]), None
+        failures.append(f"{_device_label(device)}: {why}")
+    if not failures:
+        return None, f"OpenCL platforms exist but expose no device; {POCL_WHEEL_NOTE}"
+    return None, "no OpenCL device builds a trivial kernel: " + "; ".join(failures)
+
+
+_DEFAULT = {}
+
+
+def default_context():
+    """The shared context of this process (chosen once per value of ``PYOPENCL_CTX``).
+
+    Raises ``refimpl.backend.BackendUnavailableError`` with the reason when there is none.
+    """
+    from refimpl.backend import BackendUnavailableError
+
+    key = os.environ.get("PYOPENCL_CTX")
+    if key not in _DEFAULT:
+        _DEFAULT[key] = _choose_context()
+    context, reason = _DEFAULT[key]
+    if context is None:
+        raise BackendUnavailableError(f"the opencl backend is unavailable: {reason}")
+    return context
+
+
+def status():
+    """:class:`fastpath.BackendStatus` of this backend: a trivial kernel is built and run first."""
+    from . import BackendStatus
+
+    key = os.environ.get("PYOPENCL_CTX")
+    if key not in _DEFAULT:
+        _DEFAULT[key] = _choose_context()
+    context, reason = _DEFAULT[key]
+    if context is None:
+        return BackendStatus("opencl", False, reason)
+    device = context.devices[0]
+    fp64 = "float32 and float64" if "cl_khr_fp64" in device.extensions else "float32 only (no cl_khr_fp64)"
+    return BackendStatus("opencl", True, f"{_device_label(device)}, {fp64}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Host-side index data (integers; computed once per plan or table and cached)
+# ---------------------------------------------------------------------------------------------
+
+
+def conv_tap_table(plan, geometry):
+    """Input pixel ``iy * W + ix`` read by tap ``t = i * kw + j`` of each computed position.
+
+    Returns int32 (B, P, kh*kw); -1 for taps in the padding and for the padding slots of
+    per-sample plans.
+    """
+    (kh, kw), (sh, sw), (ph, pw), (h, w), (_, wo) = geometry
+    position = plan.positions
+    oy, ox = np.divmod(np.maximum(position, 0), wo)
+    iy = oy[..., None, None] * sh - ph + np.arange(kh)[:, None]
+    ix = ox[..., None, None] * sw - pw + np.arange(kw)[None, :]
+    inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w) & (position >= 0)[..., None, None]
+    table = np.where(inside, iy * w + ix, -1)
+    return table.reshape(*position.shape, kh * kw).astype(np.int32)
+
+
+def invert_table(table, source_size):
+    """The readers of every source entry: the gather form of the table's scatter-add.
+
+    Parameters
+    ----------
+    table : int array (B, R, T), -1 = reads nothing
+    source_size : S
+
+    Returns
+    -------
+    inverse : int32 (B, S, T*D)
+        ``inverse[b, s, t*D + d]`` is the d-th output row r (ascending) with ``table[b, r, t] == s``,
+        -1 when there are fewer; D is the largest number of rows reading one (source, tap) pair
+        (1 for an ordinary convolution, up to R after nearest fill).
+    depth : D
+    """
+    table = np.asarray(table)
+    batch, _, taps = table.shape
+    b, r, t = np.nonzero(table >= 0)  # raster order: r ascending within each (b, s, t) group
+    if b.size == 0:
+        return np.full((batch, source_size, taps), -1, dtype=np.int32), 1
+    s = table[b, r, t].astype(np.int64)
+    key = (b * source_size + s) * taps + t
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    first = np.r_[True, key[1:] != key[:-1]]
+    start = np.maximum.accumulate(np.where(first, np.arange(key.size), 0))
+    rank = np.arange(key.size) - start
+    depth = int(rank.max()) + 1
+    inverse = np.full((batch, source_size, taps, depth), -1, dtype=np.int32)
+    inverse[b[order], s[order], t[order], rank] = r[order]
+    return inverse.reshape(batch, source_size, taps * depth), depth
+
+
+def zero_fill_index(plan):
+    """For every output position, its slot in the compact axis, or -1 (not computed): (B, Ho*Wo)."""
+    ho, wo = plan.out_hw
+    index = np.full((plan.batch, ho * wo), -1, dtype=np.int32)
+    b, slot = np.nonzero(plan.positions >= 0)
+    index[b, plan.positions[b, slot]] = slot
+    return index
+
+
+class _IndexCache:
+    """Device copies of integer data derived from a plan or a table, kept as long as that object lives.
+
+    Plans and tables are treated as immutable: they are data computed once by refimpl.
+    """
+
+    def __init__(self):
+        self._by_plan = weakref.WeakKeyDictionary()
+        self._by_array = {}
+
+    def entries(self, owner):
+        if isinstance(owner, np.ndarray):
+            key = id(owner)
+            hit = self._by_array.get(key)
+            if hit is not None and hit[0]() is owner:
+                return hit[1]
+            store = {}
+            self._by_array[key] = (weakref.ref(owner, lambda _, key=key: self._by_array.pop(key, None)), store)
+            return store
+        return self._by_plan.setdefault(owner, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend
+# ---------------------------------------------------------------------------------------------
+
+
+class OpenCLConvCache(NamedTuple):
+    """What the backward of a (table) convolution needs; arrays stay on the device."""
+
+    src: Any  # device (N, C, S)
+    w: Any  # device (K, C, kh, kw)
+    table: Any  # device int32 (B, R, T)
+    counts: Any  # device int32 (B,)
+    table_batch: int
+    inverse_key: tuple  # (owner, key) of the cached inverse table
+    src_shape: tuple  # shape to return dsrc in
+    rows: int  # R
+
+
+class OpenCLPoolCache(NamedTuple):
+    mode: str
+    table: Any  # device (B, R, T)
+    table_host: np.ndarray
+    argmax: Any  # device int32 (N, C, R) or None
+    src_shape: tuple
+
+
+def _round_up(value, multiple):
+    return -(-value // multiple) * multiple
+
+
+class OpenCLBackend(ConvBackend):
+    """The perforated convolution on an OpenCL device (GPU, or PoCL on the CPU).
+
+    Parameters
+    ----------
+    context : pyopencl.Context, optional
+        Defaults to :func:`default_context` (``PYOPENCL_CTX``, else the first working GPU, else
+        any working device).
+    kernels : {"fast", "oracle"}
+        The tiled GEMM kernels, or the one-work-item-per-output oracle kernels.
+    tile : dict, optional
+        Overrides of :data:`TILE` (-D options of the fast kernels).
+
+    Attributes
+    ----------
+    device_name : str
+    record_events : bool
+        When true, every kernel launch keeps its profiling event; :meth:`kernel_seconds` sums them.
+    """
+
+    name = "opencl"
+
+    def __init__(self, context=None, kernels="fast", tile=None):
+        if cl is None:
+            raise ImportError(f"pyopencl is not installed ({_PYOPENCL_IMPORT_ERROR}); pip install 'ponder[opencl]'")
+        if kernels not in ("fast", "oracle"):
+            raise ValueError(f"kernels must be 'fast' or 'oracle', got {kernels!r}")
+        self.context = context if context is not None else default_context()
+        self.device = self.context.devices[0]
+        self.device_name = _device_label(self.device)
+        self.queue = cl.CommandQueue(self.context, properties=cl.command_queue_properties.PROFILING_ENABLE)
+        self.kernels = kernels
+        self.tile = dict(TILE, **(tile or {}))
+        self.fp64 = "cl_khr_fp64" in self.device.extensions
+        self.record_events = False
+        self._events = []
+        self._kernels = {}
+        self._index = _IndexCache()
+        self._counts = {}
+        self._reduce_size = 1 << (min(256, self.device.max_work_group_size).bit_length() - 1)
+
+    # -- dtype, programs, launches -------------------------------------------------------------
+
+    def supports_dtype(self, dtype):
+        dtype = np.dtype(dtype)
+        return dtype == np.float32 or (dtype == np.float64 and self.fp64)
+
+    def _check_dtype(self, dtype):
+        dtype = np.dtype(dtype)
+        if dtype not in (np.float32, np.float64):
+            raise TypeError(f"the opencl backend computes in float32 or float64, got {dtype}")
+        if dtype == np.float64 and not self.fp64:
+            raise TypeError(
+                f"float64 needs an OpenCL device with cl_khr_fp64, but {self.device_name} does not "
+                "have it; use float32, or select another device with PYOPENCL_CTX"
+            )
+        return dtype
+
+    def _options(self, dtype, filename):
+        real = "double" if dtype == np.float64 else "float"
+        options = [f"-DREAL={real}", f"-DREAL4={real}4"]
+        if dtype == np.float64:
+            options.append("-DUSE_FP64")
+        if filename == KERNEL_FILES["fast"]:
+            options += [f"-D{name}={value}" for name, value in sorted(self.tile.items())]
+        return options
+
+    def _kernel(self, filename, name, dtype):
+        key = (filename, name, dtype)
+        kernel = self._kernels.get(key)
+        if kernel is None:
+            program = build_program(self.context, filename, self._options(dtype, filename))
+            kernel = self._kernels[key] = cl.Kernel(program, name)
+        return kernel
+
+    def warm_up(self, dtypes=(np.float32,)):
+        """Build every program this backend runs for ``dtypes`` now (builds are cached)."""
+        for dtype in dtypes:
+            dtype = self._check_dtype(dtype)
+            for filename in (KERNEL_FILES["fast"], KERNEL_FILES["oracle"]):
+                build_program(self.context, filename, self._options(dtype, filename))
+
+    def _launch(self, filename, name, dtype, global_size, local_size, *args):
+        kernel = self._kernel(filename, name, dtype)
+        converted = []
+        for arg in args:
+            if isinstance(arg, cla.Array):
+                converted.append(arg.data)
+            elif isinstance(arg, (bool, int, np.integer)):
+                converted.append(np.int32(arg))
+            else:
+                converted.append(arg)
+        event = kernel(self.queue, tuple(int(g) for g in global_size),
+                       None if local_size is None else tuple(local_size), *converted)
+        if self.record_events:
+            self._events.append(event)
+        return event
+
+    def synchronize(self):
+        """Wait until every queued command has finished."""
+        self.queue.finish()
+
+    def kernel_seconds(self):
+        """Sum of the device time of the kernels recorded since the last call (then forgets them)."""
+        self.queue.finish()
+        total = sum(e.profile.end - e.profile.start for e in self._events) * 1e-9
+        self._events = []
+        return total
+
+    # -- host <-> device ---------------------------------------------------------------------
+
+    def to_device(self, array):
+        """A C-contiguous device copy of a NumPy array (a device array is returned as is)."""
+        if isinstance(array, cla.Array):
+            return self._device_array(array)
+        return cla.to_device(self.queue, np.ascontiguousarray(array))
+
+    def to_host(self, array):
+        """A NumPy copy of a device array (a NumPy array is returned as is)."""
+        if isinstance(array, cla.Array):
+            return array.get(self.queue)
+        return array
+
+    def _device_array(self, array, dtype=None):
+        if isinstance(array, cla.Array):
+            if array.context.int_ptr != self.context.int_ptr:
+                raise ValueError(
+                    f"a pyopencl array from another context was given to the opencl backend on {self.device_name}"
+                )
+            if dtype is not None and array.dtype != dtype:
+                raise TypeError(f"arrays must share one dtype, got {array.dtype} and {dtype}")
+            if not array.flags.c_contiguous:
+                array = array.copy(queue=self.queue)  # pyopencl keeps strides; copy makes it dense
+            return array
+        array = np.asarray(array)
+        if dtype is not None and array.dtype != dtype:
+            raise TypeError(f"arrays must share one dtype, got {array.dtype} and {dtype}")
+        return cla.to_device(self.queue, np.ascontiguousarray(array))
+
+    def _result(self, array, on_device):
+        return array if on_device else array.get(self.queue)
+
+    def _cached(self, owner, key, make):
+        store = self._index.entries(owner)
+        if key not in store:
+            store[key] = make()
+        return store[key]
+
+    def _upload_int(self, array):
+        return cla.to_device(self.queue, np.ascontiguousarray(array, dtype=np.int32))
+
+    def _full_counts(self, batch, value):
+        key = (batch, value)
+        if key not in self._counts:
+            self._counts[key] = self._upload_int(np.full(batch, value))
+        return self._counts[key]
+
+    # -- the GEMM engine -----------------------------------------------------------------------
+
+    def _pack(self, w, k, c, taps, depth, transpose, dtype):
+        """Weights as the zero-padded matrix the GEMM kernels read (see ``pack_weights``)."""
+        rows, cols = (c, k * taps * depth) if transpose else (k, c * taps)
+        if self.kernels == "fast":
+            rows_p, cols_p = _round_up(rows, self.tile["TM"]), _round_up(cols, self.tile["TK"])
+        else:
+            rows_p, cols_p = rows, cols
+        packed = cla.empty(self.queue, (rows_p, cols_p), dtype)
+        self._launch(KERNEL_FILES["fast"], "pack_weights", dtype, (cols_p, rows_p), None,
+                     k, c, taps, depth, int(transpose), rows_p, cols_p, w, packed)
+        return packed, cols_p
+
+    def _table_gemm(self, src, table, table_batch, counts, rows, taps, packed, ldw, m, bias):
+        """out (N, m, rows) = packed · (src gathered through table); see the kernel files."""
+        n, c, s = src.shape
+        dtype = src.dtype
+        out = cla.empty(self.queue, (n, m, rows), dtype)
+        ncols = n * rows
+        has_bias = bias is not None
+        bias_arg = bias if has_bias else packed  # any buffer; not read
+        args = (m, c, s, rows, taps, ncols, ldw, src, table, table_batch, counts, packed, bias_arg,
+                int(has_bias), out)
+        if self.kernels == "fast":
+            t = self.tile
+            local = (t["TN"] // t["WN"], t["TM"] // t["WM"])
+            glob = (_round_up(ncols, t["TN"]) // t["TN"] * local[0], _round_up(m, t["TM"]) // t["TM"] * local[1])
+            self._launch(KERNEL_FILES["fast"], "implicit_gemm", dtype, glob, local, *args)
+        else:
+            self._launch(KERNEL_FILES["oracle"], "implicit_gemm_naive", dtype, (ncols, m), None, *args)
+        return out
+
+    def _weight_grad(self, dout, src, table, table_batch, counts, rows, taps):
+        """dW (m, C*taps) = dout (N, m, rows) · (src gathered through table)ᵀ, over live columns."""
+        n, m, _ = dout.shape
+        c, s = src.shape[1:]
+        dtype = dout.dtype
+        ncols, ct = n * rows, c * taps
+        dw = cla.empty(self.queue, (m, ct), dtype)
+        if self.kernels == "oracle":
+            self._launch(KERNEL_FILES["oracle"], "weight_grad_naive", dtype, (ct, m), None,
+                         m, c, s, rows, taps, ncols, dout, src, table, table_batch, counts, dw)
+            return dw
+        t = self.tile
+        tiles = (_round_up(ct, t["TN"]) // t["TN"]) * (_round_up(m, t["TM"]) // t["TM"])
+        # Split the long reduction so that the device has enough work-groups to fill its compute
+        # units (a few per unit); the slices are summed in order, so the result is deterministic.
+        target = 4 * self.device.max_compute_units
+        splits = max(1, min(-(-target // tiles), -(-ncols // (4 * t["TK"]))))
+        per_split = _round_up(-(-ncols // splits), t["TK"])
+        splits = -(-ncols // per_split)
+        partial = dw if splits == 1 else cla.empty(self.queue, (splits, m, ct), dtype)
+        local = (t["TN"] // t["WN"], t["TM"] // t["WM"])
+        glob = (_round_up(ct, t["TN"]) // t["TN"] * local[0], _round_up(m, t["TM"]) // t["TM"] * local[1], splits)
+        self._launch(KERNEL_FILES["fast"], "weight_grad", dtype, glob, (*local, 1),
+                     m, c, s, rows, taps, ncols, per_split, dout, src, table, table_batch, counts, partial)
+        if splits > 1:
+            self._launch(KERNEL_FILES["fast"], "sum_partials", dtype, (m * ct,), None, m * ct, splits, partial, dw)
+        return dw
+
+    def _bias_grad(self, dout, table_batch, counts, rows):
+        n, m, _ = dout.shape
+        dtype = dout.dtype
+        db = cla.empty(self.queue, (m,), dtype)
+        if self.kernels == "oracle":
+            self._launch(KERNEL_FILES["oracle"], "bias_grad_naive", dtype, (m,), None,
+                         m, rows, n * rows, dout, table_batch, counts, db)
+        else:
+            size = self._reduce_size
+            self._launch(KERNEL_FILES["fast"], "bias_grad", dtype, (m * size,), (size,),
+                         m, rows, n * rows, dout, table_batch, counts, db,
+                         cl.LocalMemory(size * dtype.itemsize))
+        return db
+
+    def _conv(self, src, table, table_batch, counts, rows, taps, w, b):
+        """Forward of a table convolution on device arrays: (N, K, rows)."""
+        k, c = w.shape[:2]
+        packed, ldw = self._pack(w, k, c, taps, 1, False, src.dtype)
+        return self._table_gemm(src, table, table_batch, counts, rows, taps, packed, ldw, k, b)
+
+    def _conv_backward(self, dout, cache, inverse, depth):
+        """(dsrc, dw, db) of a table convolution; dsrc by the GEMM through the inverse table."""
+        n, k, rows = dout.shape
+        src, w = cache.src, cache.w
+        c, s = src.shape[1:]
+        taps = cache.table.shape[2]
+        dw = self._weight_grad(dout, src, cache.table, cache.table_batch, cache.counts, rows, taps)
+        db = self._bias_grad(dout, cache.table_batch, cache.counts, rows)
+        packed, ldw = self._pack(w, k, c, taps, depth, True, dout.dtype)
+        all_sources = self._full_counts(inverse.shape[0], s)
+        dsrc = self._table_gemm(dout, inverse, inverse.shape[0], all_sources, s, taps * depth, packed, ldw, c, None)
+        return dsrc, dw.reshape(*w.shape), db
+
+    # -- the interface -------------------------------------------------------------------------
+
+    def conv_forward(self, x, w, b, plan, geometry):
+        on_device = isinstance(x, cla.Array)
+        dtype = self._check_dtype(x.dtype)
+        n, c, h, wd = x.shape
+        xd = self._device_array(x).reshape(n, c, h * wd)
+        wdev = self._device_array(w, dtype)
+        bdev = self._device_array(b, dtype)
+
+        def upload_taps():
+            return self._upload_int(conv_tap_table(plan, geometry)), self._upload_int(plan.counts)
+
+        table, counts = self._cached(plan, ("taps", geometry), upload_taps)
+        out = self._conv(xd, table, plan.batch, counts, plan.width, table.shape[2], wdev, bdev)
+        cache = OpenCLConvCache(xd, wdev, table, counts, plan.batch, (plan, ("taps_inverse", geometry)),
+                                tuple(x.shape), plan.width)
+        return self._result(out, on_device), cache
+
+    def conv_backward(self, dcompact, cache):
+        on_device = isinstance(dcompact, cla.Array)
+        dout = self._device_array(dcompact, cache.src.dtype)
+        plan, key = cache.inverse_key
+        geometry = key[1]
+
+        def upload_inverse():
+            inverse, depth = invert_table(conv_tap_table(plan, geometry), cache.src.shape[2])
+            return self._upload_int(inverse), depth
+
+        inverse, depth = self._cached(plan, key, upload_inverse)
+        dx, dw, db = self._conv_backward(dout, cache, inverse, depth)
+        dx = dx.reshape(*cache.src_shape)
+        return tuple(self._result(a, on_device) for a in (dx, dw, db))
+
+    def fill_forward(self, compact, plan, fill):
+        on_device = isinstance(compact, cla.Array)
+        dtype = self._check_dtype(compact.dtype)
+        src = self._device_array(compact)
+        n, k, p = src.shape
+        ho, wo = plan.out_hw
+
+        def upload_index():
+            index = plan.index_map.reshape(plan.batch, ho * wo) if fill == "nearest" else zero_fill_index(plan)
+            return self._upload_int(index)
+
+        index = self._cached(plan, ("fill", fill), upload_index)
+        dense = cla.empty(self.queue, (n, k, ho * wo), dtype)
+        self._launch(KERNEL_FILES["fast"], "gather_sum", dtype, (ho * wo, k, n), None,
+                     ho * wo, p, k, 1, plan.batch, index, src, dense)
+        return self._result(dense.reshape(n, k, ho, wo), on_device)
+
+    def fill_backward(self, ddense, plan, fill):
+        on_device = isinstance(ddense, cla.Array)
+        dtype = self._check_dtype(ddense.dtype)
+        n, k, ho, wo = ddense.shape
+        src = self._device_array(ddense).reshape(n, k, ho * wo)
+
+        def upload_adjoint():
+            if fill == "nearest":
+                inverse, depth = invert_table(plan.index_map.reshape(plan.batch, ho * wo, 1), plan.width)
+            else:  # each computed slot received exactly its own position
+                inverse, depth = plan.positions, 1
+            return self._upload_int(inverse), depth
+
+        inverse, depth = self._cached(plan, ("fill_adjoint", fill), upload_adjoint)
+        p = plan.width
+        dcompact = cla.empty(self.queue, (n, k, p), dtype)
+        self._launch(KERNEL_FILES["fast"], "gather_sum", dtype, (p, k, n), None,
+                     p, ho * wo, k, depth, plan.batch, inverse, src, dcompact)
+        return self._result(dcompact, on_device)
+
+    def _table(self, table):
+        """Host and device copies of an index table (B, R, T)."""
+        host = table.get(self.queue) if isinstance(table, cla.Array) else np.asarray(table)
+        return host, self._cached(host, "table", lambda: self._upload_int(host))
+
+    def table_conv_forward(self, src, table, w, b):
+        on_device = isinstance(src, cla.Array)
+        dtype = self._check_dtype(src.dtype)
+        sdev = self._device_array(src)
+        wdev = self._device_array(w, dtype)
+        bdev = self._device_array(b, dtype)
+        host, tdev = self._table(table)
+        batch, rows, taps = host.shape
+        counts = self._full_counts(batch, rows)
+        out = self._conv(sdev, tdev, batch, counts, rows, taps, wdev, bdev)
+        cache = OpenCLConvCache(sdev, wdev, tdev, counts, batch, (host, "inverse"), tuple(src.shape), rows)
+        return self._result(out, on_device), cache
+
+    def table_conv_backward(self, dout, cache):
+        on_device = isinstance(dout, cla.Array)
+        ddev = self._device_array(dout, cache.src.dtype)
+        host, key = cache.inverse_key
+        s = cache.src.shape[2]
+
+        def upload_inverse():
+            inverse, depth = invert_table(host, s)
+            return self._upload_int(inverse), depth
+
+        inverse, depth = self._cached(host, key, upload_inverse)
+        dsrc, dw, db = self._conv_backward(ddev, cache, inverse, depth)
+        return tuple(self._result(a, on_device) for a in (dsrc, dw, db))
+
+    def table_pool_forward(self, src, table, mode):
+        if mode not in ("max", "avg"):
+            raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+        on_device = isinstance(src, cla.Array)
+        dtype = self._check_dtype(src.dtype)
+        sdev = self._device_array(src)
+        n, c, s = sdev.shape
+        host, tdev = self._table(table)
+        batch, rows, taps = host.shape
+        out = cla.empty(self.queue, (n, c, rows), dtype)
+        argmax = cla.empty(self.queue, (n, c, rows), np.int32) if mode == "max" else None
+        self._launch(KERNEL_FILES["fast"], "table_pool_forward", dtype, (rows, c, n), None,
+                     c, s, rows, taps, batch, int(mode == "max"), sdev, tdev, out,
+                     argmax if argmax is not None else out)
+        return self._result(out, on_device), OpenCLPoolCache(mode, tdev, host, argmax, tuple(src.shape))
+
+    def table_pool_backward(self, dout, cache):
+        on_device = isinstance(dout, cla.Array)
+        dtype = self._check_dtype(dout.dtype)
+        ddev = self._device_array(dout)
+        n, c, s = cache.src_shape
+        batch, rows, taps = cache.table_host.shape
+
+        def upload_inverse():
+            inverse, depth = invert_table(cache.table_host, s)
+            return self._upload_int(inverse), depth
+
+        inverse, depth = self._cached(cache.table_host, "inverse", upload_inverse)
+        dsrc = cla.empty(self.queue, (n, c, s), dtype)
+        self._launch(KERNEL_FILES["fast"], "table_pool_backward", dtype, (s, c, n), None,
+                     c, s, rows, taps, depth, batch, int(cache.mode == "max"), ddev, cache.table, inverse,
+                     cache.argmax if cache.argmax is not None else inverse, dsrc)
+        return self._result(dsrc, on_device)
+
+
+# ---------------------------------------------------------------------------------------------
+# How much of a layer chain is host <-> device transfer
+# ---------------------------------------------------------------------------------------------
+
+
+def chain_transfer_share(backend, rng, batch=16, channels=32, size=32, rate=0.5, repeat=5, dtype=np.float32):
+    """Time a perforated conv -> implicit max-pool -> conv chain kept on the device and with host copies.
+
+    The chain: a 3x3 perforated convolution (grid mask of ``rate``, compact output), a 2x2 max
+    pooling reading the compact tensor through the composed index table, and a dense 3x3
+    convolution of the pooled map. *Resident*: the input is uploaded once and only the final
+    result is copied back. *Round trips*: every layer is called with NumPy arrays, so each
+    activation goes device -> host -> device between layers (what a naive port would do).
+
+    Returns
+    -------
+    dict with median seconds ``resident`` and ``round_trips``, the ``transfer_share``
+    ``1 - resident / round_trips`` (the part of the round-trip time spent moving data), the
+    device-side kernel seconds of one resident pass, and the bytes copied per pass in each mode.
+    """
+    from refimpl.conv import ConvGeometry, conv_output_shape
+    from refimpl.implicit import compose_index_table, dense_index_map
+    from refimpl.masks import grid_mask
+    from refimpl.perforation import PerforationPlan
+
+    x = rng.standard_normal((batch, channels, size, size)).astype(dtype)
+    w1 = (rng.standard_normal((channels, channels, 3, 3)) * 0.1).astype(dtype)
+    w2 = (rng.standard_normal((channels, channels, 3, 3)) * 0.1).astype(dtype)
+    b = np.zeros(channels, dtype=dtype)
+    plan = PerforationPlan(grid_mask((size, size), rate, rng))
+    geometry = ConvGeometry((3, 3), (1, 1), (1, 1), (size, size), (size, size))
+    pool_table = compose_index_table(plan.index_map, 2, 2, 0)
+    pooled_hw = conv_output_shape((size, size), (2, 2), (2, 2), (0, 0))
+    conv_table = compose_index_table(dense_index_map(pooled_hw), 3, 1, 1)
+    params = [backend.to_device(a) for a in (w1, b, w2, b)]
+
+    def chain(inp, weights):
+        compact, _ = backend.conv_forward(inp, weights[0], weights[1], plan, geometry)
+        pooled, _ = backend.table_pool_forward(compact, pool_table, "max")
+        out, _ = backend.table_conv_forward(pooled, conv_table, weights[2], weights[3])
+        return out
+
+    def resident():
+        return backend.to_host(chain(backend.to_device(x), params))
+
+    def round_trips():
+        return chain(x, (w1, b, w2, b))
+
+    np.testing.assert_allclose(resident(), round_trips(), rtol=1e-5, atol=1e-6)  # and warms up
+    times = {}
+    for label, fn in (("resident", resident), ("round_trips", round_trips)):
+        samples = []
+        for _ in range(repeat):
+            backend.synchronize()
+            start = time.perf_counter()
+            fn()
+            backend.synchronize()
+            samples.append(time.perf_counter() - start)
+        times[label] = float(np.median(samples))
+    backend.record_events = True
+    backend.kernel_seconds()
+    resident()
+    kernel = backend.kernel_seconds()
+    backend.record_events = False
+    itemsize = np.dtype(dtype).itemsize
+    compact_bytes = batch * channels * plan.width * itemsize
+    pooled_bytes = batch * channels * pooled_hw[0] * pooled_hw[1] * itemsize
+    resident_bytes = x.nbytes + pooled_bytes
+    round_trip_bytes = x.nbytes + 2 * compact_bytes + 2 * pooled_bytes + pooled_bytes + 4 * (w1.nbytes + b.nbytes)
+    return {
+        "device": backend.device_name,
+        "resident": times["resident"],
+        "round_trips": times["round_trips"],
+        "transfer_share": 1.0 - times["resident"] / times["round_trips"],
+        "kernel_seconds": kernel,
+        "bytes_resident": resident_bytes,
+        "bytes_round_trips": round_trip_bytes,
+    }
