@@ -106,7 +106,7 @@ def stick_breaking_forward(fractions):
     v = _probabilities(fractions, "fractions")
     if v.ndim == 0:
         raise ValueError("fractions must have at least one axis (the iterations), got a scalar")
-    remaining = np.cumprod(np.concatenate([np.ones_like(v[..., :1]), 1.0 - v], axis=-1), axis=-1)
+    remaining = np.cumprod(np.concatenate([np.ones(v.shape[:-1] + (1,), v.dtype), 1.0 - v], axis=-1), axis=-1)
     weights = remaining.copy()
     weights[..., :-1] *= v  # w_l = v_l r_l for l < L; w_L = r_L
     return weights, StickBreakingCache(v, remaining)
@@ -173,7 +173,7 @@ def expected_steps_forward(h):
     h = _probabilities(h, "h")
     if h.ndim == 0:
         raise ValueError("h must have at least one axis (the iterations), got a scalar")
-    reach = np.cumprod(np.concatenate([np.ones_like(h[..., :1]), 1.0 - h], axis=-1), axis=-1)
+    reach = np.cumprod(np.concatenate([np.ones(h.shape[:-1] + (1,), h.dtype), 1.0 - h], axis=-1), axis=-1)
     return reach.sum(axis=-1), ExpectedStepsCache(h, reach)
 
 
@@ -219,7 +219,7 @@ def log_halting_distribution_forward(logits):
     if a.ndim == 0:
         raise ValueError("logits must have at least one axis (the iterations), got a scalar")
     log_continue = np.cumsum(log_sigmoid(-a), axis=-1)  # Σ_{l<=k} log(1 - h_l)
-    before = np.concatenate([np.zeros_like(a[..., :1]), log_continue], axis=-1)  # Σ_{l<n}
+    before = np.concatenate([np.zeros(a.shape[:-1] + (1,), a.dtype), log_continue], axis=-1)  # Σ_{l<n}
     log_q = before.copy()
     log_q[..., :-1] += log_sigmoid(a)
     return log_q, LogHaltingCache(a)
@@ -301,7 +301,7 @@ def first_halt(indicators):
     z = np.asarray(indicators, dtype=bool)
     if z.ndim == 0:
         raise ValueError("indicators must have at least one axis (the iterations), got a scalar")
-    padded = np.concatenate([z, np.ones_like(z[..., :1])], axis=-1)  # z_L ≡ 1
+    padded = np.concatenate([z, np.ones(z.shape[:-1] + (1,), bool)], axis=-1)  # z_L ≡ 1
     return np.argmax(padded, axis=-1) + 1
 
 
