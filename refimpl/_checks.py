@@ -14,17 +14,28 @@ import numpy as np
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
+def _is_int(value):
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def as_pair(value, name):
-    """Return ``value`` as a pair of non-negative ints (``3 -> (3, 3)``)."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+    """Return ``value`` as a pair of non-negative ints (``3 -> (3, 3)``, ``(1, 2) -> (1, 2)``).
+
+    Floats (even ``2.0``), bools and strings are refused: a stride of ``1.5`` is a mistake to
+    report, not to truncate.
+    """
+    if _is_int(value):
         pair = (int(value), int(value))
     else:
         try:
-            pair = tuple(int(v) for v in value)
+            items = tuple(value)
         except TypeError:
             raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}") from None
-        if len(pair) != 2 or any(isinstance(v, bool) for v in value):
-            raise ValueError(f"{name} must be an int or a pair of ints, got {value!r}")
+        if isinstance(value, str) or not all(_is_int(v) for v in items):
+            raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+        if len(items) != 2:
+            raise ValueError(f"{name} must be an int or a pair of ints, got {len(items)} values {value!r}")
+        pair = (int(items[0]), int(items[1]))
     if any(v < 0 for v in pair):
         raise ValueError(f"{name} must be non-negative, got {value!r}")
     return pair
@@ -39,9 +50,14 @@ def positive_pair(value, name):
 
 
 def float_array(x, name, ndim=None, allow_nonfinite=False):
-    """Return ``x`` as a C-contiguous float32/float64 array, checking ndim and finiteness."""
+    """Return ``x`` as a C-contiguous float32/float64 array, checking ndim and finiteness.
+
+    Lists and Python scalars are converted to float64; any other non-array, and arrays of
+    other dtypes (integers, bool, float16), raise ``TypeError`` — silently casting would hide
+    a mixed-precision mistake.
+    """
     if not isinstance(x, np.ndarray):
-        if isinstance(x, (list, tuple)) or np.isscalar(x):
+        if isinstance(x, (list, tuple)) or (np.isscalar(x) and isinstance(x, numbers.Real)):
             x = np.asarray(x, dtype=np.float64)
         else:
             raise TypeError(f"{name} must be a numpy array, got {type(x).__name__}")
@@ -49,9 +65,34 @@ def float_array(x, name, ndim=None, allow_nonfinite=False):
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if ndim is not None and x.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional, got shape {x.shape}")
-    if not allow_nonfinite and not np.all(np.isfinite(x)):
-        raise ValueError(f"{name} contains NaN or inf")
+    if not allow_nonfinite:
+        bad = ~np.isfinite(x)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"{name} must be finite, got {int(bad.sum())} NaN/inf value(s), the first at index {first}"
+            )
     return np.ascontiguousarray(x)
+
+
+def nonempty(x, name):
+    """Raise ValueError if any axis of ``x`` has length 0 (an empty batch, channel or kernel)."""
+    if 0 in x.shape:
+        raise ValueError(f"{name} must have no empty axis, got shape {x.shape}")
+    return x
+
+
+def gradient(dout, name, shape, dtype):
+    """Check an upstream gradient: a finite float array of exactly ``shape``, cast to ``dtype``.
+
+    The cast lets a float64 gradient flow into a float32 layer (the result is float32, like the
+    forward pass); the shape check is strict, because broadcasting a wrong-shaped gradient would
+    give wrong numbers without an error.
+    """
+    dout = float_array(dout, name)
+    if dout.shape != tuple(shape):
+        raise ValueError(f"{name} must have the forward output's shape {tuple(shape)}, got {dout.shape}")
+    return np.ascontiguousarray(dout, dtype=dtype)
 
 
 def same_dtype(arrays, names):
@@ -102,7 +143,10 @@ def bool_mask(mask, name, out_hw, batch=None):
     if not (shared_ok or per_sample_ok):
         expected = f"({ho}, {wo})" + (f" or ({batch}, {ho}, {wo})" if batch is not None else f" or (N, {ho}, {wo})")
         raise ValueError(f"{name} must have shape {expected}, got {mask.shape}")
+    if mask.shape[0] == 0 or ho * wo == 0:
+        raise ValueError(f"{name} must not be empty, got shape {mask.shape}")
     counts = mask.reshape(-1, ho * wo).sum(axis=1)
     if np.any(counts == 0):
-        raise ValueError(f"{name} must select at least one position (per sample), got an empty mask")
+        where = "" if mask.ndim == 2 else f" (sample {int(np.argmin(counts))})"
+        raise ValueError(f"{name} must select at least one position per sample, got an empty mask{where}")
     return np.ascontiguousarray(mask)

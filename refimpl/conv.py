@@ -35,8 +35,25 @@ class ConvGeometry(NamedTuple):
 
 
 def conv_output_shape(in_hw, kernel, stride=1, padding=0):
-    """Output (Ho, Wo) of a convolution or pooling window; raises if the kernel does not fit."""
-    (h, w), (kh, kw) = in_hw, kernel
+    r"""Output size of a convolution or pooling window: :math:`\lfloor (H + 2p - k) / s \rfloor + 1` per axis.
+
+    Parameters
+    ----------
+    in_hw : pair of ints (H, W)
+    kernel, stride : int or pair of ints, each at least 1
+    padding : int or pair of non-negative ints
+
+    Returns
+    -------
+    (Ho, Wo) : tuple of ints
+
+    Raises
+    ------
+    ValueError
+        If the kernel is larger than the padded input (there would be no output position).
+    """
+    (h, w) = _checks.positive_pair(in_hw, "in_hw")
+    (kh, kw) = _checks.positive_pair(kernel, "kernel")
     (sh, sw), (ph, pw) = _checks.positive_pair(stride, "stride"), _checks.as_pair(padding, "padding")
     if kh > h + 2 * ph or kw > w + 2 * pw:
         raise ValueError(
@@ -47,9 +64,23 @@ def conv_output_shape(in_hw, kernel, stride=1, padding=0):
 
 
 def check_conv_args(x, w, b, stride, padding):
-    """Validate the arguments of a convolution and return them converted, plus the geometry."""
-    x = _checks.float_array(x, "x", ndim=4)
-    w = _checks.float_array(w, "w", ndim=4)
+    """Validate the arguments of a convolution and return them converted, plus the geometry.
+
+    Returns
+    -------
+    x, w, b : C-contiguous arrays of one float dtype (``b`` zeros when None)
+    geometry : ConvGeometry
+
+    Raises
+    ------
+    TypeError
+        Non-array or non-float input, mixed dtypes, a non-integer stride or padding.
+    ValueError
+        Wrong ndim, an empty axis, a channel mismatch, a bias of the wrong length, NaN/inf
+        values, a stride below 1, a negative padding, or a kernel larger than the padded input.
+    """
+    x = _checks.nonempty(_checks.float_array(x, "x", ndim=4), "x")
+    w = _checks.nonempty(_checks.float_array(w, "w", ndim=4), "w")
     if b is None:
         b = np.zeros(w.shape[0], dtype=w.dtype)
     b = _checks.float_array(b, "b", ndim=1)
@@ -164,11 +195,18 @@ def conv2d_backward(dout, cache):
     With ``dY`` the (N·Ho·Wo, K) matrix of output gradients:
     ``dW = dYᵀ · rows``, ``db = Σ dY``, ``dX = row2im(dY · W)``.
 
+    Parameters
+    ----------
+    dout : ndarray (N, K, Ho, Wo)
+        Upstream gradient ∂L/∂out (cast to the forward dtype).
+    cache : Conv2dCache
+
     Returns
     -------
     dx : (N, C, H, W), dw : (K, C, kh, kw), db : (K,)
     """
     k = cache.w.shape[0]
+    dout = _checks.gradient(dout, "dout", (cache.x_shape[0], k, *cache.geometry.out_hw), cache.w.dtype)
     dy = dout.transpose(0, 2, 3, 1).reshape(-1, k)
     dw = (dy.T @ cache.rows).reshape(cache.w.shape)
     db = dy.sum(axis=0)

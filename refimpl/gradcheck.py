@@ -40,6 +40,30 @@ def relative_error(a, b):
     return float(np.max(np.abs(a - b), initial=0.0) / scale)
 
 
+def _check_inputs(inputs, rng):
+    if not isinstance(rng, np.random.Generator):
+        raise TypeError(f"rng must be a numpy.random.Generator, got {type(rng).__name__}")
+    if not isinstance(inputs, dict) or not inputs:
+        raise TypeError(f"inputs must be a non-empty dict name -> float64 array, got {type(inputs).__name__}")
+    for name, x in inputs.items():
+        if not isinstance(x, np.ndarray) or x.dtype != np.float64:
+            # float32 differences at h = 1e-6 are pure rounding noise: the check would be meaningless.
+            raise TypeError(f"inputs[{name!r}] must be a float64 numpy array, got "
+                            f"{getattr(x, 'dtype', type(x).__name__)}")
+
+
+def _analytic(backward, upstream, inputs):
+    """Call the backward and check it returned one gradient of the right shape per input."""
+    grads = backward(upstream)
+    for name, x in inputs.items():
+        if name not in grads:
+            raise ValueError(f"backward returned no gradient for input {name!r} (got {sorted(grads)})")
+        if np.shape(grads[name]) != x.shape:
+            # relative_error would broadcast a wrong shape and could report a small error
+            raise ValueError(f"gradient of {name!r} has shape {np.shape(grads[name])}, the input has {x.shape}")
+    return grads
+
+
 def check_gradients(forward, backward, inputs, rng, h=1e-6):
     """Compare a backward pass against central differences for every input.
 
@@ -57,9 +81,10 @@ def check_gradients(forward, backward, inputs, rng, h=1e-6):
     -------
     errors : dict name -> relative error (see :func:`relative_error`)
     """
+    _check_inputs(inputs, rng)
     out = forward(**inputs)
     upstream = rng.standard_normal(np.shape(out))
-    analytic = backward(upstream)
+    analytic = _analytic(backward, upstream, inputs)
     errors = {}
     for name, x in inputs.items():
         numeric = numerical_gradient(lambda: float(np.sum(forward(**inputs) * upstream)), x, h)
@@ -71,11 +96,21 @@ def check_directional(forward, backward, inputs, rng, h=1e-6):
     """One-random-direction check for inputs too large to difference coordinate by coordinate.
 
     Draws a direction ``v`` (one array per input) and compares ``Σ <grad, v>`` with
-    ``(L(x + h v) - L(x - h v)) / 2h`` where ``L = <g, f(x)>``. Returns the relative error.
+    ``(L(x + h v) - L(x - h v)) / 2h`` where ``L = <g, f(x)>``: two forward passes instead of
+    two per coordinate. A single direction can miss an error orthogonal to it, but a random
+    direction is orthogonal to a fixed wrong gradient with probability zero.
+
+    Parameters and inputs are as for :func:`check_gradients`.
+
+    Returns
+    -------
+    error : float
+        ``|predicted - numeric| / max(|predicted|, |numeric|)``.
     """
+    _check_inputs(inputs, rng)
     out = forward(**inputs)
     upstream = rng.standard_normal(np.shape(out))
-    analytic = backward(upstream)
+    analytic = _analytic(backward, upstream, inputs)
     directions = {name: rng.standard_normal(x.shape) for name, x in inputs.items()}
     predicted = sum(float(np.sum(analytic[n] * d)) for n, d in directions.items())
 

@@ -54,7 +54,12 @@ def compose_index_table(index_map, kernel, stride=1, padding=0, out_positions=No
     table : ndarray of int32 (B, R, kh*kw)
         Source index read by tap ``t = i * kw + j`` of output ``o``; -1 for padding.
     """
-    index_map = np.asarray(index_map)
+    if not isinstance(index_map, np.ndarray) or not np.issubdtype(index_map.dtype, np.integer):
+        raise TypeError(f"index_map must be an integer numpy array, got {getattr(index_map, 'dtype', type(index_map).__name__)}")
+    if index_map.ndim not in (2, 3):
+        raise ValueError(f"index_map must have shape (H, W) or (B, H, W), got shape {index_map.shape}")
+    if index_map.size and index_map.min() < 0:
+        raise ValueError(f"index_map must be non-negative (it indexes the source), got minimum {index_map.min()}")
     if index_map.ndim == 2:
         index_map = index_map[None]
     (kh, kw) = _checks.positive_pair(kernel, "kernel")
@@ -64,7 +69,14 @@ def compose_index_table(index_map, kernel, stride=1, padding=0, out_positions=No
     ho, wo = conv_output_shape((h, w), (kh, kw), (sh, sw), (ph, pw))
     if out_positions is None:
         out_positions = np.arange(ho * wo)
-    oy, ox = np.divmod(np.asarray(out_positions), wo)
+    out_positions = np.asarray(out_positions)
+    if out_positions.ndim != 1 or not np.issubdtype(out_positions.dtype, np.integer):
+        raise TypeError(f"out_positions must be a 1-D integer array, got {out_positions.dtype} "
+                        f"with shape {out_positions.shape}")
+    if out_positions.size and not (0 <= out_positions.min() and out_positions.max() < ho * wo):
+        raise ValueError(f"out_positions must be raster indices in [0, {ho * wo}), got values in "
+                         f"[{out_positions.min()}, {out_positions.max()}]")
+    oy, ox = np.divmod(out_positions, wo)
     iy = oy[:, None, None] * sh - ph + np.arange(kh)[None, :, None]  # (R, kh, 1)
     ix = ox[:, None, None] * sw - pw + np.arange(kw)[None, None, :]  # (R, 1, kw)
     iy, ix = np.broadcast_arrays(iy, ix)
@@ -182,9 +194,13 @@ def table_pool_backward(dout, cache):
 
 
 class ImplicitCache(NamedTuple):
+    """What the implicit backward functions need: the backend, its cache, the output size."""
+
     backend: Any
     inner: Any
     out_hw: tuple
+    out_shape: tuple | None = None  # forward output (N, K, Ho, Wo), to check the upstream gradient
+    dtype: Any = None
 
 
 def _check_compact(compact, plan):
@@ -229,11 +245,18 @@ def implicit_conv2d_forward(compact, plan, w, b=None, stride=1, padding=0, backe
     table = compose_index_table(plan.index_map, w.shape[2:], stride, padding)
     backend = get_backend(backend)
     out, inner = backend.table_conv_forward(compact, table, w, b)
-    return out.reshape(*out.shape[:2], *out_hw), ImplicitCache(backend, inner, out_hw)
+    out = out.reshape(*out.shape[:2], *out_hw)
+    return out, ImplicitCache(backend, inner, out_hw, out.shape, compact.dtype)
 
 
 def implicit_conv2d_backward(dout, cache):
-    """Gradients ``(dcompact, dw, db)`` of :func:`implicit_conv2d_forward`."""
+    """Gradients ``(dcompact, dw, db)`` of :func:`implicit_conv2d_forward`.
+
+    ``dout`` (N, K, Ho, Wo) gives ``dcompact`` (N, C, P): the scatter-add through the index
+    table, so a compact entry copied to many filled positions collects all their gradients.
+    """
+    if cache.out_shape is not None:
+        dout = _checks.gradient(dout, "dout", cache.out_shape, cache.dtype)
     n, k = dout.shape[:2]
     return cache.backend.table_conv_backward(np.ascontiguousarray(dout).reshape(n, k, -1), cache.inner)
 
@@ -259,11 +282,14 @@ def implicit_pool2d_forward(compact, plan, mode="max", size=2, stride=None, padd
     table = compose_index_table(plan.index_map, size, stride, padding)
     backend = get_backend(backend)
     out, inner = backend.table_pool_forward(compact, table, mode)
-    return out.reshape(*out.shape[:2], *out_hw), ImplicitCache(backend, inner, out_hw)
+    out = out.reshape(*out.shape[:2], *out_hw)
+    return out, ImplicitCache(backend, inner, out_hw, out.shape, compact.dtype)
 
 
 def implicit_pool2d_backward(dout, cache):
-    """Gradient ``dcompact`` of :func:`implicit_pool2d_forward`."""
+    """Gradient ``dcompact`` (N, C, P) of :func:`implicit_pool2d_forward` from ``dout`` (N, C, Ho, Wo)."""
+    if cache.out_shape is not None:
+        dout = _checks.gradient(dout, "dout", cache.out_shape, cache.dtype)
     n, c = dout.shape[:2]
     return cache.backend.table_pool_backward(np.ascontiguousarray(dout).reshape(n, c, -1), cache.inner)
 

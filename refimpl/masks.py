@@ -18,6 +18,7 @@ Every generator returns a boolean (Ho, Wo) array (``True`` = computed) and takes
 from __future__ import annotations
 
 import math
+import numbers
 from fractions import Fraction
 
 import numpy as np
@@ -29,13 +30,10 @@ MASK_TYPES = ("uniform", "grid", "structure", "impact")
 
 
 def _check_hw(out_hw):
-    try:
-        ho, wo = (int(v) for v in out_hw)
-    except (TypeError, ValueError):
-        raise TypeError(f"out_hw must be a pair of ints (Ho, Wo), got {out_hw!r}") from None
-    if ho < 1 or wo < 1:
-        raise ValueError(f"out_hw must be positive, got {out_hw!r}")
-    return ho, wo
+    """``out_hw`` as a pair of positive ints (Ho, Wo)."""
+    if isinstance(out_hw, numbers.Integral):
+        raise TypeError(f"out_hw must be a pair of ints (Ho, Wo), got {out_hw!r}")
+    return _checks.positive_pair(out_hw, "out_hw")
 
 
 def kept_count(size, rate):
@@ -156,7 +154,13 @@ def impact_scores(activations, gradients, already_perforated=None):
         raise ValueError(f"gradients must have the shape of activations {v.shape}, got {g.shape}")
     impact = np.abs(v * g).sum(axis=1).mean(axis=0)
     if already_perforated is not None:
-        impact = np.where(np.asarray(already_perforated, dtype=bool), 0.0, impact)
+        done = already_perforated
+        if not isinstance(done, np.ndarray) or done.dtype != np.bool_:
+            raise TypeError(f"already_perforated must be a boolean array, got {getattr(done, 'dtype', type(done).__name__)}")
+        if done.shape != impact.shape:
+            # np.where would broadcast e.g. a (Wo,) array over the rows without complaint
+            raise ValueError(f"already_perforated must have shape {impact.shape}, got {done.shape}")
+        impact = np.where(done, 0.0, impact)
     return impact
 
 
@@ -167,12 +171,22 @@ def impact_mask(impact, rate, rng):
 
 
 def make_mask(kind, out_hw, rate, rng, **kwargs):
-    """Dispatch by name: ``kind`` in ``MASK_TYPES``; extra arguments go to the generator.
+    """Dispatch by name to the generator of ``kind`` in ``MASK_TYPES``.
 
     ``structure`` needs ``pool_size`` (and optionally ``pool_stride``, ``pool_padding``);
-    ``impact`` needs ``impact`` (an (Ho, Wo) score array).
+    ``impact`` needs ``impact`` (an (Ho, Wo) score array). Keyword arguments a kind does not
+    use are ignored; unknown names raise ``TypeError``.
+
+    Returns
+    -------
+    mask : ndarray of bool (Ho, Wo)
     """
     _checks.choice(kind, "kind", set(MASK_TYPES))
+    unknown = set(kwargs) - {"pool_size", "pool_stride", "pool_padding", "impact"}
+    if unknown:
+        # Arguments a kind does not use are ignored (so one call site can serve every kind),
+        # but a misspelt name must not be.
+        raise TypeError(f"make_mask got unexpected keyword argument(s) {sorted(unknown)}")
     if kind == "uniform":
         return uniform_mask(out_hw, rate, rng)
     if kind == "grid":
@@ -180,7 +194,8 @@ def make_mask(kind, out_hw, rate, rng, **kwargs):
     if kind == "structure":
         if "pool_size" not in kwargs:
             raise ValueError("kind='structure' needs pool_size= (the following pooling layer's window)")
-        return structure_mask(out_hw, rate, rng, **kwargs)
+        pool = {k: kwargs[k] for k in ("pool_size", "pool_stride", "pool_padding") if k in kwargs}
+        return structure_mask(out_hw, rate, rng, **pool)
     if "impact" not in kwargs:
         raise ValueError("kind='impact' needs impact= (an (Ho, Wo) array from impact_scores)")
     impact = kwargs["impact"]

@@ -64,11 +64,8 @@ def nearest_index(mask, tie_break="raster", rng=None):
     _checks.choice(tie_break, "tie_break", {"raster", "random"})
     if tie_break == "random":
         _checks.generator(rng)
-    if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2:
-        raise TypeError(f"mask must be a 2-D boolean array, got {getattr(mask, 'dtype', type(mask))} "
-                        f"with shape {getattr(mask, 'shape', None)}")
-    if not mask.any():
-        raise ValueError("mask must select at least one position, got an empty mask")
+    _check_mask_type(mask, ndims=(2,))
+    _checks.bool_mask(mask, "mask", mask.shape)
     ho, wo = mask.shape
     kept_r, kept_c = np.nonzero(mask)  # raster order
     all_r, all_c = np.divmod(np.arange(ho * wo), wo)
@@ -85,6 +82,17 @@ def nearest_index(mask, tie_break="raster", rng=None):
             tied = d2 == d2.min(axis=1, keepdims=True)
             index_map[rows] = np.argmin(np.where(tied, priority, kept_r.size), axis=1)
     return index_map.reshape(ho, wo)
+
+
+def _check_mask_type(mask, ndims):
+    """TypeError for a non-array or non-boolean mask, ValueError for a wrong number of axes."""
+    if not isinstance(mask, np.ndarray):
+        raise TypeError(f"mask must be a boolean numpy array, got {type(mask).__name__}")
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
+    if mask.ndim not in ndims:
+        shapes = " or ".join({2: "(Ho, Wo)", 3: "(N, Ho, Wo)"}[d] for d in ndims)
+        raise ValueError(f"mask must have shape {shapes}, got shape {mask.shape}")
 
 
 class PerforationPlan:
@@ -113,11 +121,7 @@ class PerforationPlan:
     """
 
     def __init__(self, mask, tie_break="raster", rng=None):
-        if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim not in (2, 3):
-            raise TypeError(
-                "mask must be a boolean array of shape (Ho, Wo) or (N, Ho, Wo), got "
-                f"{getattr(mask, 'dtype', type(mask).__name__)} with shape {getattr(mask, 'shape', None)}"
-            )
+        _check_mask_type(mask, ndims=(2, 3))
         _checks.choice(tie_break, "tie_break", {"raster", "random"})
         self.shared = mask.ndim == 2
         self.mask = np.ascontiguousarray(mask[None] if self.shared else mask)
@@ -317,7 +321,9 @@ class PerforatedConvCache(NamedTuple):
     backend: Any
     conv_cache: Any
     plan: PerforationPlan
-    fill: str | None
+    fill: str | None  # None for output="compact"
+    out_shape: tuple | None = None  # forward output shape, to check the upstream gradient
+    dtype: Any = None
 
 
 def perforated_conv2d_forward(x, w, b=None, mask=None, stride=1, padding=0, fill="nearest",
@@ -351,13 +357,28 @@ def perforated_conv2d_forward(x, w, b=None, mask=None, stride=1, padding=0, fill
     backend = get_backend(backend)
     compact, conv_cache = backend.conv_forward(x, w, b, plan, geometry)
     if output == "compact":
-        return compact, PerforatedConvCache(backend, conv_cache, plan, None)
-    return backend.fill_forward(compact, plan, fill), PerforatedConvCache(backend, conv_cache, plan, fill)
+        return compact, PerforatedConvCache(backend, conv_cache, plan, None, compact.shape, x.dtype)
+    dense = backend.fill_forward(compact, plan, fill)
+    return dense, PerforatedConvCache(backend, conv_cache, plan, fill, dense.shape, x.dtype)
 
 
 def perforated_conv2d_backward(dout, cache):
-    """Gradients ``(dx, dw, db)`` of :func:`perforated_conv2d_forward` given ``dout`` of its output shape."""
+    """Gradients of :func:`perforated_conv2d_forward`.
+
+    Parameters
+    ----------
+    dout : ndarray, the forward output's shape: (N, K, Ho, Wo), or (N, K, P) for ``output="compact"``
+    cache : PerforatedConvCache
+
+    Returns
+    -------
+    dx : (N, C, H, W), dw : (K, C, kh, kw), db : (K,)
+        With nearest fill the compact gradient is the scatter-add of ``dout`` through the index
+        map; with zero fill the filled positions' gradient is dropped.
+    """
     backend = cache.backend
+    if cache.out_shape is not None:
+        dout = _checks.gradient(dout, "dout", cache.out_shape, cache.dtype)
     dcompact = dout if cache.fill is None else backend.fill_backward(dout, cache.plan, cache.fill)
     return backend.conv_backward(dcompact, cache.conv_cache)
 

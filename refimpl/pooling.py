@@ -61,7 +61,12 @@ def pool2d_forward(x, mode="max", size=2, stride=None, padding=0):
 
 
 def pool2d_backward(dout, cache):
-    """Gradient ``dx`` (N, C, H, W) of :func:`pool2d_forward`."""
+    """Gradient ``dx`` (N, C, H, W) of :func:`pool2d_forward` from ``dout`` (N, C, Ho, Wo).
+
+    Max pooling routes each output's gradient to its (first) maximal tap; average pooling
+    spreads it evenly over the in-bounds taps.
+    """
+    dout = _checks.gradient(dout, "dout", cache.weights.shape[:4], cache.weights.dtype)
     n, c, h, w = cache.x_shape
     (kh, kw), (sh, sw), (ph, pw) = cache.size, cache.stride, cache.padding
     ho, wo = dout.shape[2:]
