@@ -27,7 +27,7 @@ from refimpl.masks import MASK_TYPES, impact_scores, make_mask
 from refimpl.perforation import FILLS, PerforationPlan, perforated_conv2d_forward, perforated_conv_flops
 from refimpl.pooling import pool2d_forward
 
-#: Largest accepted |perforated - dense| at computed positions, by dtype.
+#: Largest accepted ``|perforated - dense|`` at computed positions, by dtype.
 TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 #: The pooling layer assumed to follow the convolution (structure masks, implicit pooling).
