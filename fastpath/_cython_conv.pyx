@@ -18,7 +18,7 @@ Everything here assumes validated input (the Python wrapper checks and converts)
 GIL; ``threads`` is passed in from Python to every ``prange``.
 """
 
-from cython.parallel cimport prange
+from cython.parallel cimport prange, threadid
 from libc.stdint cimport int32_t, int64_t
 from libc.string cimport memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
@@ -131,16 +131,16 @@ def table_columns(Py_ssize_t n, Py_ssize_t r):
 
 
 # ----------------------------------------------------------------------------------------------
-# Gathers into cols (CKK, Tc) and their adjoints
+# Serial pieces of one chunk (each chunk runs on one thread; chunks run in parallel)
 # ----------------------------------------------------------------------------------------------
 
 cdef void gather_windows(const real *xp, const int64_t *base, const int64_t *off, real *cols,
-                         Py_ssize_t rows, Py_ssize_t tc, int threads) noexcept nogil:
+                         Py_ssize_t rows, Py_ssize_t tc) noexcept nogil:
     """``cols[r, t] = xp[base[t] + off[r]]``: im2col of the chunk's windows."""
     cdef Py_ssize_t r, t
     cdef const real *src
     cdef real *dst
-    for r in prange(rows, num_threads=threads, schedule="static"):
+    for r in range(rows):
         src = xp + off[r]
         dst = cols + r * tc
         for t in range(tc):
@@ -148,99 +148,89 @@ cdef void gather_windows(const real *xp, const int64_t *base, const int64_t *off
 
 
 cdef void scatter_windows(real *dxp, const int64_t *base, const int64_t *off, const real *dcols,
-                          const int32_t *sample, const int64_t *start, Py_ssize_t t0,
-                          Py_ssize_t tc, Py_ssize_t channels, Py_ssize_t taps,
-                          int threads) noexcept nogil:
-    """col2im: ``dxp[base[t] + off[r]] += dcols[r, t]``, one thread per (sample, channel) plane."""
-    cdef Py_ssize_t n0 = sample[0], n1 = sample[tc - 1] + 1
-    cdef Py_ssize_t q, n, c, r, t, lo, hi
+                          Py_ssize_t rows, Py_ssize_t tc) noexcept nogil:
+    """col2im, the adjoint of :func:`gather_windows`: ``dxp[base[t] + off[r]] += dcols[r, t]``."""
+    cdef Py_ssize_t r, t
     cdef real *dst
     cdef const real *src
-    for q in prange((n1 - n0) * channels, num_threads=threads, schedule="dynamic"):
-        n = n0 + q // channels
-        c = q % channels
-        lo = start[n] - t0
-        if lo < 0:
-            lo = 0
-        hi = start[n + 1] - t0
-        if hi > tc:
-            hi = tc
-        for r in range(c * taps, (c + 1) * taps):
-            dst = dxp + off[r]
-            src = dcols + r * tc
-            for t in range(lo, hi):
-                dst[base[t]] += src[t]
+    for r in range(rows):
+        dst = dxp + off[r]
+        src = dcols + r * tc
+        for t in range(tc):
+            dst[base[t]] += src[t]
 
 
 cdef void gather_table(const real *src, const int32_t *table, real *cols, Py_ssize_t j0,
                        Py_ssize_t tc, Py_ssize_t channels, Py_ssize_t size, Py_ssize_t r_out,
-                       Py_ssize_t taps, bint per_sample, int threads) noexcept nogil:
-    """``cols[(c, tap), j] = src[n, c, table[n, r, tap]]`` (0 for -1) for columns ``j = n R + r``."""
-    cdef Py_ssize_t row, c, tap, j, n, r, idx
+                       Py_ssize_t taps, bint per_sample) noexcept nogil:
+    """``cols[(c, tap), j] = src[n, c, table[n, r, tap]]`` (0 for -1), columns ``j0 + j = n R + r``."""
+    cdef Py_ssize_t c, tap, j, n, r, idx
     cdef real *dst
-    for row in prange(channels * taps, num_threads=threads, schedule="static"):
-        c = row // taps
-        tap = row % taps
-        dst = cols + row * tc
-        for j in range(tc):
-            n = (j0 + j) // r_out
-            r = (j0 + j) % r_out
-            idx = table[((n if per_sample else 0) * r_out + r) * taps + tap]
-            if idx >= 0:
-                dst[j] = src[(n * channels + c) * size + idx]
-            else:
-                dst[j] = 0
+    for c in range(channels):
+        for tap in range(taps):
+            dst = cols + (c * taps + tap) * tc
+            for j in range(tc):
+                n = (j0 + j) // r_out
+                r = (j0 + j) % r_out
+                idx = table[((n if per_sample else 0) * r_out + r) * taps + tap]
+                dst[j] = src[(n * channels + c) * size + idx] if idx >= 0 else 0
 
 
 cdef void scatter_table(real *dsrc, const int32_t *table, const real *dcols, Py_ssize_t j0,
                         Py_ssize_t tc, Py_ssize_t channels, Py_ssize_t size, Py_ssize_t r_out,
-                        Py_ssize_t taps, bint per_sample, int threads) noexcept nogil:
-    """Adjoint of :func:`gather_table`, one thread per (sample, channel) row of ``dsrc``."""
-    cdef Py_ssize_t n0 = j0 // r_out, n1 = (j0 + tc - 1) // r_out + 1
-    cdef Py_ssize_t q, n, c, tap, j, lo, hi, idx
-    cdef const int32_t *tab
-    cdef real *dst
-    for q in prange((n1 - n0) * channels, num_threads=threads, schedule="dynamic"):
-        n = n0 + q // channels
-        c = q % channels
-        lo = n * r_out - j0
-        if lo < 0:
-            lo = 0
-        hi = (n + 1) * r_out - j0
-        if hi > tc:
-            hi = tc
-        tab = table + (n if per_sample else 0) * r_out * taps
-        dst = dsrc + (n * channels + c) * size
+                        Py_ssize_t taps, bint per_sample) noexcept nogil:
+    """Adjoint of :func:`gather_table` (duplicates in the table add up)."""
+    cdef Py_ssize_t c, tap, j, n, r, idx
+    cdef const real *src
+    for c in range(channels):
         for tap in range(taps):
-            for j in range(lo, hi):
-                idx = tab[(j0 + j - n * r_out) * taps + tap]
+            src = dcols + (c * taps + tap) * tc
+            for j in range(tc):
+                n = (j0 + j) // r_out
+                r = (j0 + j) % r_out
+                idx = table[((n if per_sample else 0) * r_out + r) * taps + tap]
                 if idx >= 0:
-                    dst[idx] += dcols[(c * taps + tap) * tc + j]
+                    dsrc[(n * channels + c) * size + idx] += src[j]
 
 
-# ----------------------------------------------------------------------------------------------
-# Between the GEMM buffer (K, Tc) and the (N, K, P) output
-# ----------------------------------------------------------------------------------------------
+cdef void gather_cols(bint table_mode, const real *src, const int64_t *base, const int64_t *off,
+                      const int32_t *table, real *cols, Py_ssize_t ckk, Py_ssize_t t0,
+                      Py_ssize_t tc, Py_ssize_t channels, Py_ssize_t size, Py_ssize_t r_out,
+                      Py_ssize_t taps, bint per_sample) noexcept nogil:
+    if table_mode:
+        gather_table(src, table, cols, t0, tc, channels, size, r_out, taps, per_sample)
+    else:
+        gather_windows(src, base + t0, off, cols, ckk, tc)
+
+
+cdef void scatter_cols(bint table_mode, real *dsrc, const int64_t *base, const int64_t *off,
+                       const int32_t *table, const real *dcols, Py_ssize_t ckk, Py_ssize_t t0,
+                       Py_ssize_t tc, Py_ssize_t channels, Py_ssize_t size, Py_ssize_t r_out,
+                       Py_ssize_t taps, bint per_sample) noexcept nogil:
+    if table_mode:
+        scatter_table(dsrc, table, dcols, t0, tc, channels, size, r_out, taps, per_sample)
+    else:
+        scatter_windows(dsrc, base + t0, off, dcols, ckk, tc)
+
 
 cdef void scatter_output(const real *buf, const real *bias, const int32_t *sample,
                          const int32_t *slot, real *out, Py_ssize_t k_out, Py_ssize_t width,
-                         Py_ssize_t tc, int threads) noexcept nogil:
+                         Py_ssize_t tc) noexcept nogil:
     """``out[sample[t], k, slot[t]] = buf[k, t] + bias[k]``."""
     cdef Py_ssize_t k, t
     cdef real bk
-    for k in prange(k_out, num_threads=threads, schedule="static"):
+    for k in range(k_out):
         bk = bias[k]
         for t in range(tc):
             out[(sample[t] * k_out + k) * width + slot[t]] = buf[k * tc + t] + bk
 
 
 cdef void gather_output(const real *dout, const int32_t *sample, const int32_t *slot, real *buf,
-                        real *db, Py_ssize_t k_out, Py_ssize_t width, Py_ssize_t tc,
-                        int threads) noexcept nogil:
+                        real *db, Py_ssize_t k_out, Py_ssize_t width, Py_ssize_t tc) noexcept nogil:
     """``buf[k, t] = dout[sample[t], k, slot[t]]`` and ``db[k] += Σ_t buf[k, t]``."""
     cdef Py_ssize_t k, t
     cdef real v, acc
-    for k in prange(k_out, num_threads=threads, schedule="static"):
+    for k in range(k_out):
         acc = 0
         for t in range(tc):
             v = dout[(sample[t] * k_out + k) * width + slot[t]]
@@ -250,50 +240,62 @@ cdef void gather_output(const real *dout, const int32_t *sample, const int32_t *
 
 
 # ----------------------------------------------------------------------------------------------
-# The chunked drivers
+# The parallel drivers: BLAS must be single-threaded while they run (the wrapper sees to it),
+# every OpenMP thread gathers, multiplies and scatters its own chunks.
 # ----------------------------------------------------------------------------------------------
-
-cdef void gather_cols(bint table_mode, const real *src, const int64_t *base, const int64_t *off,
-                      const int32_t *table, real *cols, Py_ssize_t ckk, Py_ssize_t t0,
-                      Py_ssize_t tc, Py_ssize_t channels, Py_ssize_t size, Py_ssize_t r_out,
-                      Py_ssize_t taps, bint per_sample, int threads) noexcept nogil:
-    if table_mode:
-        gather_table(src, table, cols, t0, tc, channels, size, r_out, taps, per_sample, threads)
-    else:
-        gather_windows(src, base + t0, off, cols, ckk, tc, threads)
-
 
 def gemm_forward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
                  const real[::1] bias, const int64_t[::1] base, const int64_t[::1] off,
                  const int32_t[::1] table, const int32_t[::1] sample, const int32_t[::1] slot,
                  real[:, :, ::1] out, Py_ssize_t chunk, Py_ssize_t channels, Py_ssize_t size,
                  Py_ssize_t r_out, Py_ssize_t taps, bint per_sample, int threads):
-    """``out[sample[t], :, slot[t]] = Wmat · cols[:, t] + bias`` over all columns, chunk by chunk.
+    """``out[sample[t], :, slot[t]] = Wmat · cols[:, t] + bias`` for every column ``t``.
 
-    ``table_mode = 0``: ``src`` is the flattened padded input and columns are windows at ``base``
-    (perforated convolution); ``1``: ``src`` is (N, C, S) flattened, read through ``table``.
+    ``table_mode = 0``: ``src`` is the flattened padded input and column ``t`` is the window at
+    ``base[t]`` (perforated convolution); ``1``: ``src`` is (N, C, S) flattened, read through
+    ``table`` (B, R, T). Columns are cut into chunks of ``chunk``; a thread takes a chunk,
+    gathers its ``cols`` (CKK, tc), makes ``buf`` (K, tc) = Wmat · cols with one GEMM and
+    scatters ``buf`` to ``out``. Chunks write disjoint outputs, so no synchronisation is needed.
     """
     cdef Py_ssize_t total = sample.shape[0], k_out = wmat.shape[0], ckk = wmat.shape[1]
-    cdef Py_ssize_t width = out.shape[2], t0, tc
+    cdef Py_ssize_t width = out.shape[2]
     if total == 0:
         return
+    chunk = max(1, min(chunk, (total + threads - 1) // threads))
+    cdef Py_ssize_t n_chunks = (total + chunk - 1) // chunk, ci, t0, tc, tid
+    cdef int team = <int> min(threads, n_chunks)
     dtype = np.float32 if real is float else np.float64
-    cols_arr = np.empty((ckk, min(chunk, total)), dtype=dtype)
-    buf_arr = np.empty((k_out, min(chunk, total)), dtype=dtype)
-    cdef real[:, ::1] cols = cols_arr
-    cdef real[:, ::1] buf = buf_arr
+    cdef real[:, ::1] cols = np.empty((team, ckk * chunk), dtype=dtype)
+    cdef real[:, ::1] buf = np.empty((team, k_out * chunk), dtype=dtype)
     cdef real one = 1, zero = 0
-    for t0 in range(0, total, chunk):
+    for ci in prange(n_chunks, nogil=True, num_threads=team, schedule="dynamic"):
+        tid = threadid()
+        t0 = ci * chunk
         tc = min(chunk, total - t0)
-        with nogil:
-            gather_cols(table_mode, &src[0], &base[0], &off[0], &table[0], &cols[0, 0], ckk, t0,
-                        tc, channels, size, r_out, taps, per_sample, threads)
-            # Row-major buf (K, tc) = Wmat (K, CKK) · cols (CKK, tc), i.e. column-major
-            # bufᵀ = colsᵀ · Wmatᵀ with the matrices as stored.
-            gemm(c'N', c'N', <int> tc, <int> k_out, <int> ckk, one, &cols[0, 0], <int> tc,
-                 &wmat[0, 0], <int> ckk, zero, &buf[0, 0], <int> tc)
-            scatter_output(&buf[0, 0], &bias[0], &sample[t0], &slot[t0], &out[0, 0, 0], k_out,
-                           width, tc, threads)
+        gather_cols(table_mode, &src[0], &base[0], &off[0], &table[0], &cols[tid, 0], ckk, t0,
+                    tc, channels, size, r_out, taps, per_sample)
+        # Row-major buf (K, tc) = Wmat (K, CKK) · cols (CKK, tc); in BLAS's column-major terms
+        # bufᵀ (tc, K) = colsᵀ (tc, CKK) · Wmatᵀ (CKK, K) with the arrays as stored.
+        gemm(c'N', c'N', <int> tc, <int> k_out, <int> ckk, one, &cols[tid, 0], <int> tc,
+             &wmat[0, 0], <int> ckk, zero, &buf[tid, 0], <int> tc)
+        scatter_output(&buf[tid, 0], &bias[0], &sample[t0], &slot[t0], &out[0, 0, 0], k_out,
+                       width, tc)
+
+
+def sample_tasks(const int64_t[::1] start, Py_ssize_t chunk):
+    """Cut the samples into consecutive groups of at most ``chunk`` columns (at least one sample).
+
+    Returns the first sample of every group and, last, the number of samples.
+    """
+    cdef Py_ssize_t n = start.shape[0] - 1, s = 0
+    bounds = [0]
+    while s < n:
+        first = s
+        s += 1
+        while s < n and start[s + 1] - start[first] <= chunk:
+            s += 1
+        bounds.append(s)
+    return np.asarray(bounds, dtype=np.int64)
 
 
 def gemm_backward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
@@ -302,38 +304,56 @@ def gemm_backward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
                   const int64_t[::1] start, real[::1] dsrc, real[:, ::1] dwmat, real[::1] db,
                   Py_ssize_t chunk, Py_ssize_t channels, Py_ssize_t size, Py_ssize_t r_out,
                   Py_ssize_t taps, bint per_sample, int threads):
-    """Gradients of :func:`gemm_forward`, accumulated into zeroed ``dsrc``, ``dwmat``, ``db``."""
+    """Gradients of :func:`gemm_forward` into zeroed ``dsrc``, ``dwmat`` and ``db``.
+
+    Per chunk: dY (K, tc) gathered from ``dout`` (and summed into db), ``dW += dY · colsᵀ``,
+    ``dcols = Wmatᵀ · dY`` and the scatter-add of ``dcols`` onto ``dsrc``. Windows of one sample
+    overlap, so the parallel unit is a group of whole samples (:func:`sample_tasks`), cut into
+    chunks that its thread runs in order; every thread accumulates its own dW and db, summed at the end.
+    """
     cdef Py_ssize_t total = sample.shape[0], k_out = wmat.shape[0], ckk = wmat.shape[1]
-    cdef Py_ssize_t width = dout.shape[2], t0, tc
+    cdef Py_ssize_t width = dout.shape[2], n = start.shape[0] - 1
     if total == 0:
         return
+    per_thread = max(1, min(chunk, (total + threads - 1) // threads))
+    cdef int64_t[::1] tasks = sample_tasks(start, per_thread)
+    cdef Py_ssize_t n_tasks = tasks.shape[0] - 1, task, t0, t1, tc, tid, i, j
+    chunk = max(1, min(chunk, total))
+    cdef int team = <int> min(threads, n_tasks)
     dtype = np.float32 if real is float else np.float64
-    cols_arr = np.empty((ckk, min(chunk, total)), dtype=dtype)
-    dcols_arr = np.empty((ckk, min(chunk, total)), dtype=dtype)
-    dy_arr = np.empty((k_out, min(chunk, total)), dtype=dtype)
-    cdef real[:, ::1] cols = cols_arr
-    cdef real[:, ::1] dcols = dcols_arr
-    cdef real[:, ::1] dy = dy_arr
+    cdef real[:, ::1] cols = np.empty((team, ckk * chunk), dtype=dtype)
+    cdef real[:, ::1] dcols = np.empty((team, ckk * chunk), dtype=dtype)
+    cdef real[:, ::1] dy = np.empty((team, k_out * chunk), dtype=dtype)
+    dw_arr = np.zeros((team, k_out, ckk), dtype=dtype)
+    db_arr = np.zeros((team, k_out), dtype=dtype)
+    cdef real[:, :, ::1] dw_part = dw_arr
+    cdef real[:, ::1] db_part = db_arr
     cdef real one = 1, zero = 0
-    for t0 in range(0, total, chunk):
-        tc = min(chunk, total - t0)
-        with nogil:
-            gather_cols(table_mode, &src[0], &base[0], &off[0], &table[0], &cols[0, 0], ckk, t0,
-                        tc, channels, size, r_out, taps, per_sample, threads)
-            gather_output(&dout[0, 0, 0], &sample[t0], &slot[t0], &dy[0, 0], &db[0], k_out,
-                          width, tc, threads)
-            # dW (K, CKK) += dY (K, tc) · colsᵀ: column-major dWᵀ += cols(as tc×CKK)ᵀ · dYᵀ.
-            gemm(c'T', c'N', <int> ckk, <int> k_out, <int> tc, one, &cols[0, 0], <int> tc,
-                 &dy[0, 0], <int> tc, one, &dwmat[0, 0], <int> ckk)
+    for task in prange(n_tasks, nogil=True, num_threads=team, schedule="dynamic"):
+        tid = threadid()
+        t0 = start[tasks[task]]
+        t1 = start[tasks[task + 1]]
+        while t0 < t1:
+            tc = min(chunk, t1 - t0)
+            gather_cols(table_mode, &src[0], &base[0], &off[0], &table[0], &cols[tid, 0], ckk,
+                        t0, tc, channels, size, r_out, taps, per_sample)
+            gather_output(&dout[0, 0, 0], &sample[t0], &slot[t0], &dy[tid, 0], &db_part[tid, 0],
+                          k_out, width, tc)
+            # dW (K, CKK) += dY (K, tc) · colsᵀ: column-major dWᵀ += (colsᵀ)ᵀ · dYᵀ.
+            gemm(c'T', c'N', <int> ckk, <int> k_out, <int> tc, one, &cols[tid, 0], <int> tc,
+                 &dy[tid, 0], <int> tc, one, &dw_part[tid, 0, 0], <int> ckk)
             # dcols (CKK, tc) = Wmatᵀ · dY: column-major dcolsᵀ = dYᵀ · Wmat.
-            gemm(c'N', c'T', <int> tc, <int> ckk, <int> k_out, one, &dy[0, 0], <int> tc,
-                 &wmat[0, 0], <int> ckk, zero, &dcols[0, 0], <int> tc)
-            if table_mode:
-                scatter_table(&dsrc[0], &table[0], &dcols[0, 0], t0, tc, channels, size, r_out,
-                              taps, per_sample, threads)
-            else:
-                scatter_windows(&dsrc[0], &base[t0], &off[0], &dcols[0, 0], &sample[t0],
-                                &start[0], t0, tc, channels, taps, threads)
+            gemm(c'N', c'T', <int> tc, <int> ckk, <int> k_out, one, &dy[tid, 0], <int> tc,
+                 &wmat[0, 0], <int> ckk, zero, &dcols[tid, 0], <int> tc)
+            scatter_cols(table_mode, &dsrc[0], &base[0], &off[0], &table[0], &dcols[tid, 0], ckk,
+                         t0, tc, channels, size, r_out, taps, per_sample)
+            t0 = t0 + tc
+    with nogil:
+        for tid in range(team):
+            for i in range(k_out):
+                db[i] += db_part[tid, i]
+                for j in range(ckk):
+                    dwmat[i, j] += dw_part[tid, i, j]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,14 +7,18 @@ gather masked im2col columns of many images into one buffer and make one BLAS GE
 columns (see the docstring of ``_cython_conv.pyx`` for the matrix picture).
 
 Thread count: ``CythonBackend(threads=...)``, else the ``PONDER_THREADS`` environment variable, else
-``os.cpu_count()``; it drives every OpenMP loop. BLAS keeps its own thread pool; to pin it as well
-use :mod:`threadpoolctl` (the benchmark does).
+``os.cpu_count()``; it drives every OpenMP loop. Each OpenMP thread runs its own chunks through a
+single-threaded GEMM (BLAS is held at one thread with :mod:`threadpoolctl` during those calls):
+two thread pools — OpenMP's and BLAS's — taking turns on the same cores cost far more than they
+gain, especially on a shared machine.
 """
 
 from __future__ import annotations
 
 import os
 from typing import NamedTuple
+
+from functools import lru_cache
 
 import numpy as np
 
@@ -47,6 +51,14 @@ def default_threads():
     if threads < 1:
         raise ValueError(f"PONDER_THREADS must be a positive integer, got {value!r}")
     return threads
+
+
+@lru_cache(maxsize=1)
+def _blas_pools():
+    """The loaded BLAS libraries (as a threadpoolctl selection), found once."""
+    from threadpoolctl import ThreadpoolController
+
+    return ThreadpoolController().select(user_api="blas")
 
 
 def status():
@@ -165,9 +177,10 @@ class CythonBackend(ConvBackend):
         wmat = w.reshape(k, -1)
         width = positions.shape[1]
         compact = np.empty((n, k, width), dtype=dtype)
-        _kernels.gemm_forward(False, xp.reshape(-1), wmat, b, base, offsets, _EMPTY_I32, sample, slot,
-                              compact, self._chunk(wmat.shape[1], x.itemsize), c, 0, 0, kh * kw,
-                              False, self.threads)
+        with _blas_pools().limit(limits=1):
+            _kernels.gemm_forward(False, xp.reshape(-1), wmat, b, base, offsets, _EMPTY_I32, sample, slot,
+                                  compact, self._chunk(wmat.shape[1], x.itemsize), c, 0, 0, kh * kw,
+                                  False, self.threads)
         if not plan.shared and int(counts.min()) < width:
             _kernels.zero_padded_slots(compact, counts, self.threads)
         cache = ConvCache(xp, wmat, w.shape, x.shape, geometry, base, offsets, sample, slot, start)
@@ -181,10 +194,11 @@ class CythonBackend(ConvBackend):
         dxp = np.zeros(xp.shape, dtype=wmat.dtype)
         dwmat = np.zeros(wmat.shape, dtype=wmat.dtype)
         db = np.zeros(wmat.shape[0], dtype=wmat.dtype)
-        _kernels.gemm_backward(False, xp.reshape(-1), wmat, dcompact, cache.base, cache.offsets, _EMPTY_I32,
-                               cache.sample, cache.slot, cache.start, dxp.reshape(-1), dwmat, db,
-                               self._chunk(wmat.shape[1], wmat.itemsize), c, 0, 0, kh * kw, False,
-                               self.threads)
+        with _blas_pools().limit(limits=1):
+            _kernels.gemm_backward(False, xp.reshape(-1), wmat, dcompact, cache.base, cache.offsets, _EMPTY_I32,
+                                   cache.sample, cache.slot, cache.start, dxp.reshape(-1), dwmat, db,
+                                   self._chunk(wmat.shape[1], wmat.itemsize), c, 0, 0, kh * kw, False,
+                                   self.threads)
         if ph or pw:
             dx = np.empty(cache.x_shape, dtype=wmat.dtype)
             hp, wp = xp.shape[2:]
@@ -230,9 +244,10 @@ class CythonBackend(ConvBackend):
         sample, slot, start = _kernels.table_columns(n, r)
         wmat = w.reshape(k, -1)
         out = np.empty((n, k, r), dtype=dtype)
-        _kernels.gemm_forward(True, src.reshape(-1), wmat, b, _EMPTY_I64, _EMPTY_I64, table.reshape(-1),
-                              sample, slot, out, self._chunk(wmat.shape[1], src.itemsize), c, s, r, taps,
-                              table.shape[0] > 1, self.threads)
+        with _blas_pools().limit(limits=1):
+            _kernels.gemm_forward(True, src.reshape(-1), wmat, b, _EMPTY_I64, _EMPTY_I64, table.reshape(-1),
+                                  sample, slot, out, self._chunk(wmat.shape[1], src.itemsize), c, s, r, taps,
+                                  table.shape[0] > 1, self.threads)
         return out, TableConvCache(src, table, wmat, w.shape, sample, slot, start)
 
     def table_conv_backward(self, dout, cache):
@@ -243,10 +258,11 @@ class CythonBackend(ConvBackend):
         dsrc = np.zeros(src.shape, dtype=wmat.dtype)
         dwmat = np.zeros(wmat.shape, dtype=wmat.dtype)
         db = np.zeros(wmat.shape[0], dtype=wmat.dtype)
-        _kernels.gemm_backward(True, src.reshape(-1), wmat, dout, _EMPTY_I64, _EMPTY_I64, table.reshape(-1),
-                               cache.sample, cache.slot, cache.start, dsrc.reshape(-1), dwmat, db,
-                               self._chunk(wmat.shape[1], wmat.itemsize), c, s, r, taps,
-                               table.shape[0] > 1, self.threads)
+        with _blas_pools().limit(limits=1):
+            _kernels.gemm_backward(True, src.reshape(-1), wmat, dout, _EMPTY_I64, _EMPTY_I64, table.reshape(-1),
+                                   cache.sample, cache.slot, cache.start, dsrc.reshape(-1), dwmat, db,
+                                   self._chunk(wmat.shape[1], wmat.itemsize), c, s, r, taps,
+                                   table.shape[0] > 1, self.threads)
         return dsrc, dwmat.reshape(cache.w_shape), db
 
     def table_pool_forward(self, src, table, mode):
