@@ -60,6 +60,17 @@ def nearest_index(mask, tie_break="raster", rng=None):
     index_map : ndarray of int32 (Ho, Wo)
         ``index_map[y, x] = p`` such that compact position ``p`` is nearest to (y, x); computed
         positions map to themselves.
+
+    Notes
+    -----
+    Each computed position gets a *priority*: its compact index (``"raster"``) or a random
+    permutation of them (``"random"``); the answer is the computed position of smallest
+    squared distance, and among equal distances the smallest priority. Comparing with every
+    computed position costs O((Ho Wo)·|M|) — 14 s for a 256x256 map — so the search goes row by
+    row instead: within one row of the mask the nearest computed columns to ``x`` are the
+    closest one on the left and on the right (found by binary search), so each mask row with a
+    computed position adds one O(Ho Wo) candidate sweep: O(Ho² Wo) in total. Squared distances
+    are exact integers, so ties are real ties.
     """
     _checks.choice(tie_break, "tie_break", {"raster", "random"})
     if tie_break == "random":
@@ -67,21 +78,31 @@ def nearest_index(mask, tie_break="raster", rng=None):
     _check_mask_type(mask, ndims=(2,))
     _checks.bool_mask(mask, "mask", mask.shape)
     ho, wo = mask.shape
-    kept_r, kept_c = np.nonzero(mask)  # raster order
-    all_r, all_c = np.divmod(np.arange(ho * wo), wo)
-    index_map = np.empty(ho * wo, dtype=INDEX_DTYPE)
-    priority = rng.permutation(kept_r.size) if tie_break == "random" else None
-    chunk = max(1, 2**22 // kept_r.size)  # bound the (chunk, P) distance matrix to ~32 MB
-    for start in range(0, ho * wo, chunk):
-        rows = slice(start, start + chunk)
-        # Squared distances are exact integers, so ties are real ties.
-        d2 = (all_r[rows, None] - kept_r) ** 2 + (all_c[rows, None] - kept_c) ** 2
-        if priority is None:
-            index_map[rows] = np.argmin(d2, axis=1)  # first minimum = smallest raster index
-        else:
-            tied = d2 == d2.min(axis=1, keepdims=True)
-            index_map[rows] = np.argmin(np.where(tied, priority, kept_r.size), axis=1)
-    return index_map.reshape(ho, wo)
+    n_kept = int(mask.sum())
+    priority = rng.permutation(n_kept) if tie_break == "random" else np.arange(n_kept)
+    compact_index = (np.cumsum(mask.ravel()) - 1).reshape(ho, wo)  # valid where mask is True
+    cols, rows = np.arange(wo), np.arange(ho)
+    best_d2 = np.full((ho, wo), np.iinfo(np.int64).max, dtype=np.int64)
+    best_priority = np.full((ho, wo), n_kept, dtype=np.int64)
+    index_map = np.zeros((ho, wo), dtype=INDEX_DTYPE)
+    for r in np.flatnonzero(mask.any(axis=1)):
+        kept_cols = np.flatnonzero(mask[r])
+        right = np.minimum(np.searchsorted(kept_cols, cols), kept_cols.size - 1)  # first kept >= x
+        left = np.maximum(right - (kept_cols[right] > cols), 0)  # last kept <= x (if any)
+        candidates = []
+        for side in (left, right):
+            c = kept_cols[side]
+            p = compact_index[r, c]
+            candidates.append((np.abs(c - cols), p, priority[p]))
+        (dl, pl, ql), (dr, pr, qr) = candidates
+        take_left = (dl < dr) | ((dl == dr) & (ql <= qr))
+        dc, p, q = np.where(take_left, dl, dr), np.where(take_left, pl, pr), np.where(take_left, ql, qr)
+        d2 = (rows[:, None] - r) ** 2 + (dc**2)[None, :]
+        better = (d2 < best_d2) | ((d2 == best_d2) & (q[None, :] < best_priority))
+        best_d2 = np.where(better, d2, best_d2)
+        best_priority = np.where(better, q[None, :], best_priority)
+        index_map = np.where(better, p[None, :], index_map).astype(INDEX_DTYPE)
+    return index_map
 
 
 def _check_mask_type(mask, ndims):

@@ -154,7 +154,7 @@ def test_per_sample_masks_equal_one_image_at_a_time(problem):
             assert_close(out[sample:sample + 1], alone)
 
 
-@given(st.tuples(st.integers(1, 6), st.integers(1, 6)).flatmap(lambda hw: masks(hw, per_sample=False)))
+@given(st.tuples(st.integers(1, 8), st.integers(1, 8)).flatmap(lambda hw: masks(hw, per_sample=False)))
 def test_nearest_index_brute_force_raster_ties(mask):
     index = nearest_index(mask)
     ties = brute_force_nearest(mask)
@@ -173,6 +173,19 @@ def test_nearest_index_random_ties(mask, seed):
         assert p in ties[y, x], f"position {(y, x)}: {p} is not among the nearest {ties[y, x]}"
     plan = PerforationPlan(mask, tie_break="random", rng=np.random.default_rng(seed))
     np.testing.assert_array_equal(plan.index_map[0], first)
+
+
+@pytest.mark.parametrize("density", [0.002, 0.05, 0.5, 0.95])
+def test_nearest_index_matches_all_pairs_search_on_larger_maps(density):
+    # The row-by-row search against the all-pairs definition (first argmin = smallest raster
+    # index) on maps larger than the Hypothesis ones, sparse to dense, non-square.
+    rng = np.random.default_rng(11)
+    mask = rng.random((31, 44)) < density
+    mask[rng.integers(31), rng.integers(44)] = True
+    kept = np.argwhere(mask)
+    grid = np.argwhere(np.ones(mask.shape, dtype=bool))
+    d2 = ((grid[:, None, :] - kept[None, :, :]) ** 2).sum(axis=2)
+    np.testing.assert_array_equal(nearest_index(mask), np.argmin(d2, axis=1).reshape(mask.shape))
 
 
 def test_random_ties_choose_every_candidate():
