@@ -283,3 +283,37 @@ def _upsample_nearest(values, out_hw):
     rows = (np.arange(out_hw[0]) * h) // out_hw[0]
     cols = (np.arange(out_hw[1]) * w) // out_hw[1]
     return values[:, rows[:, None], cols[None, :]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Builders for the model registry (refimpl.models): "act-resnet14", ...
+# ---------------------------------------------------------------------------------------------
+
+
+def adaptive_resnet_builder(network_class, depth):
+    """A :mod:`refimpl.models` builder for ``network_class`` at ``depth`` = 6n + 2.
+
+    Options: ``tau``, ``halting_bias``, ``eps``, ``widths`` (and ``execution`` for SACT).
+    Perforation does not apply (the adaptive block decides what to compute).
+    """
+    if (depth - 2) % 6 or depth < 8:
+        raise ValueError(f"depth must be 6n + 2 with n >= 1, got {depth!r}")
+
+    def build(num_classes, in_channels, rng, backend=None, perforation=None, dtype=np.float32, **options):
+        if perforation:
+            raise ValueError(f"{network_class.__name__} takes no perforation (its blocks choose what to compute), "
+                             f"got perforation={perforation!r}")
+        if "widths" in options:
+            options["widths"] = tuple(options["widths"])
+        return network_class((depth - 2) // 6, num_classes, in_channels, rng, backend=backend, dtype=dtype, **options)
+
+    build.__name__ = f"build_{network_class.kind}_resnet{depth}"
+    build.__doc__ = f"{network_class.__name__} of depth {depth}; options: tau, halting_bias, eps, widths."
+    return build
+
+
+build_act_resnet8 = adaptive_resnet_builder(ACTResNet, 8)
+build_act_resnet14 = adaptive_resnet_builder(ACTResNet, 14)
+build_act_resnet20 = adaptive_resnet_builder(ACTResNet, 20)
+build_act_resnet32 = adaptive_resnet_builder(ACTResNet, 32)
+build_act_resnet110 = adaptive_resnet_builder(ACTResNet, 110)

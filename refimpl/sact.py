@@ -47,7 +47,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import halting as _halting
-from .act import HALTING_BIAS, AdaptiveResNet, sigmoid
+from .act import HALTING_BIAS, AdaptiveResNet, adaptive_resnet_builder, sigmoid
 from .conv_layer import Conv2d
 from .layers import Layer, batchnorm_backward, batchnorm_forward, global_avg_pool_backward, global_avg_pool_forward
 
@@ -410,3 +410,10 @@ class SACTResNet(AdaptiveResNet):
         """Switch every block between "sparse" and "dense" (masked) execution."""
         for block in self.stages:
             block.execution = execution
+
+
+build_sact_resnet8 = adaptive_resnet_builder(SACTResNet, 8)
+build_sact_resnet14 = adaptive_resnet_builder(SACTResNet, 14)
+build_sact_resnet20 = adaptive_resnet_builder(SACTResNet, 20)
+build_sact_resnet32 = adaptive_resnet_builder(SACTResNet, 32)
+build_sact_resnet110 = adaptive_resnet_builder(SACTResNet, 110)
