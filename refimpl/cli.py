@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("refimpl.commands.demo", "perforate a convolution of a photo with every mask and fill"),
+    "map": ("refimpl.commands.map", "draw the computation-time map of an ACT/SACT checkpoint over an image"),
 }
 
 
