@@ -447,7 +447,11 @@ class OpenCLBackend(ConvBackend):
             if dtype is not None and array.dtype != dtype:
                 raise TypeError(f"arrays must share one dtype, got {array.dtype} and {dtype}")
             if not array.flags.c_contiguous:
-                array = array.copy(queue=self.queue)  # pyopencl keeps strides; copy makes it dense
+                # pyopencl can neither copy nor read back a strided view, so there is nothing to convert
+                raise ValueError(
+                    f"device arrays must be C-contiguous, got shape {array.shape} with strides {array.strides}; "
+                    "pass a contiguous array (a NumPy array is converted automatically)"
+                )
             return array
         array = np.asarray(array)
         if dtype is not None and array.dtype != dtype:

@@ -50,6 +50,12 @@
 #define LY (TM / WM)
 #define NTHREADS (LX * LY)
 
+/* The load loops below give every work-item whole rows of the tiles; these shapes make that exact. */
+#if (TM % WM) || (TN % WN) || (TK % 4) || (NTHREADS % TN) || (NTHREADS % TK) || \
+    ((TK * TN) % NTHREADS) || ((TK * TM) % NTHREADS)
+#error "tile: need TM % WM == TN % WN == TK % 4 == 0, NTHREADS = (TN/WN)*(TM/WM) a multiple of TN and TK, and TK*TN, TK*TM multiples of NTHREADS"
+#endif
+
 /* packed (rows_p, cols_p), zero outside the weights:
  *   transpose == 0: packed[k, c*T + t]           = w[k, c, t]   (forward, dW layout)
  *   transpose == 1: packed[c, (k*T + t)*D + d]   = w[k, c, t]   (dX through the inverse table,
@@ -104,8 +110,7 @@ void implicit_gemm(const int M, const int C, const int S, const int R, const int
         for (int j = 0; j < WN; ++j) acc[i][j] = 0;
 
     for (int k0 = 0; k0 < CT; k0 += TK) {
-        for (int i = 0; i < (TM * TK / 4) / NTHREADS; ++i) {
-            const int idx = lid + i * NTHREADS;
+        for (int idx = lid; idx < TM * TK / 4; idx += NTHREADS) {
             const int m = idx / (TK / 4), q = (idx % (TK / 4)) * 4;
             const REAL4 v = vload4(0, packed + (size_t)(m_base + m) * ldw + k0 + q);
             As[q][m] = v.s0;
