@@ -25,7 +25,16 @@ from . import _checks
 
 
 class ConvGeometry(NamedTuple):
-    """Everything about a convolution's shape that does not depend on the values."""
+    """Everything about a convolution's shape that does not depend on the values.
+
+    Attributes
+    ----------
+    kernel : (kh, kw)
+    stride : (sh, sw), each at least 1
+    padding : (ph, pw), zeros added on both sides of each axis
+    in_hw : (H, W)
+    out_hw : (Ho, Wo), see :func:`conv_output_shape`
+    """
 
     kernel: tuple[int, int]
     stride: tuple[int, int]
@@ -99,7 +108,7 @@ def check_conv_args(x, w, b, stride, padding):
 
 
 def pad_input(x, padding):
-    """Zero-pad the two spatial axes of ``x`` (N, C, H, W)."""
+    """Zero-pad the two spatial axes of ``x`` (N, C, H, W) to (N, C, H + 2 ph, W + 2 pw)."""
     ph, pw = padding
     return np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
 
@@ -109,14 +118,16 @@ def conv2d_naive(x, w, b=None, stride=1, padding=0):
 
     Parameters
     ----------
-    x : ndarray (N, C, H, W)
-    w : ndarray (K, C, kh, kw)
-    b : ndarray (K,) or None
-    stride, padding : int or pair of ints
+    x : ndarray (N, C, H, W), float32 or float64
+    w : ndarray (K, C, kh, kw), same dtype
+    b : ndarray (K,) or None (no bias)
+    stride : int or pair of ints, at least 1
+    padding : int or pair of non-negative ints (zeros)
 
     Returns
     -------
     out : ndarray (N, K, Ho, Wo)
+        ``out[n, k, y, x] = b[k] + Σ_{c,i,j} w[k, c, i, j] · x_pad[n, c, sh·y + i, sw·x + j]``.
     """
     x, w, b, g = check_conv_args(x, w, b, stride, padding)
     xp = pad_input(x, g.padding)
@@ -134,6 +145,11 @@ def conv2d_naive(x, w, b=None, stride=1, padding=0):
 def im2row(x, geometry):
     """Unfold every receptive field of ``x`` into a row.
 
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W), validated
+    geometry : ConvGeometry
+
     Returns
     -------
     rows : ndarray (N * Ho * Wo, C * kh * kw)
@@ -150,6 +166,16 @@ def im2row(x, geometry):
 
 def row2im(drows, x_shape, geometry):
     """Adjoint of :func:`im2row`: scatter-add row gradients back onto the input.
+
+    Parameters
+    ----------
+    drows : ndarray (N * Ho * Wo, C * kh * kw), gradients of the rows
+    x_shape : (N, C, H, W)
+    geometry : ConvGeometry
+
+    Returns
+    -------
+    dx : ndarray (N, C, H, W); gradients that fell on the padding are dropped.
 
     Loops over the kh·kw kernel offsets; for one offset, distinct output positions read distinct
     input pixels, so a plain strided ``+=`` is safe (no two rows write the same pixel).
@@ -175,6 +201,10 @@ class Conv2dCache(NamedTuple):
 
 def conv2d_forward(x, w, b=None, stride=1, padding=0):
     """Dense convolution as one GEMM: ``out_rows = im2row(x) @ w.reshape(K, -1).T + b``.
+
+    Parameters
+    ----------
+    x, w, b, stride, padding : as for :func:`conv2d_naive`
 
     Returns
     -------
@@ -218,7 +248,12 @@ def conv_flops(n_positions, in_channels, out_channels, kernel):
     """FLOPs of a convolution evaluated at ``n_positions`` output positions (SPEC §1).
 
     A multiply-add counts 2; padding taps are included; bias, fill and gathers are not:
-    ``2 · C · kh · kw · K`` per computed position. Returns a Python int.
+    ``2 · C · kh · kw · K`` per computed position. The dense cost is this with
+    ``n_positions = N · Ho · Wo``.
+
+    Returns
+    -------
+    flops : int (a Python int: no overflow for large networks)
     """
     kh, kw = kernel
     return 2 * int(in_channels) * kh * kw * int(out_channels) * int(n_positions)

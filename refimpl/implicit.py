@@ -114,6 +114,8 @@ def _scatter_add(values, table, source_size):
 
 
 class TableConvCache(NamedTuple):
+    """What :func:`table_conv_backward` needs."""
+
     rows: np.ndarray  # (N*R, C*T)
     w: np.ndarray  # (K, C, kh, kw)
     table: np.ndarray  # (B, R, T)
@@ -145,7 +147,11 @@ def table_conv_forward(src, table, w, b):
 
 
 def table_conv_backward(dout, cache):
-    """Gradients ``(dsrc, dw, db)`` of :func:`table_conv_forward`."""
+    """Gradients ``(dsrc, dw, db)`` of :func:`table_conv_forward` from ``dout`` (N, K, R).
+
+    ``dsrc`` (N, C, S) is the scatter-add of the row gradients through the table (duplicate
+    indices accumulate; -1 taps are dropped).
+    """
     n, c, s = cache.src_shape
     k = cache.w.shape[0]
     r, t = cache.table.shape[1:]
@@ -157,6 +163,8 @@ def table_conv_backward(dout, cache):
 
 
 class TablePoolCache(NamedTuple):
+    """What :func:`table_pool_backward` needs."""
+
     mode: str
     table: np.ndarray  # (B, R, T)
     src_shape: tuple
@@ -166,7 +174,18 @@ class TablePoolCache(NamedTuple):
 def table_pool_forward(src, table, mode):
     """Max or average pooling that reads through an index table; -1 taps are padding (ignored).
 
-    Returns ``out`` (N, C, R) and a :class:`TablePoolCache`. Max ties go to the first tap.
+    Parameters
+    ----------
+    src : ndarray (N, C, S)
+    table : ndarray of int32 (B, R, T), B in {1, N}; every row holds at least one tap >= 0
+    mode : {"max", "avg"}
+
+    Returns
+    -------
+    out : ndarray (N, C, R)
+        ``max_t src[n, c, table[n, r, t]]`` or ``mean_t`` over the taps ``>= 0`` (duplicates
+        counted, as if the filled tensor existed). Max ties go to the first tap.
+    cache : TablePoolCache
     """
     gathered = _gather(src, table)  # (N, C, R, T)
     valid = np.broadcast_to((table >= 0)[:, None], gathered.shape)
@@ -184,7 +203,11 @@ def table_pool_forward(src, table, mode):
 
 
 def table_pool_backward(dout, cache):
-    """Gradient ``dsrc`` (N, C, S) of :func:`table_pool_forward`."""
+    """Gradient ``dsrc`` (N, C, S) of :func:`table_pool_forward` from ``dout`` (N, C, R).
+
+    Max: each output's gradient goes to the source of its first maximal tap; average: ``1/count``
+    of it to every valid tap's source (a duplicated source receives it once per tap).
+    """
     return _scatter_add(dout[..., None] * cache.weights, cache.table, cache.src_shape[2])
 
 

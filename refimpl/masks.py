@@ -37,12 +37,26 @@ def _check_hw(out_hw):
 
 
 def kept_count(size, rate):
-    """Positions kept out of ``size`` at perforation rate ``rate``: ``max(1, round((1 - r) size))``."""
+    """Positions kept out of ``size`` at perforation rate ``rate``: ``max(1, round((1 - r) size))``.
+
+    ``round`` is Python's (half to even: 2.5 -> 2). ``rate`` must be in [0, 1).
+    """
     return max(1, int(round((1.0 - _checks.rate(rate)) * size)))
 
 
 def uniform_mask(out_hw, rate, rng):
-    """``kept_count(Ho·Wo, rate)`` positions drawn uniformly without replacement."""
+    """``kept_count(Ho·Wo, rate)`` positions drawn uniformly without replacement.
+
+    Parameters
+    ----------
+    out_hw : pair of ints (Ho, Wo)
+    rate : float in [0, 1), the requested perforation rate
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    mask : ndarray of bool (Ho, Wo), True = computed
+    """
     ho, wo = _check_hw(out_hw)
     rng = _checks.generator(rng)
     mask = np.zeros(ho * wo, dtype=bool)
@@ -91,7 +105,8 @@ def grid_mask(out_hw, rate, rng):
 
     ``n_rows = max(1, round(sqrt(1 - r) Ho))`` and ``n_cols = max(1, round(sqrt(1 - r) Wo))``
     (project choice for non-square maps); each axis draws its own ``u``. When ``Ho / n_rows`` is
-    an integer the rows form a regular grid.
+    an integer the rows form a regular grid. Parameters and return as for :func:`uniform_mask`;
+    the realised rate is ``1 - n_rows n_cols / (Ho Wo)``.
     """
     ho, wo = _check_hw(out_hw)
     keep = np.sqrt(1.0 - _checks.rate(rate))
@@ -105,7 +120,21 @@ def grid_mask(out_hw, rate, rng):
 
 
 def pooling_structure_scores(out_hw, pool_size, pool_stride=None, pool_padding=0):
-    """How many windows of the following pooling layer read each position (an int array (Ho, Wo))."""
+    """How many windows of the following pooling layer read each position.
+
+    Parameters
+    ----------
+    out_hw : (Ho, Wo), the perforated layer's output = the pooling layer's input
+    pool_size : int or pair, the pooling window
+    pool_stride : int or pair, or None for ``pool_size``
+    pool_padding : int or pair
+
+    Returns
+    -------
+    scores : ndarray of int64 (Ho, Wo)
+        ``scores[y, x]`` = number of pooling windows whose in-bounds taps include (y, x).
+        Overlapping windows (3x3, stride 2) make some positions count twice or four times.
+    """
     ho, wo = _check_hw(out_hw)
     (kh, kw) = _checks.positive_pair(pool_size, "pool_size")
     (sh, sw) = (kh, kw) if pool_stride is None else _checks.positive_pair(pool_stride, "pool_stride")
@@ -129,7 +158,11 @@ def _top_positions(scores, n_kept, rng):
 
 
 def structure_mask(out_hw, rate, rng, pool_size, pool_stride=None, pool_padding=0):
-    """Keep the positions read by the most pooling windows (ties broken by ``rng``)."""
+    """Keep the ``kept_count(Ho·Wo, rate)`` positions read by the most pooling windows.
+
+    Ties in the score are broken by a random order drawn from ``rng``. Arguments as for
+    :func:`uniform_mask` and :func:`pooling_structure_scores`.
+    """
     scores = pooling_structure_scores(out_hw, pool_size, pool_stride, pool_padding)
     return _top_positions(scores, kept_count(scores.size, rate), _checks.generator(rng))
 
@@ -165,7 +198,18 @@ def impact_scores(activations, gradients, already_perforated=None):
 
 
 def impact_mask(impact, rate, rng):
-    """Keep the ``kept_count`` positions of highest impact (ties broken by ``rng``)."""
+    """Keep the ``kept_count(Ho·Wo, rate)`` positions of highest impact (ties broken by ``rng``).
+
+    Parameters
+    ----------
+    impact : ndarray (Ho, Wo), from :func:`impact_scores`
+    rate : float in [0, 1)
+    rng : numpy.random.Generator
+
+    Returns
+    -------
+    mask : ndarray of bool (Ho, Wo)
+    """
     impact = _checks.float_array(impact, "impact", ndim=2)
     return _top_positions(impact, kept_count(impact.size, rate), _checks.generator(rng))
 

@@ -37,7 +37,18 @@ INDEX_DTYPE = np.int32
 
 
 def realised_rate(mask):
-    """Fraction of output positions *not* computed: ``1 - |M| / (Ho Wo)`` (mean over samples)."""
+    """Fraction of output positions *not* computed: ``r = 1 - |M| / (Ho Wo)``.
+
+    Parameters
+    ----------
+    mask : array of bool (Ho, Wo) or (N, Ho, Wo); per-sample masks give the mean over samples.
+
+    Returns
+    -------
+    rate : float in [0, 1)
+        The *realised* rate, which can differ from the rate a mask was requested with
+        (kept counts are rounded, grid masks are products of rounded per-axis counts).
+    """
     mask = np.asarray(mask, dtype=bool)
     return 1.0 - float(mask.mean())
 
@@ -168,6 +179,7 @@ class PerforationPlan:
 
     @cached_property
     def index_map(self):
+        """ndarray of int32 (B, Ho, Wo): :func:`nearest_index` of each sample's mask."""
         return np.stack([nearest_index(m, self.tie_break, self._rng) for m in self.mask])
 
     @property
@@ -208,7 +220,12 @@ class PerforationPlan:
 
 
 def as_plan(mask, out_hw, batch, name="mask"):
-    """Accept a boolean mask or a :class:`PerforationPlan`; check it fits (Ho, Wo) and the batch."""
+    """Accept a boolean mask, a :class:`PerforationPlan` or None; check it fits (Ho, Wo) and the batch.
+
+    Returns
+    -------
+    plan : PerforationPlan (the dense plan for ``mask=None``)
+    """
     if mask is None:
         return PerforationPlan.dense(out_hw)
     plan = mask if isinstance(mask, PerforationPlan) else None
@@ -238,7 +255,7 @@ class CompactConvCache(NamedTuple):
 
 
 def _window_coordinates(position, geometry):
-    """Padded-input coordinates (T, kh, kw) of the window of each raster output position."""
+    """Padded-input coordinates ``(iy, ix)``, each (T, kh, kw), of the window of each raster output position."""
     (kh, kw), (sh, sw), (_, wo) = geometry.kernel, geometry.stride, geometry.out_hw
     oy, ox = np.divmod(position, wo)
     iy = oy[:, None, None] * sh + np.arange(kh)[None, :, None]
@@ -248,6 +265,12 @@ def _window_coordinates(position, geometry):
 
 def gather_rows(x, plan, geometry):
     """im2row restricted to the plan: one row of C·kh·kw input values per computed position.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W), validated
+    plan : PerforationPlan for N samples
+    geometry : ConvGeometry
 
     Returns
     -------
@@ -266,6 +289,16 @@ def gather_rows(x, plan, geometry):
 def compact_conv_forward(x, w, b, plan, geometry):
     """Perforated convolution to the compact tensor: one GEMM over the rows of every image.
 
+    ``compact = gather_rows(x) @ w.reshape(K, -1).T + b`` — the (T, C·kh·kw) row matrix of all
+    T computed positions of the batch times the (C·kh·kw, K) kernel matrix, so the cost is
+    ``(1 - r)`` of the dense GEMM.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W); w : ndarray (K, C, kh, kw); b : ndarray (K,) — validated, one dtype
+    plan : PerforationPlan for N samples
+    geometry : ConvGeometry
+
     Returns
     -------
     compact : ndarray (N, K, P)
@@ -283,7 +316,15 @@ def compact_conv_forward(x, w, b, plan, geometry):
 
 
 def compact_conv_backward(dcompact, cache):
-    """Gradients of :func:`compact_conv_forward` from the compact gradient (N, K, P)."""
+    """Gradients of :func:`compact_conv_forward` from the compact gradient ``dcompact`` (N, K, P).
+
+    With ``dY`` the (T, K) gradients of the computed rows: ``dW = dYᵀ · rows``, ``db = Σ dY``,
+    ``dX = col2im(dY · W)`` restricted to the computed windows. Padded slots are never read.
+
+    Returns
+    -------
+    dx : (N, C, H, W), dw : (K, C, kh, kw), db : (K,)
+    """
     sample, slot, position = cache.row_index
     k = cache.w.shape[0]
     dy = dcompact[sample, :, slot]  # (T, K)
@@ -303,7 +344,11 @@ def compact_conv_backward(dcompact, cache):
 
 
 def fill_forward(compact, plan, fill):
-    """Dense output (N, K, Ho, Wo) from the compact tensor (N, K, P)."""
+    """Dense output (N, K, Ho, Wo) from the compact tensor (N, K, P).
+
+    ``fill="nearest"``: ``dense[n, k, y, x] = compact[n, k, index_map[n, y, x]]`` (exact copies);
+    ``fill="zero"``: the computed positions from ``compact``, 0 elsewhere.
+    """
     n, k, _ = compact.shape
     ho, wo = plan.out_hw
     if fill == "nearest":
@@ -317,7 +362,12 @@ def fill_forward(compact, plan, fill):
 
 
 def fill_backward(ddense, plan, fill):
-    """Compact gradient (N, K, P) from the dense one: the adjoint of :func:`fill_forward`."""
+    """Compact gradient (N, K, P) from the dense one ``ddense`` (N, K, Ho, Wo): the adjoint of :func:`fill_forward`.
+
+    ``"nearest"``: ``dcompact[n, k, p] = Σ_{(y, x): index_map[n, y, x] = p} ddense[n, k, y, x]``
+    (the scatter-add through the index map); ``"zero"``: ``ddense`` at the computed positions
+    (filled positions are constants, their gradient is dropped).
+    """
     n, k, ho, wo = ddense.shape
     flat = ddense.reshape(n, k, ho * wo)
     dcompact = np.zeros((n, k, plan.width), dtype=ddense.dtype)
@@ -405,5 +455,9 @@ def perforated_conv2d_backward(dout, cache):
 
 
 def perforated_conv_flops(plan, batch, in_channels, out_channels, kernel):
-    """FLOPs actually spent: ``2 · C · kh · kw · K`` per computed position over the batch."""
+    """FLOPs actually spent (SPEC §1): ``2 · C · kh · kw · K`` per computed position over the batch.
+
+    ``plan.computed_positions(batch)`` positions: ``|M| · N`` for a shared mask, ``Σ_n |M_n|``
+    for per-sample masks. Returns a Python int.
+    """
     return conv_flops(plan.computed_positions(batch), in_channels, out_channels, kernel)

@@ -17,6 +17,8 @@ from .conv import conv_output_shape
 
 
 class Pool2dCache(NamedTuple):
+    """What :func:`pool2d_backward` needs."""
+
     mode: str
     x_shape: tuple
     weights: np.ndarray  # (N, C, Ho, Wo, kh, kw): d out / d window tap
@@ -26,6 +28,7 @@ class Pool2dCache(NamedTuple):
 
 
 def check_pool_args(x, mode, size, stride, padding):
+    """Validate pooling arguments; ``stride=None`` means ``stride = size``. Returns them converted."""
     x = _checks.float_array(x, "x", ndim=4)
     _checks.choice(mode, "mode", {"max", "avg"})
     size = _checks.positive_pair(size, "size")
@@ -37,7 +40,22 @@ def check_pool_args(x, mode, size, stride, padding):
 
 
 def pool2d_forward(x, mode="max", size=2, stride=None, padding=0):
-    """Max or average pooling. Returns ``out`` (N, C, Ho, Wo) and a :class:`Pool2dCache`."""
+    """Max or average pooling.
+
+    Parameters
+    ----------
+    x : ndarray (N, C, H, W), float32 or float64
+    mode : {"max", "avg"}
+    size : int or pair, the window (kh, kw)
+    stride : int or pair, or None for ``size`` (non-overlapping windows)
+    padding : int or pair, at most half the window
+
+    Returns
+    -------
+    out : ndarray (N, C, Ho, Wo)
+        Max or mean over the in-bounds taps of each window (padding is never read).
+    cache : Pool2dCache
+    """
     x, size, stride, padding = check_pool_args(x, mode, size, stride, padding)
     (kh, kw), (sh, sw), (ph, pw) = size, stride, padding
     ho, wo = conv_output_shape(x.shape[2:], size, stride, padding)
