@@ -49,7 +49,7 @@ def realised_rate(mask):
         The *realised* rate, which can differ from the rate a mask was requested with
         (kept counts are rounded, grid masks are products of rounded per-axis counts).
     """
-    mask = np.asarray(mask, dtype=bool)
+    _check_mask_type(mask, ndims=(2, 3))
     return 1.0 - float(mask.mean())
 
 
@@ -91,6 +91,8 @@ def nearest_index(mask, tie_break="raster", rng=None):
     ho, wo = mask.shape
     n_kept = int(mask.sum())
     priority = rng.permutation(n_kept) if tie_break == "random" else np.arange(n_kept)
+    if n_kept == ho * wo:  # every position is its own nearest (distance 0 is never tied)
+        return np.arange(ho * wo, dtype=INDEX_DTYPE).reshape(ho, wo)
     compact_index = (np.cumsum(mask.ravel()) - 1).reshape(ho, wo)  # valid where mask is True
     cols, rows = np.arange(wo), np.arange(ho)
     best_d2 = np.full((ho, wo), np.iinfo(np.int64).max, dtype=np.int64)

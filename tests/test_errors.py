@@ -301,3 +301,11 @@ class TestGradcheckArguments:
             check_gradients(forward, lambda g: {"x": 2 * g.T}, {"x": np.ones((3, 1))}, np.random.default_rng(0))
         with pytest.raises(ValueError, match="backward returned no gradient for input 'x'"):
             check_directional(forward, lambda g: {}, {"x": np.ones((3, 1))}, np.random.default_rng(0))
+
+
+def test_realised_rate_wants_a_boolean_mask():
+    # Regression: a float "mask" of probabilities was cast to bool (0.3 -> True) without a word.
+    from refimpl.perforation import realised_rate
+
+    with pytest.raises(TypeError, match="mask must have dtype bool, got float64"):
+        realised_rate(np.full((2, 2), 0.3))

@@ -188,6 +188,14 @@ def test_nearest_index_matches_all_pairs_search_on_larger_maps(density):
     np.testing.assert_array_equal(nearest_index(mask), np.argmin(d2, axis=1).reshape(mask.shape))
 
 
+@pytest.mark.parametrize("tie_break", ["raster", "random"])
+def test_full_mask_index_map_is_the_identity(tie_break):
+    mask = np.ones((3, 5), dtype=bool)
+    index = nearest_index(mask, tie_break, np.random.default_rng(0))
+    np.testing.assert_array_equal(index, np.arange(15).reshape(3, 5))
+    assert index.dtype == np.int32
+
+
 def test_random_ties_choose_every_candidate():
     # (1,1) is equidistant from the 4 corners of a 3x3 mask: over 200 seeds each corner is chosen
     # (the raster rule would always give 0). P(some corner never chosen) < 4 * 0.75**200.
