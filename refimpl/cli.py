@@ -14,6 +14,7 @@ import sys
 COMMANDS = {
     "demo": ("refimpl.commands.demo", "perforate a convolution of a photo with every mask and fill"),
     "map": ("refimpl.commands.map", "draw the computation-time map of an ACT/SACT checkpoint over an image"),
+    "parity": ("refimpl.commands.parity", "train an ACT RNN on parity (act | pact | pondernet) and report ponder steps"),
 }
 
 

@@ -173,3 +173,19 @@ def test_bad_inputs():
         evaluate(rnn, x, y, "median")
     with pytest.raises(ValueError, match="size"):
         parity_batch(4, 0, rng)
+
+
+def test_parity_cli(tmp_path, capsys):
+    from refimpl.cli import main
+
+    out = tmp_path / "parity.json"
+    assert main(["parity", "--objective", "pondernet", "--size", "3", "--steps", "20", "--hidden", "8",
+                 "--max-steps", "4", "--eval-size", "50", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "thresholded: accuracy" in printed and "sample: accuracy" in printed
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["settings"]["objective"] == "pondernet"
+    assert set(result["evaluation"]) == {"thresholded", "sample"}
+    assert len(result["log"]["task_loss"]) == 10
