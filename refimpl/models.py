@@ -27,6 +27,16 @@ MODELS = {
     "resnet32": ("refimpl.models", "build_resnet32"),
     "resnet110": ("refimpl.models", "build_resnet110"),
     "nin": ("refimpl.models", "build_nin"),
+    "act-resnet8": ("refimpl.act", "build_act_resnet8"),
+    "act-resnet14": ("refimpl.act", "build_act_resnet14"),
+    "act-resnet20": ("refimpl.act", "build_act_resnet20"),
+    "act-resnet32": ("refimpl.act", "build_act_resnet32"),
+    "act-resnet110": ("refimpl.act", "build_act_resnet110"),
+    "sact-resnet8": ("refimpl.sact", "build_sact_resnet8"),
+    "sact-resnet14": ("refimpl.sact", "build_sact_resnet14"),
+    "sact-resnet20": ("refimpl.sact", "build_sact_resnet20"),
+    "sact-resnet32": ("refimpl.sact", "build_sact_resnet32"),
+    "sact-resnet110": ("refimpl.sact", "build_sact_resnet110"),
 }
 
 _RUNTIME = {}
