@@ -27,13 +27,9 @@ from . import _checks
 class ConvGeometry(NamedTuple):
     """Everything about a convolution's shape that does not depend on the values.
 
-    Attributes
-    ----------
-    kernel : (kh, kw)
-    stride : (sh, sw), each at least 1
-    padding : (ph, pw), zeros added on both sides of each axis
-    in_hw : (H, W)
-    out_hw : (Ho, Wo), see :func:`conv_output_shape`
+    ``kernel`` (kh, kw); ``stride`` (sh, sw), each at least 1; ``padding`` (ph, pw), zeros added
+    on both sides of each axis; ``in_hw`` (H, W); ``out_hw`` (Ho, Wo), see
+    :func:`conv_output_shape`.
     """
 
     kernel: tuple[int, int]

@@ -69,17 +69,30 @@ def check_gradients(forward, backward, inputs, rng, h=1e-6):
 
     Parameters
     ----------
-    forward : callable(**inputs) -> ndarray
-        The function; its inputs are float64 arrays in ``inputs`` (modified in place while
-        differencing and restored).
-    backward : callable(dout) -> dict name -> gradient
-        The hand-written backward, called after ``forward(**inputs)`` with the upstream gradient.
-    inputs : dict name -> float64 ndarray
-    rng : numpy.random.Generator, draws the random upstream gradient
+    forward : callable
+        ``forward(**inputs) -> ndarray``, the function. Its inputs are the float64 arrays of
+        ``inputs``, modified in place while differencing and restored.
+    backward : callable
+        ``backward(dout) -> {name: gradient}``, the hand-written backward, called after
+        ``forward(**inputs)`` with the upstream gradient; one gradient per input, of its shape.
+    inputs : dict
+        ``{name: float64 ndarray}``.
+    rng : numpy.random.Generator
+        Draws the random upstream gradient ``g`` (standard normal, the output's shape).
+    h : float
+        Step of the central differences.
 
     Returns
     -------
-    errors : dict name -> relative error (see :func:`relative_error`)
+    errors : dict
+        ``{name: relative error}`` (see :func:`relative_error`); below ~1e-6 means right.
+
+    Raises
+    ------
+    TypeError
+        An input that is not a float64 array (float32 differences are rounding noise).
+    ValueError
+        A gradient missing or of the wrong shape (it would broadcast silently).
     """
     _check_inputs(inputs, rng)
     out = forward(**inputs)

@@ -77,7 +77,7 @@ def nearest_index(mask, tie_break="raster", rng=None):
     Each computed position gets a *priority*: its compact index (``"raster"``) or a random
     permutation of them (``"random"``); the answer is the computed position of smallest
     squared distance, and among equal distances the smallest priority. Comparing with every
-    computed position costs O((Ho Wo)·|M|) — 14 s for a 256x256 map — so the search goes row by
+    computed position costs O(Ho·Wo·P) for P computed positions — 14 s for a 256x256 map — so the search goes row by
     row instead: within one row of the mask the nearest computed columns to ``x`` are the
     closest one on the left and on the right (found by binary search), so each mask row with a
     computed position adds one O(Ho Wo) candidate sweep: O(Ho² Wo) in total. Squared distances
@@ -181,7 +181,6 @@ class PerforationPlan:
 
     @cached_property
     def index_map(self):
-        """ndarray of int32 (B, Ho, Wo): :func:`nearest_index` of each sample's mask."""
         return np.stack([nearest_index(m, self.tie_break, self._rng) for m in self.mask])
 
     @property
