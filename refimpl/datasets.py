@@ -367,3 +367,34 @@ def iterate_batches(images, labels, batch_size, rng=None, augment=None, drop_las
         if augment is not None:
             x = augment(x, rng)
         yield np.ascontiguousarray(x), labels[index]
+
+
+# =============================================================================================
+# By name (the command line)
+# =============================================================================================
+
+DATASETS = ("digits", "cluttered-digits", "cifar10")
+
+
+def load_dataset(name, seed=0, scale=1, canvas=48, n_train=5000, n_val=500, n_test=1000, digit_scale=2,
+                 n_clutter=None, cifar_dir=None):
+    """Load a data set by name: ``"digits"`` (``scale``), ``"cluttered-digits"`` (``canvas``,
+    ``n_train``/``n_val``/``n_test``, ``digit_scale``, ``n_clutter``) or ``"cifar10"`` (``cifar_dir``).
+
+    Returns
+    -------
+    splits : dict "train" / "val" / "test" -> Split
+    info : dict with ``num_classes``, ``in_channels``, ``image_hw`` and ``flip`` (whether a
+        horizontal flip is a valid augmentation)
+    """
+    _checks.choice(name, "data", set(DATASETS))
+    if name == "digits":
+        splits = load_digits(scale, seed)
+    elif name == "cluttered-digits":
+        splits = load_cluttered_digits(canvas, n_train, n_val, n_test, seed, digit_scale, n_clutter)
+    else:
+        splits = load_cifar10(cifar_dir, seed=seed)
+    shape = splits["train"].images.shape
+    info = {"num_classes": 10, "in_channels": int(shape[1]), "image_hw": [int(shape[2]), int(shape[3])],
+            "flip": name == "cifar10"}
+    return splits, info
