@@ -299,3 +299,46 @@ def test_bad_arguments_raise():
     down = make_stage(2, 4, 2, 2, rng)
     with pytest.raises(ValueError, match="downsample"):
         SACTBlock(down.units[::-1], [head])
+
+
+# ---------------------------------------------------------------------------------------------
+# ponder map
+# ---------------------------------------------------------------------------------------------
+
+
+def _save_tiny(tmp_path, name):
+    from refimpl.checkpoint import save_checkpoint
+    from refimpl.models import build_model
+
+    build = {"num_classes": 3, "in_channels": 1, "dtype": "float32", "options": {"widths": [2, 3, 4]}}
+    model = build_model(name, 3, 1, np.random.default_rng(0), **build["options"])
+    model(np.zeros((2, 1, 16, 16), dtype=np.float32))
+    return save_checkpoint(tmp_path / f"{name}.npz", model, name, build)
+
+
+def test_ponder_map_command_writes_the_map(tmp_path, capsys):
+    import matplotlib.image
+
+    from refimpl.cli import main
+
+    checkpoint = _save_tiny(tmp_path, "sact-resnet8")
+    out = tmp_path / "maps" / "map.png"
+    assert main(["map", "--checkpoint", str(checkpoint), "--image", "camera", "--size", "24", "--out", str(out)]) == 0
+    picture = matplotlib.image.imread(out)
+    assert picture.ndim == 3 and picture.shape[0] > 100
+    assert "ponder cost" in capsys.readouterr().out
+    # an image file works too, and is converted to the model's single channel
+    rgb = tmp_path / "rgb.png"
+    matplotlib.image.imsave(rgb, np.random.default_rng(0).random((20, 18, 3)))
+    assert main(["map", "--checkpoint", str(checkpoint), "--image", str(rgb), "--out", str(tmp_path / "b.png")]) == 0
+
+
+def test_ponder_map_command_refuses_bad_input(tmp_path):
+    from refimpl.cli import main
+
+    checkpoint = _save_tiny(tmp_path, "sact-resnet8")
+    with pytest.raises(SystemExit, match="--image"):
+        main(["map", "--checkpoint", str(checkpoint), "--image", "no-such-photo", "--out", str(tmp_path / "m.png")])
+    plain = _save_tiny(tmp_path, "resnet8")
+    with pytest.raises(SystemExit, match="computation-time map"):
+        main(["map", "--checkpoint", str(plain), "--image", "camera", "--size", "16", "--out", str(tmp_path / "m.png")])

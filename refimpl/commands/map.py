@@ -88,7 +88,10 @@ def run(args):
         raise SystemExit(f"ponder map: model {meta.get('model')!r} has no computation-time map "
                          f"(use an act-resnetN or sact-resnetN checkpoint)")
     in_channels = int(meta["build"]["in_channels"])
-    image = load_image(args.image, in_channels, args.size)
+    try:
+        image = load_image(args.image, in_channels, args.size)
+    except (ValueError, OSError) as exc:
+        raise SystemExit(f"ponder map: {exc}") from None
     dtype = model.stem.params["w"].dtype
     logits = model(image.astype(dtype))
     cmap = model.ponder_map(image.shape[2:])[0]

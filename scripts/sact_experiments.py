@@ -1,0 +1,286 @@
+"""ACT and SACT on cluttered digits: FLOPs–accuracy, wall-clock of sparse execution, maps vs objects.
+
+Three experiments (issue "ACT and SACT residual networks"):
+
+1. **FLOPs–accuracy** at two canvas sizes: plain ResNets of several depths, ACT and SACT at
+   several τ. Reported: test accuracy and FLOPs per image (mean and spread) at the positions
+   actually computed.
+2. **Wall-clock**: SACT inference on one backend (Cython when available) with sparse execution vs
+   the same network run densely (``execution="dense"``: every unit everywhere, then masked), next
+   to the FLOPs ratio of the two. Measured on the trained SACT models, and on a copy whose halting
+   biases are moved (labelled as such: networks that halt earlier, to see how the speed-up follows
+   the FLOPs ratio over a range of sparsity — their accuracy is not the point).
+3. **Computation-time maps vs the digit**: AUC, NSS and linear correlation (CC) of the map
+   Σ_blocks ρ against the object mask, compared with a centred-Gaussian baseline map.
+
+Small settings by default (minutes on 2 cores); ``PONDER_FULL=1`` (or ``--full``) for the full
+run. ``--out results.json`` writes every number. Example::
+
+    python scripts/sact_experiments.py --out runs/sact_small.json
+    PONDER_FULL=1 python scripts/sact_experiments.py --out runs/sact_full.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+SMALL = {
+    "canvases": (32, 48),
+    "n_train": 384,
+    "n_test": 256,
+    "epochs": 3,
+    "batch_size": 32,
+    "lr": 2e-3,
+    "widths": (8, 16, 32),
+    "plain_depths": (8, 14, 20),
+    "adaptive_depth": 20,
+    "taus": (0.01, 0.05),
+    "timing_batch": 32,
+    "timing_repeats": 3,
+    "timing_biases": (2.0, 4.0, 4.6, 5.0),
+}
+FULL = {
+    "canvases": (32, 64),
+    "n_train": 4000,
+    "n_test": 1000,
+    "epochs": 12,
+    "batch_size": 64,
+    "lr": 2e-3,
+    "widths": (16, 32, 64),
+    "plain_depths": (8, 14, 20, 32),
+    "adaptive_depth": 32,
+    "taus": (0.002, 0.005, 0.01, 0.02, 0.05),
+    "timing_batch": 64,
+    "timing_repeats": 5,
+    "timing_biases": (2.0, 4.0, 4.6, 5.0),
+}
+
+
+def settings(full=None):
+    """The experiment settings: ``FULL`` when ``full`` (default: ``PONDER_FULL=1``), else ``SMALL``."""
+    if full is None:
+        full = os.environ.get("PONDER_FULL") == "1"
+    return dict(FULL if full else SMALL)
+
+
+def pick_backend():
+    """"cython" when it is usable here, else "numpy"."""
+    try:
+        import fastpath
+
+        return "cython" if "cython" in fastpath.usable_backends() else "numpy"
+    except ImportError:
+        return "numpy"
+
+
+# ---------------------------------------------------------------------------------------------
+# Map metrics (the eye-fixation metrics of saliency research, with the digit as the "fixations")
+# ---------------------------------------------------------------------------------------------
+
+
+def auc(score, mask):
+    """Area under the ROC curve of ``score`` as a detector of ``mask`` pixels (ties count half)."""
+    from scipy.stats import rankdata
+
+    score, mask = np.asarray(score, dtype=np.float64).ravel(), np.asarray(mask, dtype=bool).ravel()
+    positives, negatives = int(mask.sum()), int((~mask).sum())
+    if positives == 0 or negatives == 0:
+        raise ValueError("the mask must contain both object and background pixels")
+    ranks = rankdata(score)  # average ranks: ties count half
+    return float((ranks[mask].sum() - positives * (positives + 1) / 2) / (positives * negatives))
+
+
+def nss(score, mask):
+    """Normalised scanpath saliency: mean of the z-scored map over the object pixels (0 for a flat map)."""
+    score = np.asarray(score, dtype=np.float64)
+    std = score.std()
+    if std == 0:
+        return 0.0
+    return float(((score - score.mean()) / std)[np.asarray(mask, dtype=bool)].mean())
+
+
+def cc(score, mask):
+    """Pearson correlation between the map and the mask (0 for a flat map)."""
+    score, target = np.asarray(score, dtype=np.float64).ravel(), np.asarray(mask, dtype=np.float64).ravel()
+    if score.std() == 0 or target.std() == 0:
+        return 0.0
+    return float(np.corrcoef(score, target)[0, 1])
+
+
+def centre_gaussian(hw, sigma_fraction=0.25):
+    """The centre-bias baseline map: an isotropic Gaussian at the image centre, σ = fraction × side."""
+    h, w = hw
+    y, x = np.mgrid[0:h, 0:w]
+    sigma = sigma_fraction * max(h, w)
+    return np.exp(-(((y - (h - 1) / 2) ** 2 + (x - (w - 1) / 2) ** 2) / (2 * sigma ** 2)))
+
+
+def map_scores(maps, masks):
+    """Mean and standard error of AUC, NSS and CC of ``maps`` (N, H, W) against ``masks`` (N, H, W)."""
+    rows = np.array([[auc(m, k), nss(m, k), cc(m, k)] for m, k in zip(maps, masks)])
+    mean, sem = rows.mean(axis=0), rows.std(axis=0) / np.sqrt(len(rows))
+    return {name: {"mean": float(mean[i]), "sem": float(sem[i])} for i, name in enumerate(("auc", "nss", "cc"))}
+
+
+def computation_time_maps(model, images, batch_size=64):
+    """Σ_blocks ρ upsampled to the image, for every image (evaluation mode)."""
+    model.eval()
+    maps = []
+    dtype = model.stem.params["w"].dtype
+    for start in range(0, len(images), batch_size):
+        x = images[start:start + batch_size].astype(dtype)
+        model(x)
+        maps.append(model.ponder_map(x.shape[2:]))
+    return np.concatenate(maps)
+
+
+# ---------------------------------------------------------------------------------------------
+# Experiments
+# ---------------------------------------------------------------------------------------------
+
+
+def train(name, data, cfg, backend, tau=None, seed=0):
+    """Train the registered model ``name`` on ``data["train"]``; returns (model, test metrics, seconds)."""
+    from refimpl.models import build_model
+    from refimpl.optim import Adam
+    from refimpl.training import evaluate, fit
+
+    options = {"widths": cfg["widths"]}
+    if tau is not None:
+        options["tau"] = tau
+    model = build_model(name, 10, 1, np.random.default_rng(seed), backend=backend, **options)
+    optimizer = Adam(list(model.named_parameters()), lr=cfg["lr"])
+    start = time.perf_counter()
+    fit(model, optimizer, data["train"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
+        rng=np.random.default_rng(seed + 1), progress=False)
+    seconds = time.perf_counter() - start
+    result = evaluate(model, data["test"])
+    return model, result, seconds
+
+
+def flops_accuracy(cfg, backend, log=print):
+    """Experiment 1. Returns (rows, trained adaptive models by (canvas, kind, tau), data by canvas)."""
+    from refimpl.datasets import load_cluttered_digits
+
+    rows, models, datasets = [], {}, {}
+    for canvas in cfg["canvases"]:
+        data = load_cluttered_digits(canvas=canvas, n_train=cfg["n_train"], n_val=0, n_test=cfg["n_test"], seed=canvas)
+        datasets[canvas] = data
+        runs = [(f"resnet{d}", None) for d in cfg["plain_depths"]]
+        runs += [(f"{kind}-resnet{cfg['adaptive_depth']}", tau) for kind in ("act", "sact") for tau in cfg["taus"]]
+        for name, tau in runs:
+            model, result, seconds = train(name, data, cfg, backend, tau)
+            row = {"canvas": canvas, "model": name, "tau": tau, "accuracy": result["accuracy"],
+                   "mflops": result["flops_per_image"] / 1e6, "mflops_std": result["flops_std"] / 1e6,
+                   "train_seconds": seconds}
+            rows.append(row)
+            log(f"canvas {canvas:3d}  {name:15s} tau={'-' if tau is None else tau:<6}  "
+                f"acc {row['accuracy']:.3f}  {row['mflops']:7.2f} ± {row['mflops_std']:5.2f} MFLOPs  ({seconds:.0f}s)")
+            if tau is not None:
+                models[(canvas, name.split("-")[0], tau)] = model
+    return rows, models, datasets
+
+
+def time_inference(model, x, execution, repeats):
+    """Median seconds of one evaluation-mode forward of ``x`` with ``execution``, and its FLOPs per image."""
+    model.eval()
+    model.set_execution(execution)
+    model(x)  # warm-up: plans, caches, thread pools
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - start)
+    flops = float(model.flops_per_sample.mean())
+    model.set_execution("sparse")
+    return float(np.median(times)), flops
+
+
+def wall_clock(model, images, cfg, label, log=print):
+    """Experiment 2 for one SACT model: sparse vs dense execution on the model's backend."""
+    x = images[: cfg["timing_batch"]].astype(model.stem.params["w"].dtype)
+    sparse_s, sparse_flops = time_inference(model, x, "sparse", cfg["timing_repeats"])
+    dense_s, dense_flops = time_inference(model, x, "dense", cfg["timing_repeats"])
+    row = {"model": label, "batch": len(x), "sparse_ms": 1e3 * sparse_s, "dense_ms": 1e3 * dense_s,
+           "speedup": dense_s / sparse_s, "flops_ratio": dense_flops / sparse_flops,
+           "speedup_over_flops_ratio": (dense_s / sparse_s) / (dense_flops / sparse_flops)}
+    log(f"{label:40s} sparse {row['sparse_ms']:8.1f} ms  dense {row['dense_ms']:8.1f} ms  "
+        f"speed-up {row['speedup']:.2f}x  FLOPs ratio {row['flops_ratio']:.2f}x  "
+        f"(speed-up / FLOPs ratio {row['speedup_over_flops_ratio']:.2f})")
+    return row
+
+
+@contextlib.contextmanager
+def halting_bias(model, bias):
+    """Temporarily set every halting logit's bias to ``bias`` — a network that halts early."""
+    heads = [head for block in model.stages for head in block.heads]
+    saved = [head.local.params["b"].copy() for head in heads]
+    for head in heads:
+        head.local.params["b"][...] = bias
+    try:
+        yield model
+    finally:
+        for head, value in zip(heads, saved):
+            head.local.params["b"][...] = value
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--full", action="store_true", help="full settings (same as PONDER_FULL=1)")
+    parser.add_argument("--backend", default=None, help="conv backend (default: cython if usable, else numpy)")
+    parser.add_argument("--out", default=None, help="write every number to this JSON file")
+    args = parser.parse_args(argv)
+    cfg = settings(True if args.full else None)
+    backend = args.backend or pick_backend()
+    print(f"settings: {'full' if cfg == FULL else 'small'} {cfg}; backend {backend}")
+
+    print("\n== 1. FLOPs–accuracy ==")
+    rows, models, datasets = flops_accuracy(cfg, backend)
+
+    print("\n== 2. wall-clock: SACT sparse vs dense execution on the same backend ==")
+    timing = []
+    big = max(cfg["canvases"])
+    for (canvas, kind, tau), model in models.items():
+        if kind == "sact":
+            timing.append(wall_clock(model, datasets[canvas]["test"].images, cfg, f"sact canvas {canvas} tau {tau}"))
+    # The same trained network with its halting biases moved: a range of sparsity levels, to see how
+    # the measured speed-up follows the FLOPs ratio (the accuracy of these variants is not the point).
+    tau = max(cfg["taus"])
+    for bias in cfg["timing_biases"]:
+        with halting_bias(models[(big, "sact", tau)], bias) as shifted:
+            timing.append(wall_clock(shifted, datasets[big]["test"].images, cfg,
+                                     f"sact canvas {big} tau {tau}, halting bias {bias:+}"))
+
+    print("\n== 3. computation-time maps vs the digit (object masks) ==")
+    maps_rows = []
+    for canvas in cfg["canvases"]:
+        test = datasets[canvas]["test"]
+        baseline = np.broadcast_to(centre_gaussian(test.object_masks.shape[1:]), test.object_masks.shape)
+        base = map_scores(baseline, test.object_masks)
+        maps_rows.append({"canvas": canvas, "map": "centre Gaussian", **base})
+        print(f"canvas {canvas:3d}  centre Gaussian        AUC {base['auc']['mean']:.3f}  NSS {base['nss']['mean']:.3f}  "
+              f"CC {base['cc']['mean']:.3f}")
+        for tau in cfg["taus"]:
+            model = models[(canvas, "sact", tau)]
+            scores = map_scores(computation_time_maps(model, test.images), test.object_masks)
+            maps_rows.append({"canvas": canvas, "map": f"sact tau {tau}", **scores})
+            print(f"canvas {canvas:3d}  SACT tau {tau:<6}        AUC {scores['auc']['mean']:.3f} ± {scores['auc']['sem']:.3f}  "
+                  f"NSS {scores['nss']['mean']:.3f}  CC {scores['cc']['mean']:.3f}")
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps({"settings": cfg, "backend": backend, "flops_accuracy": rows,
+                                   "wall_clock": timing, "maps": maps_rows}, indent=1))
+        print(f"\nwrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
