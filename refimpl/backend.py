@@ -126,6 +126,10 @@ ENTRY_POINT_GROUP = "ponder.backends"
 
 def register_backend(name, factory):
     """Make ``get_backend(name)`` return ``factory()`` (created once, then reused)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if not callable(factory):
+        raise TypeError(f"factory must be callable (a ConvBackend subclass or a function), got {factory!r}")
     _REGISTRY[name] = factory
     _INSTANCES.pop(name, None)
 

@@ -201,6 +201,11 @@ class TestMaskGenerators:
         with pytest.raises(ValueError, match=re.escape("impact must have shape (4, 4), got (4, 5)")):
             make_mask("impact", (4, 4), 0.5, r, impact=np.ones((4, 5)))
 
+    def test_structure_pool_padding(self):
+        # A pooling layer with more padding than half its window does not exist in refimpl.pooling.
+        with pytest.raises(ValueError, match=re.escape("pool_padding must be at most half the pooling size (3, 3), got (2, 2)")):
+            structure_mask((6, 6), 0.5, np.random.default_rng(0), 3, 1, 2)
+
     def test_impact_arguments(self):
         v = rng.standard_normal((2, 3, 4, 5))
         with pytest.raises(ValueError, match=re.escape("gradients must have the shape of activations (2, 3, 4, 5), got (2, 3, 5, 4)")):
@@ -278,6 +283,15 @@ class TestImplicit:
             compose_index_table(np.full((3, 3), -1), 2)
         with pytest.raises(ValueError, match=re.escape("out_positions must be raster indices in [0, 4), got values in [0, 4]")):
             compose_index_table(np.zeros((3, 3), dtype=int), 2, out_positions=[0, 4])
+
+
+def test_register_backend_arguments():
+    from refimpl.backend import register_backend
+
+    with pytest.raises(TypeError, match="factory must be callable"):
+        register_backend("broken", None)
+    with pytest.raises(TypeError, match="name must be a non-empty str, got 3"):
+        register_backend(3, object)
 
 
 def test_conv_output_shape_arguments():

@@ -9,6 +9,8 @@ from refimpl.backend import get_backend
 from refimpl.conv import conv2d_forward, conv_flops
 from refimpl.perforation import (
     PerforationPlan,
+    fill_backward,
+    fill_forward,
     nearest_index,
     perforated_conv2d_forward,
     perforated_conv_flops,
@@ -237,3 +239,25 @@ def test_backend_by_name_is_the_default():
     inst, _ = perforated_conv2d_forward(x, w, None, mask, backend=get_backend("numpy"))
     np.testing.assert_array_equal(named, ref)
     np.testing.assert_array_equal(inst, ref)
+
+
+@given(st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5)).flatmap(
+    lambda s: st.tuples(masks(s[1:], batch=s[0]), st.just(s[0]))), rngs())
+def test_fill_backward_is_the_adjoint_of_fill_forward(mask_and_n, rng):
+    # <fill_forward(c), d> == <c, fill_backward(d)> for every fill: the identity a backend's
+    # fill kernels must satisfy too (padded compact slots excluded: they are never read).
+    mask, n = mask_and_n
+    plan = PerforationPlan(mask)
+    k = 2
+    compact = rng.standard_normal((n, k, plan.width))
+    counts = np.broadcast_to(plan.counts, (n,))
+    for sample in range(n):
+        compact[sample, :, counts[sample]:] = 0
+    ddense = rng.standard_normal((n, k, *plan.out_hw))
+    for fill in ("nearest", "zero"):
+        lhs = np.sum(fill_forward(compact, plan, fill) * ddense)
+        dcompact = fill_backward(ddense, plan, fill)
+        rhs = np.sum(compact * dcompact)
+        assert abs(lhs - rhs) <= 1e-12 * max(1.0, np.abs(compact).sum() * np.abs(ddense).max())
+        for sample in range(n):
+            assert np.all(dcompact[sample, :, counts[sample]:] == 0)
