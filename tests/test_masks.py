@@ -180,3 +180,12 @@ def test_make_mask_dispatches_with_the_same_stream(seed):
         np.testing.assert_array_equal(via, direct((5, 6), 0.5, np.random.default_rng(seed), *args))
     np.testing.assert_array_equal(make_mask("impact", (5, 6), 0.5, np.random.default_rng(seed), impact=impact),
                                   impact_mask(impact, 0.5, np.random.default_rng(seed)))
+
+
+def test_score_ties_are_broken_by_the_seed():
+    # 2x2/stride-2 pooling reads every position of a 6x6 map once: all scores tie, so which
+    # half is kept is decided by the seeded noise alone — different seeds, different masks
+    # (a fixed order, e.g. raster, would always keep the same positions).
+    structure = {structure_mask((6, 6), 0.5, np.random.default_rng(s), 2).tobytes() for s in range(8)}
+    impact = {impact_mask(np.ones((6, 6)), 0.5, np.random.default_rng(s)).tobytes() for s in range(8)}
+    assert len(structure) > 1 and len(impact) > 1
