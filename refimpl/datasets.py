@@ -22,6 +22,7 @@ Images are float32 (N, C, H, W) in [0, 1]; labels int64 (N,).
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,12 +92,18 @@ def upscale(images, factor):
     return images.repeat(factor, axis=-2).repeat(factor, axis=-1)
 
 
-def digit_source():
-    """All 1,797 scikit-learn digits: images float32 (1797, 8, 8) in [0, 1], labels int64."""
+@functools.lru_cache(maxsize=1)
+def _read_sklearn_digits():
     from sklearn.datasets import load_digits as _sk_load_digits
 
     bunch = _sk_load_digits()
     return (bunch.images / 16.0).astype(np.float32), bunch.target.astype(np.int64)
+
+
+def digit_source():
+    """All 1,797 scikit-learn digits: images float32 (1797, 8, 8) in [0, 1], labels int64 (fresh copies)."""
+    images, labels = _read_sklearn_digits()
+    return images.copy(), labels.copy()
 
 
 def load_digits(scale=1, seed=0, fractions=(0.6, 0.1, 0.3)):
@@ -376,10 +383,11 @@ def iterate_batches(images, labels, batch_size, rng=None, augment=None, drop_las
 DATASETS = ("digits", "cluttered-digits", "cifar10")
 
 
-def load_dataset(name, seed=0, scale=1, canvas=48, n_train=5000, n_val=500, n_test=1000, digit_scale=2,
+def load_dataset(name, seed=0, scale=1, canvas=48, n_train=5000, n_val=None, n_test=1000, digit_scale=2,
                  n_clutter=None, cifar_dir=None):
     """Load a data set by name: ``"digits"`` (``scale``), ``"cluttered-digits"`` (``canvas``,
-    ``n_train``/``n_val``/``n_test``, ``digit_scale``, ``n_clutter``) or ``"cifar10"`` (``cifar_dir``).
+    ``n_train``/``n_val``/``n_test``, ``digit_scale``, ``n_clutter``) or ``"cifar10"`` (``cifar_dir``,
+    ``n_val``). ``n_val=None`` means 500 for cluttered digits and 5000 for CIFAR-10.
 
     Returns
     -------
@@ -391,9 +399,10 @@ def load_dataset(name, seed=0, scale=1, canvas=48, n_train=5000, n_val=500, n_te
     if name == "digits":
         splits = load_digits(scale, seed)
     elif name == "cluttered-digits":
-        splits = load_cluttered_digits(canvas, n_train, n_val, n_test, seed, digit_scale, n_clutter)
+        splits = load_cluttered_digits(canvas, n_train, 500 if n_val is None else n_val, n_test, seed, digit_scale,
+                                       n_clutter)
     else:
-        splits = load_cifar10(cifar_dir, seed=seed)
+        splits = load_cifar10(cifar_dir, 5000 if n_val is None else n_val, seed=seed)
     shape = splits["train"].images.shape
     info = {"num_classes": 10, "in_channels": int(shape[1]), "image_hw": [int(shape[2]), int(shape[3])],
             "flip": name == "cifar10"}

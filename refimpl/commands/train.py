@@ -37,7 +37,8 @@ def add_arguments(parser):
     data.add_argument("--clutter", type=int, default=None, help="cluttered digits: fragments per image (default canvas // 8)")
     data.add_argument("--scale", type=int, default=1, help="digits: upscaling of the 8x8 images (default 1)")
     data.add_argument("--n-train", type=int, default=5000, help="cluttered digits: training images (default 5000)")
-    data.add_argument("--n-val", type=int, default=500, help="cluttered digits: validation images (default 500)")
+    data.add_argument("--n-val", type=int, default=None,
+                      help="validation images (default 500 for cluttered digits, 5000 for cifar10)")
     data.add_argument("--n-test", type=int, default=1000, help="cluttered digits: test images (default 1000)")
     data.add_argument("--cifar-dir", type=Path, default=None, help="cifar10: folder with the binary batches")
     data.add_argument("--crop-padding", type=int, default=0, help="augmentation: random crop with this zero padding")
