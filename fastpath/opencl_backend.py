@@ -297,7 +297,7 @@ class OpenCLConvCache(NamedTuple):
     """What the backward of a (table) convolution needs; arrays stay on the device."""
 
     src: Any  # device (N, C, S)
-    w: Any  # device (K, C, kh, kw)
+    w: Any  # (K, C, kh, kw) as given: NumPy or device
     table: Any  # device int32 (B, R, T)
     counts: Any  # device int32 (B,)
     table_batch: int
@@ -360,6 +360,7 @@ class OpenCLBackend(ConvBackend):
         self._index = _IndexCache()
         self._counts = {}
         self._reduce_size = 1 << (min(256, self.device.max_work_group_size).bit_length() - 1)
+        self._group = min(64, self._reduce_size, self.device.max_work_item_sizes[0])
 
     # -- dtype, programs, launches -------------------------------------------------------------
 
@@ -412,8 +413,14 @@ class OpenCLBackend(ConvBackend):
                 converted.append(np.int32(arg))
             else:
                 converted.append(arg)
-        event = kernel(self.queue, tuple(int(g) for g in global_size),
-                       None if local_size is None else tuple(local_size), *converted)
+        global_size = tuple(int(g) for g in global_size)
+        if local_size is None:
+            # A fixed work-group shape (global size rounded up; every kernel checks its bounds):
+            # PoCL compiles one specialisation per work-group shape, and letting the runtime
+            # choose one per problem size would recompile for almost every new shape.
+            local_size = (self._group,) + (1,) * (len(global_size) - 1)
+            global_size = (_round_up(max(global_size[0], 1), self._group),) + global_size[1:]
+        event = kernel(self.queue, global_size, tuple(local_size), *converted)
         if self.record_events:
             self._events.append(event)
         return event
@@ -483,13 +490,33 @@ class OpenCLBackend(ConvBackend):
 
     # -- the GEMM engine -----------------------------------------------------------------------
 
+    def _weights(self, w, dtype):
+        """Weights as given (NumPy stays on the host until packed, device arrays are checked)."""
+        if isinstance(w, cla.Array):
+            return self._device_array(w, dtype)
+        w = np.ascontiguousarray(w)
+        if w.dtype != dtype:
+            raise TypeError(f"arrays must share one dtype, got {dtype} and {w.dtype}")
+        return w
+
     def _pack(self, w, k, c, taps, depth, transpose, dtype):
-        """Weights as the zero-padded matrix the GEMM kernels read (see ``pack_weights``)."""
+        """Weights as the zero-padded matrix the GEMM kernels read (see ``pack_weights``).
+
+        NumPy weights are packed on the host and uploaded once (one kernel launch less per
+        call); device weights are packed on the device.
+        """
         rows, cols = (c, k * taps * depth) if transpose else (k, c * taps)
         if self.kernels == "fast":
             rows_p, cols_p = _round_up(rows, self.tile["TM"]), _round_up(cols, self.tile["TK"])
         else:
             rows_p, cols_p = rows, cols
+        if isinstance(w, np.ndarray):
+            packed = np.zeros((rows_p, cols_p), dtype)
+            matrix = w.reshape(k, c, taps)
+            if transpose:
+                matrix = np.repeat(matrix.transpose(1, 0, 2), depth, axis=2)
+            packed[:rows, :cols] = matrix.reshape(rows, cols)
+            return cla.to_device(self.queue, packed), cols_p
         packed = cla.empty(self.queue, (rows_p, cols_p), dtype)
         self._launch(KERNEL_FILES["fast"], "pack_weights", dtype, (cols_p, rows_p), None,
                      k, c, taps, depth, int(transpose), rows_p, cols_p, w, packed)
@@ -582,7 +609,7 @@ class OpenCLBackend(ConvBackend):
         dtype = self._check_dtype(x.dtype)
         n, c, h, wd = x.shape
         xd = self._device_array(x).reshape(n, c, h * wd)
-        wdev = self._device_array(w, dtype)
+        wdev = self._weights(w, dtype)
         bdev = self._device_array(b, dtype)
 
         def upload_taps():
@@ -655,7 +682,7 @@ class OpenCLBackend(ConvBackend):
         on_device = isinstance(src, cla.Array)
         dtype = self._check_dtype(src.dtype)
         sdev = self._device_array(src)
-        wdev = self._device_array(w, dtype)
+        wdev = self._weights(w, dtype)
         bdev = self._device_array(b, dtype)
         host, tdev = self._table(table)
         batch, rows, taps = host.shape
