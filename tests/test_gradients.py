@@ -118,3 +118,18 @@ def test_check_gradients_rejects_a_wrong_gradient():
     wrong = Recorder(lambda x, w, b: conv2d_forward(x, w, b), wrong_conv_backward, ("x", "w", "b"))
     errors = check_gradients(wrong.forward, wrong.backward, inputs, rng)
     assert errors["b"] > 0.1 and errors["x"] < GRADCHECK_RTOL and errors["w"] < GRADCHECK_RTOL
+
+
+def test_random_upstream_catches_what_sum_hides():
+    # f(x) = 3x; the backward returns the upstream gradient reversed (a transposition bug).
+    # With the all-ones gradient of sum() it would be right; a random upstream exposes it.
+    def forward(x):
+        return 3 * x
+
+    def reversed_backward(dout):
+        return {"x": 3 * dout[::-1]}
+
+    x = np.random.default_rng(1).standard_normal(6)
+    assert check_gradients(forward, reversed_backward, {"x": x}, np.random.default_rng(2))["x"] > 0.1
+    assert check_directional(forward, reversed_backward, {"x": x}, np.random.default_rng(2)) > 1e-3
+    assert check_gradients(forward, lambda d: {"x": 3 * d}, {"x": x}, np.random.default_rng(2))["x"] < GRADCHECK_RTOL
