@@ -125,15 +125,18 @@ def measure_loss(model, split, batch_size=256):
     return total / len(split), wrong / len(split), flops
 
 
-def measure_time(model, x, repeats=5):
-    """Median wall time (seconds) of ``model(x)`` in evaluation mode over ``repeats`` runs, after one warm-up."""
+def measure_time(model, x, repeats=5, timer=time.perf_counter):
+    """Median wall time (seconds) of ``model(x)`` in evaluation mode over ``repeats`` runs, after one warm-up.
+
+    ``timer`` is the clock (a function returning seconds), replaceable for tests.
+    """
     model.eval()
     model(x)
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = timer()
         model(x)
-        times.append(time.perf_counter() - start)
+        times.append(timer() - start)
     return float(np.median(times))
 
 
@@ -238,7 +241,7 @@ def move_cost(loss, loss0, cost, cost0):
 
 def perforate_network(model, data, target_speedup, mask_types=("impact", "grid"), cost="flops", backend=None,
                       rng=None, impact_data=None, fractions=KEPT_FRACTIONS, timing_batch=64, timing_repeats=5,
-                      random_repeats=2, max_steps=None, batch_size=256, progress=False):
+                      random_repeats=2, max_steps=None, batch_size=256, progress=False, timer=time.perf_counter):
     """Greedily perforate ``model`` until it is ``target_speedup`` times faster (SPEC §1.2).
 
     Parameters
@@ -259,6 +262,7 @@ def perforate_network(model, data, target_speedup, mask_types=("impact", "grid")
     max_steps : int or None — stop after this many steps
     batch_size : batch size of the loss and impact passes
     progress : print one line per step
+    timer : the clock of the time measurements (default ``time.perf_counter``)
 
     Returns
     -------
@@ -303,7 +307,7 @@ def perforate_network(model, data, target_speedup, mask_types=("impact", "grid")
 
     loss0, error0, flops0 = evaluate()
     dense = dense_flops(model)  # per image, from the geometry of the forward just run
-    seconds0 = measure_time(model, timing_x, timing_repeats)
+    seconds0 = measure_time(model, timing_x, timing_repeats, timer)
     dense_seconds = seconds0
     profile = Profile(
         settings={"cost": cost, "backend": backend.name, "mask_types": list(mask_types), "fractions": list(fractions),
@@ -364,7 +368,7 @@ def perforate_network(model, data, target_speedup, mask_types=("impact", "grid")
                 seconds = None
                 if cost == "time":
                     set_group_mask(model, info, mask)
-                    seconds = measure_time(model, timing_x, timing_repeats)
+                    seconds = measure_time(model, timing_x, timing_repeats, timer)
                     set_group_mask(model, info, st.mask)
                 value = move_cost(loss, loss0, seconds if cost == "time" else flops, cost_now)
                 if best is None or value < best[0]:
@@ -374,7 +378,7 @@ def perforate_network(model, data, target_speedup, mask_types=("impact", "grid")
         value, loss, error, flops, _, info, kind, notch, mask = best
         set_group_mask(model, info, mask)
         states[info.name] = _LayerState(kind, notch, mask)
-        seconds = measure_time(model, timing_x, timing_repeats)
+        seconds = measure_time(model, timing_x, timing_repeats, timer)
         loss0 = loss
         cost_now = seconds if cost == "time" else flops
         record({"layer": info.name, "mask_type": kind, "kept_fraction": fractions[notch], "move_cost": float(value)},
