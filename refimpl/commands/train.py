@@ -118,6 +118,8 @@ def run(args):
     from ..optim import SGD, Adam
     from ..training import evaluate, fit, plot_history
 
+    if args.epochs < 0 or args.batch_size < 1:
+        raise SystemExit(f"ponder train: --epochs must be >= 0 and --batch-size >= 1, got {args.epochs} and {args.batch_size}")
     try:
         options = parse_options(args.option)
         perforation = parse_perforation(args.perforate)
@@ -137,7 +139,7 @@ def run(args):
         optimizer = SGD(params, lr, momentum=args.momentum, weight_decay=args.weight_decay)
     else:
         optimizer = Adam(params, lr, weight_decay=args.weight_decay)
-    steps = args.epochs * -(-len(splits["train"]) // args.batch_size)
+    steps = max(1, args.epochs * -(-len(splits["train"]) // args.batch_size))
     augment = Augment(args.crop_padding, args.flip) if (args.crop_padding or args.flip) else None
     build = {"num_classes": info["num_classes"], "in_channels": info["in_channels"], "dtype": args.dtype,
              "options": options}
