@@ -1,0 +1,108 @@
+"""The stride and resolution baselines (refimpl.baselines): shapes, FLOPs, equivalences."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from refimpl.baselines import (UpsamplingPlan, pareto_front, resize_images, resolution_baseline, set_stride_factor,
+                               stride_baseline)
+from refimpl.conv import conv2d_forward, conv_output_shape
+from refimpl.datasets import Split
+from refimpl.impact import find_perforable_layers
+from refimpl.nin import NIN
+from refimpl.perforation import fill_forward
+
+F64 = np.float64
+
+
+def tiny_nin(seed=0):
+    return NIN(10, 1, np.random.default_rng(seed), widths=(4, 5, 6), dtype=F64).eval()
+
+
+def data(n=6, hw=(12, 12), seed=0):
+    rng = np.random.default_rng(seed)
+    return Split(rng.random((n, 1, *hw)), rng.integers(0, 10, n))
+
+
+@pytest.mark.parametrize("out_hw,k", [((6, 6), 2), ((7, 5), 2), ((7, 9), 3), ((4, 4), 1)])
+def test_upsampling_plan_repeats_the_strided_output(out_hw, k):
+    plan = UpsamplingPlan(out_hw, k)
+    rows, cols = -(-out_hw[0] // k), -(-out_hw[1] // k)
+    assert plan.width == rows * cols
+    strided = np.random.default_rng(0).standard_normal((2, 3, rows, cols))
+    dense = fill_forward(strided.reshape(2, 3, -1), plan, "nearest")
+    expected = strided.repeat(k, axis=2).repeat(k, axis=3)[:, :, : out_hw[0], : out_hw[1]]
+    np.testing.assert_array_equal(dense, expected)
+
+
+def test_stride_factor_equals_a_strided_convolution_upsampled_and_counts_its_flops():
+    model = tiny_nin()
+    x = data().images
+    info = find_perforable_layers(model, x)[0]
+    set_stride_factor(model, info, 2)
+    model(x)
+    conv1 = model.conv1
+    w, b = conv1.params["w"], np.zeros(conv1.out_channels)
+    strided, _ = conv2d_forward(x, w, b, stride=2, padding=1)
+    assert strided.shape[2:] == (6, 6)
+    v = conv1.forward(x)
+    np.testing.assert_allclose(v, strided.repeat(2, axis=2).repeat(2, axis=3), rtol=1e-12)
+    assert model(x).shape == (6, 10)
+    assert conv1.flops == 2 * 1 * 9 * 4 * 36 * 6  # 36 computed positions of 144, per image
+    assert model.cccp1.flops == 2 * 4 * 4 * 36 * 6  # the 1x1 follower shares the strided positions
+    set_stride_factor(model, info, 1)  # back to the dense layer
+    np.testing.assert_array_equal(model(x), tiny_nin()(x))
+    assert model.conv1.flops == 2 * 9 * 4 * 144 * 6
+
+
+def test_stride_baseline_tries_every_combination_and_marks_the_front():
+    model = tiny_nin()
+    points = stride_baseline(model, data(), factors=(1, 2), timing_batch=2, timing_repeats=1)
+    assert len(points) == 2 ** 3
+    dense = points[0]
+    assert dense["factors"] == {"conv1": 1, "conv2": 1, "conv3": 1} and dense["theoretical_speedup"] == 1.0
+    all_two = [p for p in points if set(p["factors"].values()) == {2}][0]
+    # every perforable layer and its follower compute a quarter of their positions (12x12, 6x6, 3x3 maps)
+    per_pos = {"conv1": 2 * 9 * 4 + 2 * 4 * 4, "conv2": 2 * 4 * 9 * 5 + 2 * 5 * 5, "conv3": 2 * 5 * 9 * 6 + 2 * 6 * 10}
+    expected = per_pos["conv1"] * 36 + per_pos["conv2"] * 9 + per_pos["conv3"] * 4
+    assert all_two["flops"] == expected
+    assert dense["flops"] / all_two["flops"] == pytest.approx(all_two["theoretical_speedup"])
+    assert any(p["pareto"] for p in points)
+    np.testing.assert_array_equal(model(data().images), tiny_nin()(data().images))  # model restored
+
+
+def test_resolution_baseline_shapes_and_flops():
+    model = tiny_nin()
+    split = data(hw=(16, 16))
+    small = resize_images(split.images, (8, 8))
+    assert small.shape == (6, 1, 8, 8) and small.dtype == split.images.dtype
+    np.testing.assert_allclose(resize_images(np.ones((1, 1, 16, 16)), 8), np.ones((1, 1, 8, 8)))
+    points = resolution_baseline(model, split, [16, 12, 8], timing_batch=2, timing_repeats=1)
+
+    def flops_at(h):
+        total, hw = 0, (h, h)
+        for c, k, kernel in ((1, 4, 3), (4, 4, 1)):
+            total += 2 * c * kernel * kernel * k * hw[0] * hw[1]
+        hw = conv_output_shape(hw, 3, 2, 1)
+        for c, k, kernel in ((4, 5, 3), (5, 5, 1)):
+            total += 2 * c * kernel * kernel * k * hw[0] * hw[1]
+        hw = conv_output_shape(hw, 3, 2, 1)
+        for c, k, kernel in ((5, 6, 3), (6, 10, 1)):
+            total += 2 * c * kernel * kernel * k * hw[0] * hw[1]
+        return total
+
+    assert [p["flops"] for p in points] == [flops_at(16), flops_at(12), flops_at(8)]
+    assert points[0]["theoretical_speedup"] == 1.0
+    assert points[2]["theoretical_speedup"] == pytest.approx(flops_at(16) / flops_at(8))
+
+
+def test_pareto_front():
+    points = [{"measured_speedup": 1.0, "error": 0.1}, {"measured_speedup": 2.0, "error": 0.2},
+              {"measured_speedup": 1.5, "error": 0.3}, {"measured_speedup": 2.0, "error": 0.25}]
+    assert [p["pareto"] for p in pareto_front(points)] == [True, True, False, False]
+
+
+def test_bad_stride_factor_is_refused():
+    with pytest.raises(ValueError, match="factor"):
+        UpsamplingPlan((4, 4), 0)
