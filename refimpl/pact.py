@@ -33,11 +33,11 @@ The relaxed and discrete training modes run *all* ``L`` units: the exact gradien
 
 The unit protocol
 -----------------
-A unit is any object with
+A unit is any object with (``S...`` stands for the latent axes: none, or ``H, W``)
 
 ``forward(state, rows) -> (new_state, halting_logits, cache)``
-    ``state`` (n, C, *S) holds the rows ``rows`` (int array (n,), indices into the batch) of the
-    batch; ``halting_logits`` has shape (n, *S) — one latent per example (``S = ()``, an RNN step
+    ``state`` (n, C, S...) holds the rows ``rows`` (int array (n,), indices into the batch) of the
+    batch; ``halting_logits`` has shape (n, S...) — one latent per example (``S = ()``, an RNN step
     or an ACT-like residual block) or one per position (``S = (H, W)``, spatial PACT).
 ``backward(dnew_state, dhalting_logits, cache) -> dstate``
     accumulates the unit's parameter gradients and returns the gradient w.r.t. its input state.
@@ -75,7 +75,7 @@ MODES = ("relaxed", "discrete", "thresholded")
 class UnrollCache(NamedTuple):
     units: tuple
     unit_caches: list
-    logits_shape: tuple  # (n, *S)
+    logits_shape: tuple  # (n, S...)
 
 
 def unroll_forward(units, state):
@@ -84,12 +84,12 @@ def unroll_forward(units, state):
     Parameters
     ----------
     units : sequence of ``L >= 1`` units (see the module docstring)
-    state : ndarray (N, C, *S), the block input :math:`U_0`
+    state : ndarray (N, C, S...), the block input :math:`U_0`
 
     Returns
     -------
-    states : list of ``L`` ndarrays (N, C, *S), :math:`U_1 .. U_L`
-    logits : ndarray (N, *S, L-1), halting logits :math:`a_1 .. a_{L-1}`
+    states : list of ``L`` ndarrays (N, C, S...), :math:`U_1 .. U_L`
+    logits : ndarray (N, S..., L-1), halting logits :math:`a_1 .. a_{L-1}`
     cache : UnrollCache
     """
     units = tuple(units)
@@ -112,14 +112,14 @@ def unroll_backward(dstates, dlogits, cache):
 
     Parameters
     ----------
-    dstates : list of ``L`` ndarrays (N, C, *S) or None, gradients w.r.t. each unit's output
+    dstates : list of ``L`` ndarrays (N, C, S...) or None, gradients w.r.t. each unit's output
         (not counting the gradient that flows from later units, which this function adds)
-    dlogits : ndarray (N, *S, L-1)
+    dlogits : ndarray (N, S..., L-1)
     cache : UnrollCache
 
     Returns
     -------
-    dstate : ndarray (N, C, *S), gradient w.r.t. the block input
+    dstate : ndarray (N, C, S...), gradient w.r.t. the block input
     """
     units, caches, logits_shape = cache
     dflow = None  # gradient arriving at U_l from unit l + 1
@@ -133,7 +133,7 @@ def unroll_backward(dstates, dlogits, cache):
 
 
 def _expand(latent, state):
-    """(N, *S) latent-shaped array → broadcastable against a state (N, C, *S)."""
+    """(N, S...) latent-shaped array → broadcastable against a state (N, C, S...)."""
     return np.expand_dims(latent, 1) if state.ndim > latent.ndim else latent
 
 
@@ -158,15 +158,15 @@ class RelaxedCache(NamedTuple):
     relaxed: object  # RelaxedBernoulliCache
     stick: object  # StickBreakingCache
     expected: object  # ExpectedStepsCache
-    weights: np.ndarray  # (N, *S, L)
-    logits: np.ndarray  # (N, *S, L-1)
+    weights: np.ndarray  # (N, S..., L)
+    logits: np.ndarray  # (N, S..., L-1)
 
 
 class BlockResult(NamedTuple):
-    output: np.ndarray  # (N, C, *S)
-    expected_steps: np.ndarray  # (N, *S), E_q[n] (exact, differentiable)
-    steps: np.ndarray | None  # (N, *S) int, the sampled n (discrete mode only)
-    noise: np.ndarray  # (N, *S, L-1), the uniform noise used
+    output: np.ndarray  # (N, C, S...)
+    expected_steps: np.ndarray  # (N, S...), E_q[n] (exact, differentiable)
+    steps: np.ndarray | None  # (N, S...) int, the sampled n (discrete mode only)
+    noise: np.ndarray  # (N, S..., L-1), the uniform noise used
 
 
 def relaxed_forward(units, state, temperature, noise):
@@ -175,9 +175,9 @@ def relaxed_forward(units, state, temperature, noise):
     Parameters
     ----------
     units : sequence of ``L`` units
-    state : ndarray (N, C, *S)
+    state : ndarray (N, C, S...)
     temperature : float > 0, ``λ`` of the relaxed Bernoulli
-    noise : numpy.random.Generator, or ndarray (N, *S, L-1) in (0, 1) — fixed noise reproduces a
+    noise : numpy.random.Generator, or ndarray (N, S..., L-1) in (0, 1) — fixed noise reproduces a
         sample exactly (what the gradient check needs)
 
     Returns
@@ -200,13 +200,13 @@ def relaxed_backward(doutput, dexpected_steps, cache):
 
     Parameters
     ----------
-    doutput : ndarray (N, C, *S)
-    dexpected_steps : ndarray (N, *S) or None — e.g. ``τ`` per latent for the ponder penalty
+    doutput : ndarray (N, C, S...)
+    dexpected_steps : ndarray (N, S...) or None — e.g. ``τ`` per latent for the ponder penalty
     cache : RelaxedCache
 
     Returns
     -------
-    dstate : ndarray (N, C, *S)
+    dstate : ndarray (N, C, S...)
     """
     states, weights = cache.states, cache.weights
     reduce_axes = (1,) if doutput.ndim > weights.ndim - 1 else ()
@@ -230,8 +230,8 @@ def _expected_steps_logit_grad(dexpected_steps, expected_cache, logits):
 class DiscreteCache(NamedTuple):
     unroll: UnrollCache
     states: list
-    chosen: np.ndarray  # (N, *S, L) one-hot of n
-    steps: np.ndarray  # (N, *S)
+    chosen: np.ndarray  # (N, S..., L) one-hot of n
+    steps: np.ndarray  # (N, S...)
     expected: object
     logits: np.ndarray
 
@@ -242,8 +242,8 @@ def discrete_forward(units, state, noise):
     Parameters
     ----------
     units : sequence of ``L`` units
-    state : ndarray (N, C, *S)
-    noise : numpy.random.Generator, or ndarray (N, *S, L-1) in (0, 1)
+    state : ndarray (N, C, S...)
+    noise : numpy.random.Generator, or ndarray (N, S..., L-1) in (0, 1)
 
     Returns
     -------
@@ -269,15 +269,15 @@ def discrete_backward(doutput, dexpected_steps, learning_signal, cache):
 
     Parameters
     ----------
-    doutput : ndarray (N, C, *S)
-    dexpected_steps : ndarray (N, *S) or None
-    learning_signal : ndarray (N, *S) or None — the loss of the sampled ``n`` minus a baseline
+    doutput : ndarray (N, C, S...)
+    dexpected_steps : ndarray (N, S...) or None
+    learning_signal : ndarray (N, S...) or None — the loss of the sampled ``n`` minus a baseline
         (broadcast a per-example signal over the latents of that example)
     cache : DiscreteCache
 
     Returns
     -------
-    dstate : ndarray (N, C, *S)
+    dstate : ndarray (N, C, S...)
     """
     dstates = [_expand(cache.chosen[..., l], s) * doutput for l, s in enumerate(cache.states)]
     dlogits = _expected_steps_logit_grad(dexpected_steps, cache.expected, cache.logits)
@@ -304,7 +304,7 @@ class MovingAverageBaseline:
         self.seen = False
 
     def subtract(self, f):
-        """Learning signal ``f - b`` for a batch ``f`` of shape (N, *shape)."""
+        """Learning signal ``f - b`` for a batch ``f`` of shape (N,) + shape."""
         return np.asarray(f) - self.value
 
     def update(self, f):
@@ -320,8 +320,8 @@ class MovingAverageBaseline:
 
 
 class EarlyHaltResult(NamedTuple):
-    output: np.ndarray  # (N, C, *S)
-    steps: np.ndarray  # (N, *S) int, units run per latent
+    output: np.ndarray  # (N, C, S...)
+    steps: np.ndarray  # (N, S...) int, units run per latent
     units_run: np.ndarray  # (N,) int, units executed per example (max over its latents)
 
 
@@ -337,7 +337,7 @@ def halt_early_forward(units, state, rule="threshold", rng=None):
     Parameters
     ----------
     units : sequence of ``L`` units
-    state : ndarray (N, C, *S)
+    state : ndarray (N, C, S...)
     rule : "threshold" or "sample"
     rng : numpy.random.Generator, required for ``rule="sample"``
 

@@ -20,8 +20,8 @@ from .optim import Adam
 
 
 class ParityBatch(NamedTuple):
-    x: np.ndarray  # (N, 1, size) entries in {-1, 0, +1}
-    y: np.ndarray  # (N, 1) parity of the number of +1 entries
+    inputs: np.ndarray  # (N, 1, size) entries in {-1, 0, +1}
+    targets: np.ndarray  # (N, 1) parity of the number of +1 entries
     nonzero: np.ndarray  # (N,) number of non-zero entries k
 
 
@@ -88,7 +88,7 @@ def train_parity(objective, size=64, steps=2000, batch_size=128, hidden_size=128
     for step in range(1, steps + 1):
         batch = parity_batch(batch_size, size, rng, dtype)
         rnn.zero_grad()
-        result, cache = objective_forward(rnn, batch.x, batch.y, objective, tau=tau, temperature=temperature,
+        result, cache = objective_forward(rnn, batch.inputs, batch.targets, objective, tau=tau, temperature=temperature,
                                           beta=beta, prior_rate=prior_rate, noise=rng)
         objective_backward(np.full(batch_size, 1.0 / batch_size), cache, rnn)
         optimiser.step()
@@ -114,7 +114,7 @@ def evaluate_parity(rnn, size, rule, batch_size=2000, rng=None):
     """Accuracy and ponder steps on fresh parity examples, steps broken down by the number of non-zeros."""
     rng = _checks.generator(rng)
     batch = parity_batch(batch_size, size, rng, rnn.dtype)
-    ev = evaluate(rnn, batch.x, batch.y, rule, rng)
+    ev = evaluate(rnn, batch.inputs, batch.targets, rule, rng)
     steps = ev.steps[:, 0]
     by_k = {int(k): float(steps[batch.nonzero == k].mean()) for k in np.unique(batch.nonzero)}
     return ParityReport(ev.accuracy, float(steps.mean()), by_k)

@@ -135,16 +135,16 @@ def test_evaluate_thresholded_matches_first_h_above_one_half():
 def test_parity_batch():
     rng = np.random.default_rng(8)
     batch = parity_batch(500, 10, rng)
-    assert batch.x.shape == (500, 1, 10) and batch.y.shape == (500, 1)
-    assert set(np.unique(batch.x)) <= {-1.0, 0.0, 1.0}
-    np.testing.assert_array_equal(np.sum(batch.x[:, 0] != 0, axis=1), batch.nonzero)
-    np.testing.assert_array_equal(batch.y[:, 0], np.sum(batch.x[:, 0] == 1, axis=1) % 2)
+    assert batch.inputs.shape == (500, 1, 10) and batch.targets.shape == (500, 1)
+    assert set(np.unique(batch.inputs)) <= {-1.0, 0.0, 1.0}
+    np.testing.assert_array_equal(np.sum(batch.inputs[:, 0] != 0, axis=1), batch.nonzero)
+    np.testing.assert_array_equal(batch.targets[:, 0], np.sum(batch.inputs[:, 0] == 1, axis=1) % 2)
     assert batch.nonzero.min() == 1 and batch.nonzero.max() == 10
     # the positions are random, not always the first k entries
-    assert np.any(batch.x[:, 0, -1] != 0) and np.any((batch.nonzero < 10) & (batch.x[:, 0, 0] == 0))
+    assert np.any(batch.inputs[:, 0, -1] != 0) and np.any((batch.nonzero < 10) & (batch.inputs[:, 0, 0] == 0))
     # seeded: the same Generator state gives the same batch
     again = parity_batch(500, 10, np.random.default_rng(8))
-    np.testing.assert_array_equal(again.x, batch.x)
+    np.testing.assert_array_equal(again.inputs, batch.inputs)
 
 
 @pytest.mark.parametrize("objective", ["act", "pact", "pondernet"])
