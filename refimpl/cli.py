@@ -17,6 +17,7 @@ COMMANDS = {
     "evaluate": ("refimpl.commands.evaluate", "evaluate a checkpoint written by ponder train"),
     "map": ("refimpl.commands.map", "draw the computation-time map of an ACT/SACT checkpoint over an image"),
     "parity": ("refimpl.commands.parity", "train an ACT RNN on parity (act | pact | pondernet) and report ponder steps"),
+    "perforate": ("refimpl.commands.perforate", "greedily perforate a trained network to a target speedup; profile JSON and speed-error plot with baselines"),
 }
 
 
