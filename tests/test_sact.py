@@ -342,3 +342,18 @@ def test_ponder_map_command_refuses_bad_input(tmp_path):
     plain = _save_tiny(tmp_path, "resnet8")
     with pytest.raises(SystemExit, match="computation-time map"):
         main(["map", "--checkpoint", str(plain), "--image", "camera", "--size", "16", "--out", str(tmp_path / "m.png")])
+
+
+def test_ponder_train_then_map_end_to_end(tmp_path):
+    from refimpl.checkpoint import load_checkpoint
+    from refimpl.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--model", "sact-resnet14", "--option", "tau=0.02", "--option", "widths=[2,3,4]",
+                 "--data", "cluttered-digits", "--canvas", "32", "--n-train", "16", "--n-val", "4", "--n-test", "4",
+                 "--epochs", "1", "--batch-size", "8", "--quiet", "--out", str(run)]) == 0
+    model, meta = load_checkpoint(run / "checkpoint.npz")
+    assert meta["model"] == "sact-resnet14" and model.tau == 0.02 and model.widths == (2, 3, 4)
+    assert main(["map", "--checkpoint", str(run / "checkpoint.npz"), "--image", "coffee", "--size", "32",
+                 "--out", str(run / "map.png")]) == 0
+    assert (run / "map.png").stat().st_size > 0
