@@ -39,8 +39,9 @@ from refimpl.backend import ConvBackend
 try:
     import pyopencl as cl
     import pyopencl.array as cla
+    import pyopencl.tools as cl_tools
 except ImportError as _exc:  # status() reports it; importing this module never fails
-    cl = cla = None
+    cl = cla = cl_tools = None
     _PYOPENCL_IMPORT_ERROR = _exc
 else:
     _PYOPENCL_IMPORT_ERROR = None
@@ -358,6 +359,9 @@ class OpenCLBackend(ConvBackend):
         self._events = []
         self._kernels = {}
         self._index = _IndexCache()
+        # Device memory is recycled through a pool: creating a buffer per call costs more than
+        # the small layers' kernels on a GPU.
+        self._pool = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
         self._counts = {}
         self._reduce_size = 1 << (min(256, self.device.max_work_group_size).bit_length() - 1)
         self._group = min(64, self._reduce_size, self.device.max_work_item_sizes[0])
@@ -442,7 +446,7 @@ class OpenCLBackend(ConvBackend):
         """A C-contiguous device copy of a NumPy array (a device array is returned as is)."""
         if isinstance(array, cla.Array):
             return self._device_array(array)
-        return cla.to_device(self.queue, np.ascontiguousarray(array))
+        return self._upload(np.ascontiguousarray(array))
 
     def to_host(self, array):
         """A NumPy copy of a device array (a NumPy array is returned as is)."""
@@ -468,7 +472,13 @@ class OpenCLBackend(ConvBackend):
         array = np.asarray(array)
         if dtype is not None and array.dtype != dtype:
             raise TypeError(f"arrays must share one dtype, got {array.dtype} and {dtype}")
-        return cla.to_device(self.queue, np.ascontiguousarray(array))
+        return self._upload(np.ascontiguousarray(array))
+
+    def _empty(self, shape, dtype):
+        return cla.empty(self.queue, shape, dtype, allocator=self._pool)
+
+    def _upload(self, array):
+        return cla.to_device(self.queue, array, allocator=self._pool)
 
     def _result(self, array, on_device):
         return array if on_device else array.get(self.queue)
@@ -480,7 +490,7 @@ class OpenCLBackend(ConvBackend):
         return store[key]
 
     def _upload_int(self, array):
-        return cla.to_device(self.queue, np.ascontiguousarray(array, dtype=np.int32))
+        return self._upload(np.ascontiguousarray(array, dtype=np.int32))
 
     def _full_counts(self, batch, value):
         key = (batch, value)
@@ -516,8 +526,8 @@ class OpenCLBackend(ConvBackend):
             if transpose:
                 matrix = np.repeat(matrix.transpose(1, 0, 2), depth, axis=2)
             packed[:rows, :cols] = matrix.reshape(rows, cols)
-            return cla.to_device(self.queue, packed), cols_p
-        packed = cla.empty(self.queue, (rows_p, cols_p), dtype)
+            return self._upload(packed), cols_p
+        packed = self._empty((rows_p, cols_p), dtype)
         self._launch(KERNEL_FILES["fast"], "pack_weights", dtype, (cols_p, rows_p), None,
                      k, c, taps, depth, int(transpose), rows_p, cols_p, w, packed)
         return packed, cols_p
@@ -526,7 +536,7 @@ class OpenCLBackend(ConvBackend):
         """out (N, m, rows) = packed · (src gathered through table); see the kernel files."""
         n, c, s = src.shape
         dtype = src.dtype
-        out = cla.empty(self.queue, (n, m, rows), dtype)
+        out = self._empty((n, m, rows), dtype)
         ncols = n * rows
         has_bias = bias is not None
         bias_arg = bias if has_bias else packed  # any buffer; not read
@@ -547,7 +557,7 @@ class OpenCLBackend(ConvBackend):
         c, s = src.shape[1:]
         dtype = dout.dtype
         ncols, ct = n * rows, c * taps
-        dw = cla.empty(self.queue, (m, ct), dtype)
+        dw = self._empty((m, ct), dtype)
         if self.kernels == "oracle":
             self._launch(KERNEL_FILES["oracle"], "weight_grad_naive", dtype, (ct, m), None,
                          m, c, s, rows, taps, ncols, dout, src, table, table_batch, counts, dw)
@@ -560,7 +570,7 @@ class OpenCLBackend(ConvBackend):
         splits = max(1, min(-(-target // tiles), -(-ncols // (4 * t["TK"]))))
         per_split = _round_up(-(-ncols // splits), t["TK"])
         splits = -(-ncols // per_split)
-        partial = dw if splits == 1 else cla.empty(self.queue, (splits, m, ct), dtype)
+        partial = dw if splits == 1 else self._empty((splits, m, ct), dtype)
         local = (t["TN"] // t["WN"], t["TM"] // t["WM"])
         glob = (_round_up(ct, t["TN"]) // t["TN"] * local[0], _round_up(m, t["TM"]) // t["TM"] * local[1], splits)
         self._launch(KERNEL_FILES["fast"], "weight_grad", dtype, glob, (*local, 1),
@@ -572,7 +582,7 @@ class OpenCLBackend(ConvBackend):
     def _bias_grad(self, dout, table_batch, counts, rows):
         n, m, _ = dout.shape
         dtype = dout.dtype
-        db = cla.empty(self.queue, (m,), dtype)
+        db = self._empty((m,), dtype)
         if self.kernels == "oracle":
             self._launch(KERNEL_FILES["oracle"], "bias_grad_naive", dtype, (m,), None,
                          m, rows, n * rows, dout, table_batch, counts, db)
@@ -648,7 +658,7 @@ class OpenCLBackend(ConvBackend):
             return self._upload_int(index)
 
         index = self._cached(plan, ("fill", fill), upload_index)
-        dense = cla.empty(self.queue, (n, k, ho * wo), dtype)
+        dense = self._empty((n, k, ho * wo), dtype)
         self._launch(KERNEL_FILES["fast"], "gather_sum", dtype, (ho * wo, k, n), None,
                      ho * wo, p, k, 1, plan.batch, index, src, dense)
         return self._result(dense.reshape(n, k, ho, wo), on_device)
@@ -668,7 +678,7 @@ class OpenCLBackend(ConvBackend):
 
         inverse, depth = self._cached(plan, ("fill_adjoint", fill), upload_adjoint)
         p = plan.width
-        dcompact = cla.empty(self.queue, (n, k, p), dtype)
+        dcompact = self._empty((n, k, p), dtype)
         self._launch(KERNEL_FILES["fast"], "gather_sum", dtype, (p, k, n), None,
                      p, ho * wo, k, depth, plan.batch, inverse, src, dcompact)
         return self._result(dcompact, on_device)
@@ -714,8 +724,8 @@ class OpenCLBackend(ConvBackend):
         n, c, s = sdev.shape
         host, tdev = self._table(table)
         batch, rows, taps = host.shape
-        out = cla.empty(self.queue, (n, c, rows), dtype)
-        argmax = cla.empty(self.queue, (n, c, rows), np.int32) if mode == "max" else None
+        out = self._empty((n, c, rows), dtype)
+        argmax = self._empty((n, c, rows), np.int32) if mode == "max" else None
         self._launch(KERNEL_FILES["fast"], "table_pool_forward", dtype, (rows, c, n), None,
                      c, s, rows, taps, batch, int(mode == "max"), sdev, tdev, out,
                      argmax if argmax is not None else out)
@@ -733,7 +743,7 @@ class OpenCLBackend(ConvBackend):
             return self._upload_int(inverse), depth
 
         inverse, depth = self._cached(cache.table_host, "inverse", upload_inverse)
-        dsrc = cla.empty(self.queue, (n, c, s), dtype)
+        dsrc = self._empty((n, c, s), dtype)
         self._launch(KERNEL_FILES["fast"], "table_pool_backward", dtype, (s, c, n), None,
                      c, s, rows, taps, depth, batch, int(cache.mode == "max"), ddev, cache.table, inverse,
                      cache.argmax if cache.argmax is not None else inverse, dsrc)
