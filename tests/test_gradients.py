@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 from hypothesis import given
+from hypothesis import strategies as st
 
 from refimpl.conv import conv2d_backward, conv2d_forward
 from refimpl.gradcheck import check_directional, check_gradients
@@ -51,28 +52,34 @@ def test_dense_conv_backward(problem, rng):
     assert_gradients_ok(rec, {"x": x, "w": w, "b": b}, rng)
 
 
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
 @pytest.mark.parametrize("output,fill", [("dense", "nearest"), ("dense", "zero"), ("compact", "nearest")])
-@given(problem=conv_problems(dtypes=F64, **SMALL), rng=rngs())
-def test_perforated_conv_backward(output, fill, problem, rng):
-    # conv_problems draws shared and per-sample masks (full, single-position, random, grid, ...)
-    x, w, b, stride, padding, mask = problem
+@given(data=st.data(), rng=rngs())
+def test_perforated_conv_backward(per_sample, output, fill, data, rng):
+    # masks: full, single-position, random, uniform, grid; per-sample ones differ in size
+    x, w, b, stride, padding, mask = data.draw(conv_problems(dtypes=F64, per_sample=per_sample, **SMALL))
     rec = Recorder(lambda x, w, b: perforated_conv2d_forward(x, w, b, mask, stride, padding, fill=fill,
                                                              output=output),
                    perforated_conv2d_backward, ("x", "w", "b"))
     assert_gradients_ok(rec, {"x": x, "w": w, "b": b}, rng)
 
 
-@given(implicit_problems(dtypes=F64, layers=("conv",), max_hw=5), rngs())
-def test_implicit_conv_backward(problem, rng):
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@given(data=st.data(), rng=rngs())
+def test_implicit_conv_backward(per_sample, data, rng):
+    problem = data.draw(implicit_problems(dtypes=F64, layers=("conv",), per_sample=per_sample, max_hw=5))
     compact, plan, _, w, b, _, stride, padding = problem
     rec = Recorder(lambda compact, w, b: implicit_conv2d_forward(compact, plan, w, b, stride, padding),
                    implicit_conv2d_backward, ("compact", "w", "b"))
     assert_gradients_ok(rec, {"compact": compact, "w": w, "b": b}, rng)
 
 
-@given(implicit_problems(dtypes=F64, layers=("max", "avg"), max_hw=5), rngs())
-def test_implicit_pool_backward(problem, rng):
+@pytest.mark.parametrize("per_sample", [False, True], ids=["shared", "per_sample"])
+@pytest.mark.parametrize("mode", ["max", "avg"])
+@given(data=st.data(), rng=rngs())
+def test_implicit_pool_backward(per_sample, mode, data, rng):
     # compact values are >= 0.25 apart, so max pooling has no ties within h = 1e-6
+    problem = data.draw(implicit_problems(dtypes=F64, layers=(mode,), per_sample=per_sample, max_hw=5))
     compact, plan, mode, _, _, size, stride, padding = problem
     rec = Recorder(lambda compact: implicit_pool2d_forward(compact, plan, mode, size, stride, padding),
                    implicit_pool2d_backward, ("compact",))
