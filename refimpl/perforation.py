@@ -158,7 +158,9 @@ class PerforationPlan:
         _check_mask_type(mask, ndims=(2, 3))
         _checks.choice(tie_break, "tie_break", {"raster", "random"})
         self.shared = mask.ndim == 2
-        self.mask = np.ascontiguousarray(mask[None] if self.shared else mask)
+        # A copy: the plan's integer arrays are derived from the mask, so a caller editing their
+        # array afterwards must not change the plan's mask behind its back.
+        self.mask = np.array(mask[None] if self.shared else mask, dtype=bool, order="C", copy=True)
         _checks.bool_mask(self.mask, "mask", self.mask.shape[1:])
         self.out_hw = tuple(self.mask.shape[1:])
         flat = self.mask.reshape(self.mask.shape[0], -1)

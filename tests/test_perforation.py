@@ -261,3 +261,13 @@ def test_fill_backward_is_the_adjoint_of_fill_forward(mask_and_n, rng):
         assert abs(lhs - rhs) <= 1e-12 * max(1.0, np.abs(compact).sum() * np.abs(ddense).max())
         for sample in range(n):
             assert np.all(dcompact[sample, :, counts[sample]:] == 0)
+
+
+def test_plan_keeps_its_own_copy_of_the_mask():
+    # Regression: the plan held the caller's array, so editing it afterwards changed plan.mask
+    # while positions, counts and index_map still described the old mask.
+    mask = np.zeros((2, 3), dtype=bool)
+    mask[0, 0] = True
+    plan = PerforationPlan(mask)
+    mask[1, 2] = True
+    assert plan.mask.sum() == 1 and plan.counts[0] == 1
