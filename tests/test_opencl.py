@@ -197,7 +197,8 @@ def test_oracle_and_fast_kernels_agree_on_table_conv(backends, problem, seed):
         assert_close(o, e)
 
 
-@pytest.mark.parametrize("tile", [None, ocl.TILE, ocl.GPU_TILE, {"TM": 32, "TN": 32, "TK": 8, "WM": 2, "WN": 4}])
+@pytest.mark.parametrize("tile", [None, {"TM": 64, "TN": 64, "TK": 16, "WM": 4, "WN": 4},
+                                  {"TM": 32, "TN": 32, "TK": 8, "WM": 2, "WN": 4}])
 def test_large_problem_crosses_tiles_and_splits_the_reduction(backends, tile):
     """More channels than a tile, more columns than one split: every tile edge and split-K path."""
     fast, oracle = backends
