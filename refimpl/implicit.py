@@ -227,9 +227,10 @@ class ImplicitCache(NamedTuple):
 
 
 def _check_compact(compact, plan):
+    """Validate a compact tensor (N, C, P) against its plan; return it C-contiguous."""
     if not isinstance(plan, PerforationPlan):
         raise TypeError(f"plan must be a PerforationPlan, got {type(plan).__name__}")
-    compact = _checks.float_array(compact, "compact", ndim=3)
+    compact = _checks.nonempty(_checks.float_array(compact, "compact", ndim=3), "compact")
     plan.check_batch(compact.shape[0], "plan")
     if compact.shape[2] != plan.width:
         raise ValueError(f"compact must have {plan.width} entries on its last axis (the plan's P), got {compact.shape[2]}")
@@ -248,6 +249,7 @@ def implicit_conv2d_forward(compact, plan, w, b=None, stride=1, padding=0, backe
     plan : PerforationPlan of that perforated convolution (its ``index_map`` is used)
     w : ndarray (K, C, kh, kw); b : ndarray (K,) or None
     stride, padding : this convolution's
+    backend : ConvBackend, name, or None for the NumPy reference
 
     Returns
     -------
@@ -257,7 +259,7 @@ def implicit_conv2d_forward(compact, plan, w, b=None, stride=1, padding=0, backe
     from .backend import get_backend
 
     compact = _check_compact(compact, plan)
-    w = _checks.float_array(w, "w", ndim=4)
+    w = _checks.nonempty(_checks.float_array(w, "w", ndim=4), "w")
     b = np.zeros(w.shape[0], dtype=w.dtype) if b is None else _checks.float_array(b, "b", ndim=1)
     _checks.same_dtype([compact, w, b], ["compact", "w", "b"])
     if w.shape[1] != compact.shape[1]:
@@ -287,10 +289,24 @@ def implicit_conv2d_backward(dout, cache):
 def implicit_pool2d_forward(compact, plan, mode="max", size=2, stride=None, padding=0, backend=None):
     """Max or average pooling of a compact tensor through an index table.
 
-    Equal to pooling ``fill_forward(compact, plan, "nearest")``. Padding taps are ignored
-    (max over real values; average over in-bounds taps).
+    Equal to ``pool2d_forward(fill_forward(compact, plan, "nearest"), mode, size, stride,
+    padding)`` without forming the filled tensor. Padding taps are ignored (max over real
+    values; average over in-bounds taps, duplicated sources counted once per tap).
 
-    Returns ``out`` (N, C, Ho, Wo) and an :class:`ImplicitCache`.
+    Parameters
+    ----------
+    compact : ndarray (N, C, P), the ``output="compact"`` result of a perforated convolution
+    plan : PerforationPlan of that perforated convolution
+    mode : {"max", "avg"}
+    size : int or pair, the pooling window
+    stride : int or pair, or None for ``size``
+    padding : int or pair, at most half the window
+    backend : ConvBackend, name, or None for the NumPy reference
+
+    Returns
+    -------
+    out : ndarray (N, C, Ho, Wo)
+    cache : ImplicitCache
     """
     from .backend import get_backend
 
@@ -318,7 +334,9 @@ def implicit_pool2d_backward(dout, cache):
 
 
 def implicit_memory_saved(plan, batch, channels, itemsize):
-    """Bytes of activations not stored: the filled (N, C, Ho·Wo) tensor minus compact + table.
+    """Bytes of activations not stored: the filled (N, C, Ho·Wo) tensor minus compact (N, C, P) and index map.
+
+    ``batch`` N, ``channels`` C, ``itemsize`` bytes per value (4 for float32, 8 for float64).
 
     The table of the following layer is not counted here (it replaces nothing of the dense path
     either: a dense layer computes the same addresses on the fly).

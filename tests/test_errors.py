@@ -253,10 +253,16 @@ class TestImplicit:
             implicit_pool2d_forward(self.compact, MASK)
         with pytest.raises(ValueError, match="compact must be 3-dimensional"):
             implicit_pool2d_forward(self.compact[0], self.plan)
+        with pytest.raises(ValueError, match=re.escape("compact must have no empty axis, got shape (2, 0, 3)")):
+            implicit_pool2d_forward(self.compact[:, :0], self.plan)
+        with pytest.raises(ValueError, match="plan is per-sample for 3 samples but the batch has 2"):
+            implicit_pool2d_forward(self.compact, PerforationPlan(np.ones((3, 3, 1), dtype=bool)))
 
     def test_conv_arguments(self):
         with pytest.raises(ValueError, match="w has 3 input channels but compact has 4"):
             implicit_conv2d_forward(self.compact, self.plan, W)
+        with pytest.raises(ValueError, match=re.escape("w must have no empty axis, got shape (0, 4, 2, 2)")):
+            implicit_conv2d_forward(self.compact, self.plan, np.zeros((0, 4, 2, 2)), np.zeros(0))
         with pytest.raises(ValueError, match="kernel 4x4 is larger than the padded input 3x3"):
             implicit_conv2d_forward(self.compact, self.plan, rng.standard_normal((2, 4, 4, 4)))
 
