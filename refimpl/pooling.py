@@ -29,7 +29,7 @@ class Pool2dCache(NamedTuple):
 
 def check_pool_args(x, mode, size, stride, padding):
     """Validate pooling arguments; ``stride=None`` means ``stride = size``. Returns them converted."""
-    x = _checks.float_array(x, "x", ndim=4)
+    x = _checks.nonempty(_checks.float_array(x, "x", ndim=4), "x")
     _checks.choice(mode, "mode", {"max", "avg"})
     size = _checks.positive_pair(size, "size")
     stride = size if stride is None else _checks.positive_pair(stride, "stride")

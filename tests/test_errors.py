@@ -273,6 +273,10 @@ class TestImplicit:
             implicit_pool2d_forward(self.compact, self.plan, "max", 2, 1, 2)
         with pytest.raises(ValueError, match="padding must be at most half"):
             pool2d_forward(X, "avg", 3, 1, 2)
+        with pytest.raises(ValueError, match=re.escape("x must have no empty axis, got shape (2, 3, 0, 5)")):
+            pool2d_forward(X[:, :, :0], "max", 1)
+        with pytest.raises(ValueError, match="kernel 6x6 is larger than the padded input 5x5"):
+            pool2d_forward(X, "max", 6)
 
     def test_backward_dout(self):
         out, cache = implicit_conv2d_forward(self.compact, self.plan, rng.standard_normal((5, 4, 2, 2)))
