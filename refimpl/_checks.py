@@ -124,7 +124,11 @@ def generator(rng, name="rng"):
 
 def choice(value, name, allowed):
     """Check that ``value`` is one of ``allowed``."""
-    if value not in allowed:
+    try:
+        ok = value in allowed
+    except TypeError:  # unhashable (a list, a dict) cannot be in a set
+        ok = False
+    if not ok:
         raise ValueError(f"{name} must be one of {sorted(allowed)}, got {value!r}")
     return value
 

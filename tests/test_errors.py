@@ -137,6 +137,8 @@ class TestMasksAtTheConvolution:
     def test_fill_output_backend(self):
         with pytest.raises(ValueError, match=re.escape("fill must be one of ['nearest', 'zero'], got 'linear'")):
             perforated(fill="linear")
+        with pytest.raises(ValueError, match=re.escape("fill must be one of ['nearest', 'zero'], got ['zero']")):
+            perforated(fill=["zero"])  # regression: "unhashable type: 'list'"
         with pytest.raises(ValueError, match="output must be one of \\['compact', 'dense'\\], got 'sparse'"):
             perforated(output="sparse")
         with pytest.raises(ValueError, match="backend must be one of .*got 'no-such-backend'"):
