@@ -199,16 +199,20 @@ class AdaptiveResNet(Layer):
     (same construction, same parameter names ``stem``, ``stages.i.units.j``, ``head``); every stage
     gains halting heads ``stages.i.heads.j``.
 
-    Parameters
-    ----------
-    n, num_classes, in_channels, rng, widths, backend, dtype : as :class:`refimpl.resnet.ResNet`
-    tau : float >= 0, weight of the ponder cost in the loss
-    halting_bias : float, initial bias of every halting logit (−3: every unit runs at first)
-    eps : float, halting margin ε
-
     Forward: x (N, C, H, W) → logits (N, classes). After it: ``ponder_cost`` (Σ_blocks mean ρ),
     ``flops_per_sample`` (N,) and :meth:`extra_loss` = τ · ponder_cost, which :meth:`backward`
     differentiates along with the logits' gradient.
+
+    Parameters
+    ----------
+    n, num_classes, in_channels, rng, widths, backend, dtype
+        As :class:`refimpl.resnet.ResNet`.
+    tau : float >= 0
+        Weight of the ponder cost in the loss.
+    halting_bias : float
+        Initial bias of every halting logit (−3: every unit runs at first).
+    eps : float
+        Halting margin ε.
     """
 
     kind = "act"

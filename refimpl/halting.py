@@ -54,17 +54,17 @@ def still_running(cumulative, eps=EPS):
 class HaltingCache(NamedTuple):
     """What :func:`halting_backward` needs."""
 
-    before: np.ndarray  # (*lead, L) bool: unit n < N
-    last: np.ndarray  # (*lead, L) bool: unit n == N
+    before: np.ndarray  # (..., L) bool: unit n < N
+    last: np.ndarray  # (..., L) bool: unit n == N
 
 
 class Halting(NamedTuple):
-    """Result of :func:`halting_forward` (shapes for scores of shape ``(*lead, L-1)``)."""
+    """Result of :func:`halting_forward` (shapes for scores of shape ``(..., L-1)``)."""
 
-    n_units: np.ndarray  # (*lead,) int: N, counted from 1
-    remainder: np.ndarray  # (*lead,): R
-    p: np.ndarray  # (*lead, L): halting distribution
-    rho: np.ndarray  # (*lead,): ponder cost N + R
+    n_units: np.ndarray  # (...,) int: N, counted from 1
+    remainder: np.ndarray  # (...,): R
+    p: np.ndarray  # (..., L): halting distribution
+    rho: np.ndarray  # (...,): ponder cost N + R
     cache: HaltingCache
 
 
@@ -73,7 +73,7 @@ def halting_forward(h, eps=EPS):
 
     Parameters
     ----------
-    h : ndarray (*lead, L-1), float32 or float64, values in [0, 1]
+    h : ndarray (..., L-1), float32 or float64, values in [0, 1]
         Halting scores of units ``1 .. L-1`` (``h_L = 1`` is implicit). Scores of units after
         ``N`` do not affect the result (a block fills them with 0: they are never computed).
     eps : float in (0, 1)
@@ -81,7 +81,7 @@ def halting_forward(h, eps=EPS):
     Returns
     -------
     Halting
-        ``n_units`` (*lead,) int64 in ``1..L``; ``remainder`` and ``rho`` (*lead,); ``p`` (*lead, L)
+        ``n_units`` (...,) int64 in ``1..L``; ``remainder`` and ``rho`` (...,); ``p`` (..., L)
         summing to 1 along the last axis; and the cache for :func:`halting_backward`.
     """
     if np.ndim(h) < 1:
@@ -106,7 +106,7 @@ def halting_forward(h, eps=EPS):
 
 
 def halting_backward(dp, drho, cache):
-    r"""Gradient w.r.t. the scores ``h`` (*lead, L-1) from gradients of ``p`` and ``rho``.
+    r"""Gradient w.r.t. the scores ``h`` (..., L-1) from gradients of ``p`` and ``rho``.
 
     .. math::
 
@@ -116,8 +116,8 @@ def halting_backward(dp, drho, cache):
 
     Parameters
     ----------
-    dp : ndarray (*lead, L) or None (no gradient through the distribution)
-    drho : ndarray (*lead,) or None (no gradient through the ponder cost)
+    dp : ndarray (..., L) or None (no gradient through the distribution)
+    drho : ndarray (...,) or None (no gradient through the ponder cost)
     cache : HaltingCache
     """
     before, last = cache.before, cache.last
@@ -143,12 +143,12 @@ def weighted_output_forward(p, units):
 
     Parameters
     ----------
-    p : ndarray (*lead, L)
-    units : ndarray (L, *lead, *feature) — the unit outputs, unit axis first
+    p : ndarray (..., L)
+    units : ndarray (L, ..., F...) — the unit outputs: unit axis first, then the leading axes of ``p``, then any feature axes F
 
     Returns
     -------
-    out : ndarray (*lead, *feature)
+    out : ndarray (..., F...)
     """
     extra = units.ndim - 1 - (p.ndim - 1)
     weights = np.moveaxis(p, -1, 0).reshape(p.shape[-1:] + p.shape[:-1] + (1,) * extra)
