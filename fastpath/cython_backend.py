@@ -37,6 +37,7 @@ else:
 
 INDEX = np.int32
 CHUNK_BYTES = 4 << 20  # size of the gathered column buffer of one GEMM (see CythonBackend.chunk_bytes)
+PARALLEL_WORK = 1 << 18  # smaller calls run on one thread (see CythonBackend._team)
 
 
 def default_threads():
@@ -132,15 +133,18 @@ class CythonBackend(ConvBackend):
     chunk_bytes : int, optional
         Size of the gathered column buffer per GEMM. Larger chunks make larger GEMMs; smaller
         ones keep the buffer in cache and bound the memory. Columns of many images share a chunk.
+    parallel_work : int, optional
+        Calls with less work than this (about one multiply-add or copy per unit) run on one thread.
     """
 
     name = "cython"
 
-    def __init__(self, threads=None, chunk_bytes=CHUNK_BYTES):
+    def __init__(self, threads=None, chunk_bytes=CHUNK_BYTES, parallel_work=PARALLEL_WORK):
         if _kernels is None:
             raise RuntimeError(status().reason)
         self.threads = default_threads() if threads is None else threads
         self.chunk_bytes = chunk_bytes
+        self.parallel_work = parallel_work
 
     @property
     def threads(self):
@@ -152,9 +156,17 @@ class CythonBackend(ConvBackend):
             raise ValueError(f"threads must be a positive integer, got {value!r}")
         self._threads = int(value)
 
+    def _team(self, work):
+        """Threads for a call doing about ``work`` elementary operations: one below ``parallel_work``.
+
+        Starting an OpenMP team costs microseconds on an idle machine and up to a scheduler tick
+        on a busy one (a preempted thread holds up the barrier); small calls run faster alone.
+        """
+        return self.threads if work >= self.parallel_work else 1
+
     def _chunk(self, rows, itemsize):
-        """Columns per GEMM: ``chunk_bytes`` of (rows, chunk) buffer, at least 256 columns."""
-        return max(256, self.chunk_bytes // max(1, rows * itemsize))
+        """Columns per GEMM: a (rows, chunk) buffer of about ``chunk_bytes`` (at least one column)."""
+        return max(1, self.chunk_bytes // max(1, rows * itemsize))
 
     # -- perforated convolution ----------------------------------------------------------------
 
@@ -167,7 +179,7 @@ class CythonBackend(ConvBackend):
         hp, wp = h + 2 * ph, wd + 2 * pw
         if ph or pw:
             xp = np.empty((n, c, hp, wp), dtype=dtype)
-            _kernels.pad_planes(x.reshape(n * c, h, wd), xp.reshape(n * c, hp, wp), ph, pw, self.threads)
+            _kernels.pad_planes(x.reshape(n * c, h, wd), xp.reshape(n * c, hp, wp), ph, pw, self._team(xp.size))
         else:
             xp = x
         positions, counts = _index(plan.positions), _index(plan.counts)
@@ -180,9 +192,9 @@ class CythonBackend(ConvBackend):
         with _blas_pools().limit(limits=1):
             _kernels.gemm_forward(False, xp.reshape(-1), wmat, b, base, offsets, _EMPTY_I32, sample, slot,
                                   compact, self._chunk(wmat.shape[1], x.itemsize), c, 0, 0, kh * kw,
-                                  False, self.threads)
+                                  False, self._team(sample.size * wmat.size))
         if not plan.shared and int(counts.min()) < width:
-            _kernels.zero_padded_slots(compact, counts, self.threads)
+            _kernels.zero_padded_slots(compact, counts, self._team(compact.size))
         cache = ConvCache(xp, wmat, w.shape, x.shape, geometry, base, offsets, sample, slot, start)
         return compact, cache
 
@@ -198,11 +210,11 @@ class CythonBackend(ConvBackend):
             _kernels.gemm_backward(False, xp.reshape(-1), wmat, dcompact, cache.base, cache.offsets, _EMPTY_I32,
                                    cache.sample, cache.slot, cache.start, dxp.reshape(-1), dwmat, db,
                                    self._chunk(wmat.shape[1], wmat.itemsize), c, 0, 0, kh * kw, False,
-                                   self.threads)
+                                   self._team(2 * cache.sample.size * wmat.size))
         if ph or pw:
             dx = np.empty(cache.x_shape, dtype=wmat.dtype)
             hp, wp = xp.shape[2:]
-            _kernels.crop_planes(dxp.reshape(n * c, hp, wp), dx.reshape(n * c, h, wd), ph, pw, self.threads)
+            _kernels.crop_planes(dxp.reshape(n * c, hp, wp), dx.reshape(n * c, h, wd), ph, pw, self._team(dx.size))
         else:
             dx = dxp
         return dx, dwmat.reshape(cache.w_shape), db
@@ -215,9 +227,10 @@ class CythonBackend(ConvBackend):
         ho, wo = plan.out_hw
         dense = np.empty((n, k, ho * wo), dtype=compact.dtype)
         if fill == "nearest":
-            _kernels.fill_nearest(compact, _index(plan.index_map).reshape(plan.batch, -1), dense, self.threads)
+            _kernels.fill_nearest(compact, _index(plan.index_map).reshape(plan.batch, -1), dense, self._team(dense.size))
         else:
-            _kernels.fill_zero(compact, _index(plan.positions), _index(plan.counts), dense, self.threads)
+            _kernels.fill_zero(compact, _index(plan.positions), _index(plan.counts), dense,
+                               self._team(dense.size))
         return dense.reshape(n, k, ho, wo)
 
     def fill_backward(self, ddense, plan, fill):
@@ -227,10 +240,10 @@ class CythonBackend(ConvBackend):
         if fill == "nearest":
             dcompact = np.zeros((n, k, plan.width), dtype=ddense.dtype)
             _kernels.fill_nearest_adjoint(flat, _index(plan.index_map).reshape(plan.batch, -1), dcompact,
-                                          self.threads)
+                                          self._team(flat.size))
         else:
             dcompact = np.empty((n, k, plan.width), dtype=ddense.dtype)
-            _kernels.fill_zero_adjoint(flat, _index(plan.positions), _index(plan.counts), dcompact, self.threads)
+            _kernels.fill_zero_adjoint(flat, _index(plan.positions), _index(plan.counts), dcompact, self._team(flat.size))
         return dcompact
 
     # -- convolution and pooling through an index table ----------------------------------------
@@ -247,7 +260,7 @@ class CythonBackend(ConvBackend):
         with _blas_pools().limit(limits=1):
             _kernels.gemm_forward(True, src.reshape(-1), wmat, b, _EMPTY_I64, _EMPTY_I64, table.reshape(-1),
                                   sample, slot, out, self._chunk(wmat.shape[1], src.itemsize), c, s, r, taps,
-                                  table.shape[0] > 1, self.threads)
+                                  table.shape[0] > 1, self._team(sample.size * wmat.size))
         return out, TableConvCache(src, table, wmat, w.shape, sample, slot, start)
 
     def table_conv_backward(self, dout, cache):
@@ -262,7 +275,7 @@ class CythonBackend(ConvBackend):
             _kernels.gemm_backward(True, src.reshape(-1), wmat, dout, _EMPTY_I64, _EMPTY_I64, table.reshape(-1),
                                    cache.sample, cache.slot, cache.start, dsrc.reshape(-1), dwmat, db,
                                    self._chunk(wmat.shape[1], wmat.itemsize), c, s, r, taps,
-                                   table.shape[0] > 1, self.threads)
+                                   table.shape[0] > 1, self._team(2 * cache.sample.size * wmat.size))
         return dsrc, dwmat.reshape(cache.w_shape), db
 
     def table_pool_forward(self, src, table, mode):
@@ -272,13 +285,14 @@ class CythonBackend(ConvBackend):
         out = np.empty((n, c, r), dtype=src.dtype)
         is_max = mode == "max"
         argmax = np.empty((n, c, r) if is_max else (1, 1, 1), dtype=INDEX)
-        _kernels.table_pool(src, table, is_max, out, argmax, self.threads)
+        _kernels.table_pool(src, table, is_max, out, argmax, self._team(out.size * table.shape[2]))
         return out, TablePoolCache(mode, table, src.shape, argmax)
 
     def table_pool_backward(self, dout, cache):
         dout = _float(dout, dout.dtype)
         dsrc = np.zeros(cache.src_shape, dtype=dout.dtype)
-        _kernels.table_pool_adjoint(dout, cache.table, cache.mode == "max", cache.argmax, dsrc, self.threads)
+        _kernels.table_pool_adjoint(dout, cache.table, cache.mode == "max", cache.argmax, dsrc,
+                                    self._team(dout.size * cache.table.shape[2]))
         return dsrc
 
     def __repr__(self):
