@@ -57,6 +57,8 @@ def add_arguments(parser):
     model.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     model.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                        help="model option, JSON value (repeatable), e.g. tau=0.01 or widths=[8,16,32]")
+    model.add_argument("--tau", type=float, default=None,
+                       help="ACT/SACT models: ponder-cost weight, same as --option tau=VALUE")
     model.add_argument("--perforate", action="append", default=[], metavar="LAYER=MASK:RATE[:FILL]",
                        help=f"perforate a convolution (repeatable), mask in {', '.join(MASK_TYPES[:3])}, "
                             "e.g. stem=grid:0.5")
@@ -122,6 +124,8 @@ def run(args):
         raise SystemExit(f"ponder train: --epochs must be >= 0 and --batch-size >= 1, got {args.epochs} and {args.batch_size}")
     try:
         options = parse_options(args.option)
+        if args.tau is not None:
+            options["tau"] = args.tau
         perforation = parse_perforation(args.perforate)
     except ValueError as exc:
         raise SystemExit(f"ponder train: {exc}") from None
