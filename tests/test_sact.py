@@ -349,7 +349,7 @@ def test_ponder_train_then_map_end_to_end(tmp_path):
     from refimpl.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", "--model", "sact-resnet14", "--option", "tau=0.02", "--option", "widths=[2,3,4]",
+    assert main(["train", "--model", "sact-resnet14", "--tau", "0.02", "--option", "widths=[2,3,4]",
                  "--data", "cluttered-digits", "--canvas", "32", "--n-train", "16", "--n-val", "4", "--n-test", "4",
                  "--epochs", "1", "--batch-size", "8", "--quiet", "--out", str(run)]) == 0
     model, meta = load_checkpoint(run / "checkpoint.npz")
