@@ -33,12 +33,14 @@ The relaxed and discrete training modes run *all* ``L`` units: the exact gradien
 
 The unit protocol
 -----------------
-A unit is any object with (``S...`` stands for the latent axes: none, or ``H, W``)
+A unit is any object with
 
 ``forward(state, rows) -> (new_state, halting_logits, cache)``
-    ``state`` (n, C, S...) holds the rows ``rows`` (int array (n,), indices into the batch) of the
-    batch; ``halting_logits`` has shape (n, S...) — one latent per example (``S = ()``, an RNN step
-    or an ACT-like residual block) or one per position (``S = (H, W)``, spatial PACT).
+    ``state`` (n, F..., S...) holds the rows ``rows`` (int array (n,), indices into the batch) of
+    the batch; ``halting_logits`` has shape (n, S...). ``S...`` are the latent axes and ``F...``
+    the feature axes in front of them: one latent per example (``S = ()``; an RNN step with
+    ``F = (H,)``, or an ACT-like residual block with ``F = (C, H, W)``) or one per position
+    (``S = (H, W)``, ``F = (C,)``: spatial PACT).
 ``backward(dnew_state, dhalting_logits, cache) -> dstate``
     accumulates the unit's parameter gradients and returns the gradient w.r.t. its input state.
 
@@ -84,11 +86,11 @@ def unroll_forward(units, state):
     Parameters
     ----------
     units : sequence of ``L >= 1`` units (see the module docstring)
-    state : ndarray (N, C, S...), the block input :math:`U_0`
+    state : ndarray (N, F..., S...), the block input :math:`U_0`
 
     Returns
     -------
-    states : list of ``L`` ndarrays (N, C, S...), :math:`U_1 .. U_L`
+    states : list of ``L`` ndarrays (N, F..., S...), :math:`U_1 .. U_L`
     logits : ndarray (N, S..., L-1), halting logits :math:`a_1 .. a_{L-1}`
     cache : UnrollCache
     """
@@ -112,14 +114,14 @@ def unroll_backward(dstates, dlogits, cache):
 
     Parameters
     ----------
-    dstates : list of ``L`` ndarrays (N, C, S...) or None, gradients w.r.t. each unit's output
+    dstates : list of ``L`` ndarrays (N, F..., S...) or None, gradients w.r.t. each unit's output
         (not counting the gradient that flows from later units, which this function adds)
     dlogits : ndarray (N, S..., L-1)
     cache : UnrollCache
 
     Returns
     -------
-    dstate : ndarray (N, C, S...), gradient w.r.t. the block input
+    dstate : ndarray (N, F..., S...), gradient w.r.t. the block input
     """
     units, caches, logits_shape = cache
     dflow = None  # gradient arriving at U_l from unit l + 1
@@ -133,8 +135,9 @@ def unroll_backward(dstates, dlogits, cache):
 
 
 def _expand(latent, state):
-    """(N, S...) latent-shaped array → broadcastable against a state (N, C, S...)."""
-    return np.expand_dims(latent, 1) if state.ndim > latent.ndim else latent
+    """(N, S...) latent-shaped array → broadcastable against a state (N, F..., S...)."""
+    extra = state.ndim - latent.ndim
+    return latent.reshape(latent.shape[:1] + (1,) * extra + latent.shape[1:])
 
 
 def _noise(noise, shape, dtype, name="noise"):
@@ -163,7 +166,7 @@ class RelaxedCache(NamedTuple):
 
 
 class BlockResult(NamedTuple):
-    output: np.ndarray  # (N, C, S...)
+    output: np.ndarray  # (N, F..., S...)
     expected_steps: np.ndarray  # (N, S...), E_q[n] (exact, differentiable)
     steps: np.ndarray | None  # (N, S...) int, the sampled n (discrete mode only)
     noise: np.ndarray  # (N, S..., L-1), the uniform noise used
@@ -175,7 +178,7 @@ def relaxed_forward(units, state, temperature, noise):
     Parameters
     ----------
     units : sequence of ``L`` units
-    state : ndarray (N, C, S...)
+    state : ndarray (N, F..., S...)
     temperature : float > 0, ``λ`` of the relaxed Bernoulli
     noise : numpy.random.Generator, or ndarray (N, S..., L-1) in (0, 1) — fixed noise reproduces a
         sample exactly (what the gradient check needs)
@@ -200,16 +203,16 @@ def relaxed_backward(doutput, dexpected_steps, cache):
 
     Parameters
     ----------
-    doutput : ndarray (N, C, S...)
+    doutput : ndarray (N, F..., S...)
     dexpected_steps : ndarray (N, S...) or None — e.g. ``τ`` per latent for the ponder penalty
     cache : RelaxedCache
 
     Returns
     -------
-    dstate : ndarray (N, C, S...)
+    dstate : ndarray (N, F..., S...)
     """
     states, weights = cache.states, cache.weights
-    reduce_axes = (1,) if doutput.ndim > weights.ndim - 1 else ()
+    reduce_axes = tuple(range(1, 1 + doutput.ndim - (weights.ndim - 1)))  # the feature axes F...
     dweights = np.stack([np.sum(doutput * s, axis=reduce_axes) for s in states], axis=-1)
     dstates = [_expand(weights[..., l], s) * doutput for l, s in enumerate(states)]
     dlogits = relaxed_bernoulli_backward(stick_breaking_backward(dweights, cache.stick), cache.relaxed)
@@ -242,7 +245,7 @@ def discrete_forward(units, state, noise):
     Parameters
     ----------
     units : sequence of ``L`` units
-    state : ndarray (N, C, S...)
+    state : ndarray (N, F..., S...)
     noise : numpy.random.Generator, or ndarray (N, S..., L-1) in (0, 1)
 
     Returns
@@ -269,7 +272,7 @@ def discrete_backward(doutput, dexpected_steps, learning_signal, cache):
 
     Parameters
     ----------
-    doutput : ndarray (N, C, S...)
+    doutput : ndarray (N, F..., S...)
     dexpected_steps : ndarray (N, S...) or None
     learning_signal : ndarray (N, S...) or None — the loss of the sampled ``n`` minus a baseline
         (broadcast a per-example signal over the latents of that example)
@@ -277,7 +280,7 @@ def discrete_backward(doutput, dexpected_steps, learning_signal, cache):
 
     Returns
     -------
-    dstate : ndarray (N, C, S...)
+    dstate : ndarray (N, F..., S...)
     """
     dstates = [_expand(cache.chosen[..., l], s) * doutput for l, s in enumerate(cache.states)]
     dlogits = _expected_steps_logit_grad(dexpected_steps, cache.expected, cache.logits)
@@ -320,7 +323,7 @@ class MovingAverageBaseline:
 
 
 class EarlyHaltResult(NamedTuple):
-    output: np.ndarray  # (N, C, S...)
+    output: np.ndarray  # (N, F..., S...)
     steps: np.ndarray  # (N, S...) int, units run per latent
     units_run: np.ndarray  # (N,) int, units executed per example (max over its latents)
 
@@ -337,7 +340,7 @@ def halt_early_forward(units, state, rule="threshold", rng=None):
     Parameters
     ----------
     units : sequence of ``L`` units
-    state : ndarray (N, C, S...)
+    state : ndarray (N, F..., S...)
     rule : "threshold" or "sample"
     rng : numpy.random.Generator, required for ``rule="sample"``
 

@@ -1,0 +1,386 @@
+r"""Residual networks with probabilistic adaptive computation (PACT-ResNet, SPEC §4).
+
+Every stage of a CIFAR ResNet-(6n+2) becomes an adaptive computation block
+(:mod:`refimpl.pact`) whose units are the stage's residual units, each followed (but the last) by
+a halting head that emits halting **logits**:
+
+``latents="per-block"`` (ACT-like, one latent per image)
+    :math:`a_l = w_l^\top \operatorname{gap}(U_l) + b_l` (:class:`LogitHead`).
+``latents="per-position"`` (the probabilistic counterpart of SACT, one latent per position)
+    :math:`a_l(x, y) = (w^\text{loc}_l * U_l)(x, y) + b_l + w^{\text{glob}\top}_l \operatorname{gap}(U_l)`
+    (:class:`SpatialLogitHead`, the SACT head before its sigmoid).
+
+Biases start at −3 as for ACT/SACT, so every unit is used early in training.
+
+Modes (:attr:`PACTBlock.mode`, switched for the whole network by :meth:`PACTResNet.set_mode`):
+
+* ``relaxed`` — every unit runs everywhere; the block outputs the stick-breaking average over
+  relaxed halting indicators (temperature λ); trained by reparameterisation.
+* ``discrete`` — every unit runs everywhere in training (the exact gradient of
+  :math:`\mathbb{E}_q[n]` needs every :math:`h_l`); output :math:`U_n` for sampled ``n``;
+  trained with REINFORCE: the network's :meth:`PACTResNet.task_loss` hands each block the
+  per-example learning signal (loss minus a moving-average baseline, one per block). In
+  evaluation, sampling happens as the units run and only the needed work is done.
+* ``thresholded`` — evaluation only: a latent halts at the first :math:`h_l > 1/2`. Per-block
+  latents: units run on the sub-batch of images still running. Per-position latents: residual
+  branches run **only at active positions** through the perforated convolution, exactly like SACT
+  (:func:`refimpl.sact.branch_forward`), and halted positions keep their value.
+
+Loss: cross-entropy of the block outputs' logits plus
+:math:`\tau \sum_\text{blocks} \operatorname{mean}_{\text{batch}, \text{latents}} \mathbb{E}_q[n]`.
+FLOPs are counted where computed (training modes: everything; early-halting evaluation: the
+sub-batches or active positions actually run, heads included).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _checks, pact
+from .act import HALTING_BIAS, AdaptiveResNet, adaptive_resnet_builder
+from .conv_layer import Conv2d
+from .distributions import bernoulli_from_noise, uniform_noise
+from .layers import Layer, global_avg_pool_backward, global_avg_pool_forward
+from .losses import log_softmax
+from .sact import _conv_flops, branch_backward, branch_forward, check_sact_unit
+
+LATENTS = ("per-block", "per-position")
+MODES = pact.MODES
+
+
+# ---------------------------------------------------------------------------------------------
+# Halting heads that return logits
+# ---------------------------------------------------------------------------------------------
+
+
+class LogitHead(Layer):
+    """Per-image halting logit: (n, C, H, W) → (n,), ``w · gap(U) + b``."""
+
+    def __init__(self, channels, rng, bias=HALTING_BIAS, dtype=np.float32):
+        super().__init__()
+        self.channels = int(channels)
+        self.add_param("w", (0.01 * rng.standard_normal(self.channels)).astype(dtype))
+        self.add_param("b", np.full(1, bias, dtype=dtype))
+
+    def flops(self, u):
+        return np.full(u.shape[0], 2 * self.channels, dtype=np.int64)
+
+    def forward(self, u, active=None):
+        pooled, gap_cache = global_avg_pool_forward(u)
+        self.cache = (pooled, gap_cache)
+        return (pooled @ self.params["w"] + self.params["b"][0]).astype(u.dtype, copy=False)
+
+    def backward(self, dlogit):
+        pooled, gap_cache = self.cache
+        self.accumulate("w", pooled.T @ dlogit)
+        self.accumulate("b", np.array([dlogit.sum()], dtype=self.params["b"].dtype))
+        return global_avg_pool_backward(np.outer(dlogit, self.params["w"]).astype(dlogit.dtype), gap_cache)
+
+    def __repr__(self):
+        return f"LogitHead({self.channels})"
+
+
+class SpatialLogitHead(Layer):
+    """Per-position halting logits: (n, C, H, W) → (n, H, W), a 3×3 conv plus a global term.
+
+    ``active`` (n, H, W), if given, computes the local convolution only there (perforated, zero
+    elsewhere): logits of halted positions are never used.
+    """
+
+    def __init__(self, channels, rng, bias=HALTING_BIAS, backend=None, dtype=np.float32):
+        super().__init__()
+        self.channels = int(channels)
+        self.local = Conv2d(channels, 1, 3, rng, padding=1, bias=True, backend=backend, dtype=dtype)
+        self.local.params["w"][...] = 0.01 * rng.standard_normal(self.local.params["w"].shape)
+        self.local.params["b"][...] = bias
+        self.add_param("w_global", (0.01 * rng.standard_normal(self.channels)).astype(dtype))
+
+    def flops(self, u):
+        return self.local.flops_per_sample + 2 * self.channels
+
+    def forward(self, u, active=None):
+        local = (self.local(u) if active is None else self.local(u, mask=active, fill="zero"))[:, 0]
+        pooled, gap_cache = global_avg_pool_forward(u)
+        self.cache = (pooled, gap_cache)
+        return (local + (pooled @ self.params["w_global"])[:, None, None]).astype(u.dtype, copy=False)
+
+    def backward(self, dlogit):
+        pooled, gap_cache = self.cache
+        du = self.local.backward(np.ascontiguousarray(dlogit[:, None]))
+        dglobal = dlogit.sum(axis=(1, 2))
+        self.accumulate("w_global", pooled.T @ dglobal)
+        return du + global_avg_pool_backward(np.outer(dglobal, self.params["w_global"]).astype(dlogit.dtype),
+                                             gap_cache)
+
+    def __repr__(self):
+        return f"SpatialLogitHead({self.channels})"
+
+
+# ---------------------------------------------------------------------------------------------
+# Residual units in the unit protocol of refimpl.pact
+# ---------------------------------------------------------------------------------------------
+
+
+class ResidualStep:
+    """Unit ``l`` of a block for :mod:`refimpl.pact`: run the residual unit, then its head.
+
+    The last unit has no head; it returns zero logits of the latent shape (they are ignored).
+    The layers keep their own caches (each runs once per forward).
+    """
+
+    def __init__(self, unit, head, latents):
+        self.unit, self.head, self.latents = unit, head, latents
+
+    def forward(self, state, rows):
+        u = self.unit(state)
+        if self.head is not None:
+            return u, self.head(u), None
+        shape = (u.shape[0],) if self.latents == "per-block" else (u.shape[0], *u.shape[2:])
+        return u, np.zeros(shape, u.dtype), None
+
+    def backward(self, du, dlogits, cache):
+        if self.head is not None:
+            du = du + self.head.backward(dlogits.astype(du.dtype, copy=False))
+        return self.unit.backward(du)
+
+
+# ---------------------------------------------------------------------------------------------
+# The block
+# ---------------------------------------------------------------------------------------------
+
+
+class PACTBlock(Layer):
+    """A stage of residual units as a PACT adaptive computation block.
+
+    Parameters
+    ----------
+    units : list of ResidualUnit (the first may downsample)
+    heads : list of LogitHead / SpatialLogitHead, ``len(units) - 1``
+    latents : "per-block" or "per-position"
+    mode : "relaxed", "discrete" or "thresholded"
+    temperature : float > 0, relaxed-Bernoulli λ
+    rng : numpy.random.Generator, the noise of the relaxed and discrete modes
+
+    After ``forward``: ``expected_steps`` (N,) or (N, H, W) (E_q[n], training modes),
+    ``steps`` (units run per latent, early-halting evaluation and discrete mode),
+    ``flops_per_sample`` (N,).
+    """
+
+    def __init__(self, units, heads, latents="per-block", mode="relaxed", temperature=0.5, rng=None):
+        super().__init__()
+        if len(heads) != len(units) - 1:
+            raise ValueError(f"heads must hold len(units) - 1 = {len(units) - 1} halting heads, got {len(heads)}")
+        self.latents = _checks.choice(latents, "latents", set(LATENTS))
+        if latents == "per-position":
+            for unit in units[1:]:
+                check_sact_unit(unit)
+        self.units, self.heads = list(units), list(heads)
+        self.mode = mode
+        self.temperature = _positive(temperature, "temperature")
+        self.rng = _checks.generator(rng)
+        self.expected_steps = self.steps = self.flops_per_sample = None
+        self._dexpected = self._signal = None
+
+    @property
+    def mode(self):
+        return self._mode
+
+    @mode.setter
+    def mode(self, value):
+        self._mode = _checks.choice(value, "mode", set(MODES))
+
+    def _steps(self):
+        return [ResidualStep(u, self.heads[i] if i < len(self.heads) else None, self.latents)
+                for i, u in enumerate(self.units)]
+
+    def set_gradients(self, dexpected_steps, learning_signal=None):
+        """Gradient w.r.t. ``expected_steps`` and the REINFORCE signal (discrete) for the next backward."""
+        self._dexpected, self._signal = dexpected_steps, learning_signal
+
+    def forward(self, x):
+        if not self.training and self.mode != "relaxed":
+            return self._early_halting_forward(x, "threshold" if self.mode == "thresholded" else "sample")
+        if self.mode == "thresholded":
+            raise ValueError("mode 'thresholded' is for evaluation only (call eval()); train in 'relaxed' or 'discrete'")
+        if self.mode == "relaxed":
+            result, cache = pact.relaxed_forward(self._steps(), x, self.temperature, self.rng)
+        else:
+            result, cache = pact.discrete_forward(self._steps(), x, self.rng)
+        self.cache = cache
+        self.expected_steps, self.steps = result.expected_steps, result.steps
+        n = x.shape[0]  # every unit and head ran on the whole batch
+        self.flops_per_sample = sum(_conv_flops(u, n) for u in self.units) + sum(h.flops(x) for h in self.heads)
+        return result.output
+
+    def backward(self, dout):
+        if self.cache is None or not isinstance(self.cache, (pact.RelaxedCache, pact.DiscreteCache)):
+            raise RuntimeError("backward needs a training-mode forward (relaxed or discrete) first")
+        dexpected, signal = self._dexpected, self._signal
+        self._dexpected = self._signal = None
+        if isinstance(self.cache, pact.RelaxedCache):
+            return pact.relaxed_backward(dout, dexpected, self.cache)
+        return pact.discrete_backward(dout, dexpected, signal, self.cache)
+
+    def _early_halting_forward(self, x, rule):
+        """Evaluation: stop each latent by ``rule``; run only what is needed."""
+        self.cache, self.expected_steps = None, None
+        if self.latents == "per-block":
+            steps = self._steps()
+            result = pact.halt_early_forward(steps, x, rule, self.rng if rule == "sample" else None)
+            self.steps = result.steps
+            self.flops_per_sample = self._per_block_flops(x, result.units_run)
+            return result.output
+        return self._sparse_forward(x, rule)
+
+    def _per_block_flops(self, x, units_run):
+        """FLOPs per image when image i ran units 1..units_run[i] (and the heads after them)."""
+        flops = np.zeros(x.shape[0], np.int64)
+        for index, unit in enumerate(self.units):
+            ran = units_run > index  # the images unit `index` ran on, in its last forward
+            if not ran.any():
+                break
+            cost = int(_conv_flops(unit, int(ran.sum()))[0])  # the same for every image of the sub-batch
+            if index < len(self.heads):
+                cost += 2 * self.heads[index].channels
+            flops += cost * ran
+        return flops
+
+    def _sparse_forward(self, x, rule):
+        """Per-position early halting with residual branches at active positions only (as SACT)."""
+        n = x.shape[0]
+        current = self.units[0](x)  # the first unit runs densely (and may downsample)
+        flops = _conv_flops(self.units[0], n)
+        active = np.ones((n, *current.shape[2:]), dtype=bool)
+        steps = np.ones(active.shape, dtype=np.int64)
+        for index in range(1, len(self.units)):
+            running = np.flatnonzero(active.any(axis=(1, 2)))
+            if running.size == 0:
+                break
+            head = self.heads[index - 1]
+            logits = head(current[running], active[running])
+            flops[running] += head.flops(current[running])
+            if rule == "threshold":
+                halts = logits > 0
+            else:
+                halts = bernoulli_from_noise(logits, uniform_noise(logits.shape, self.rng, logits.dtype))
+            still = active[running] & ~halts
+            active = active.copy()
+            active[running] = still
+            running = running[still.any(axis=(1, 2))]
+            if running.size == 0:
+                break
+            residual, _, unit_flops = branch_forward(self.units[index], current[running], active[running], "sparse")
+            flops[running] += unit_flops
+            current = current.copy()
+            current[running] += residual
+            steps[running] += active[running]
+        self.steps, self.flops_per_sample = steps, flops
+        return current
+
+    def __repr__(self):
+        return f"PACTBlock({len(self.units)} units, latents={self.latents!r}, mode={self.mode!r})"
+
+
+def _positive(value, name):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not value > 0:
+        raise ValueError(f"{name} must be a positive real number, got {value!r}")
+    return float(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The network
+# ---------------------------------------------------------------------------------------------
+
+
+class PACTResNet(AdaptiveResNet):
+    """ResNet-(6n+2) with a PACT block per stage.
+
+    Extra parameters: ``latents`` ("per-block" or "per-position"), ``mode`` ("relaxed",
+    "discrete", "thresholded"), ``temperature`` (λ, default 0.5), ``baseline_decay`` (REINFORCE
+    moving average). The loss is cross-entropy + τ Σ_blocks mean E_q[n] (:meth:`extra_loss`).
+    """
+
+    kind = "pact"
+
+    def __init__(self, n, num_classes, in_channels, rng, widths=(16, 32, 64), backend=None, tau=0.01,
+                 halting_bias=HALTING_BIAS, eps=0.01, dtype=np.float32, latents="per-block", mode="relaxed",
+                 temperature=0.5, baseline_decay=0.9):
+        rng = _checks.generator(rng)
+        self._noise_rng = np.random.default_rng(rng.integers(2**63))
+        super().__init__(n, num_classes, in_channels, rng, widths=widths, backend=backend, tau=tau,
+                         halting_bias=halting_bias, eps=eps, dtype=dtype, latents=latents, mode=mode,
+                         temperature=temperature)
+        self.baselines = [pact.MovingAverageBaseline(baseline_decay) for _ in self.stages]
+        self._signal = None
+
+    def _make_block(self, units, rng, halting_bias, eps, backend, dtype, latents="per-block", mode="relaxed",
+                    temperature=0.5):
+        if latents == "per-block":
+            heads = [LogitHead(u.out_channels, rng, halting_bias, dtype) for u in units[:-1]]
+        else:
+            heads = [SpatialLogitHead(u.out_channels, rng, halting_bias, backend, dtype) for u in units[:-1]]
+        return PACTBlock(units, heads, latents, mode, temperature, self._noise_rng)
+
+    def set_mode(self, mode):
+        for block in self.stages:
+            block.mode = mode
+
+    def forward(self, x):
+        out = self.stem(x)
+        flops = self.stem.flops_per_sample.copy()
+        for block in self.stages:
+            out = block(out)
+            flops += block.flops_per_sample
+        logits = self.head(out)
+        flops += sum(layer.flops for layer in self.head.layers() if getattr(layer, "flops", 0)) // x.shape[0]
+        self.flops_per_sample = flops
+        expected = [b.expected_steps if b.expected_steps is not None else b.steps for b in self.stages]
+        self.ponder_cost = float(sum(np.mean(e) for e in expected))
+        return logits
+
+    def task_loss(self, logits, labels):
+        """Mean cross-entropy and its gradient; in discrete mode also the REINFORCE signals per block."""
+        logp = log_softmax(logits.astype(np.float64))
+        per_example = -logp[np.arange(len(labels)), labels]
+        dlogits = np.exp(logp)
+        dlogits[np.arange(len(labels)), labels] -= 1.0
+        n = len(labels)
+        if self.training and self.stages[0].mode == "discrete":
+            self._signal = [b.subtract(per_example) / n for b in self.baselines]
+            for b in self.baselines:
+                b.update(per_example)
+        return float(per_example.mean()), (dlogits / n).astype(logits.dtype)
+
+    def backward(self, dout):
+        d = self.head.backward(dout)
+        signals = self._signal or [None] * len(self.stages)
+        self._signal = None
+        for block, signal in zip(reversed(self.stages), reversed(signals)):
+            e = block.expected_steps
+            dexpected = np.full(e.shape, self.tau / e.size, dtype=e.dtype)
+            if signal is not None and block.latents == "per-position":
+                signal = np.broadcast_to(signal[:, None, None], e.shape)
+            block.set_gradients(dexpected, signal)
+            d = block.backward(d)
+        return self.stem.backward(d)
+
+    def __repr__(self):
+        b = self.stages[0]
+        return f"PACTResNet-{self.depth}(latents={b.latents!r}, mode={b.mode!r}, tau={self.tau})"
+
+
+def _builder(depth):
+    build = adaptive_resnet_builder(PACTResNet, depth)
+    build.__doc__ = (f"PACTResNet of depth {depth}; options: tau, latents, mode, temperature, baseline_decay, "
+                     "halting_bias, widths.")
+    return build
+
+
+build_pact_resnet8 = _builder(8)
+build_pact_resnet14 = _builder(14)
+build_pact_resnet20 = _builder(20)
+build_pact_resnet32 = _builder(32)
+build_pact_resnet110 = _builder(110)
