@@ -37,6 +37,11 @@ MODELS = {
     "sact-resnet20": ("refimpl.sact", "build_sact_resnet20"),
     "sact-resnet32": ("refimpl.sact", "build_sact_resnet32"),
     "sact-resnet110": ("refimpl.sact", "build_sact_resnet110"),
+    "pact-resnet8": ("refimpl.pact_resnet", "build_pact_resnet8"),
+    "pact-resnet14": ("refimpl.pact_resnet", "build_pact_resnet14"),
+    "pact-resnet20": ("refimpl.pact_resnet", "build_pact_resnet20"),
+    "pact-resnet32": ("refimpl.pact_resnet", "build_pact_resnet32"),
+    "pact-resnet110": ("refimpl.pact_resnet", "build_pact_resnet110"),
 }
 
 _RUNTIME = {}
