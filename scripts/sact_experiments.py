@@ -34,14 +34,14 @@ import numpy as np
 
 SMALL = {
     "canvases": (32, 48),
-    "n_train": 384,
+    "n_train": 256,
     "n_test": 256,
     "epochs": 3,
     "batch_size": 32,
     "lr": 2e-3,
     "widths": (8, 16, 32),
-    "plain_depths": (8, 14, 20),
-    "adaptive_depth": 20,
+    "plain_depths": (8, 14),
+    "adaptive_depth": 14,
     "taus": (0.01, 0.05),
     "timing_batch": 32,
     "timing_repeats": 5,
