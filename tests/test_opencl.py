@@ -87,6 +87,45 @@ def test_bad_pyopencl_ctx_is_reported_not_raised(devices, monkeypatch):
     assert "PYOPENCL_CTX='99'" in status.reason
 
 
+def test_missing_pyopencl_is_reported_with_the_fix(monkeypatch):
+    monkeypatch.setattr(ocl, "cl", None)
+    monkeypatch.setattr(ocl, "_PYOPENCL_IMPORT_ERROR", ImportError("No module named 'pyopencl'"))
+    monkeypatch.setattr(ocl, "_DEFAULT", {})
+    status = ocl.status()
+    assert not status.usable
+    assert "pyopencl is not installed" in status.reason and "ponder[opencl]" in status.reason
+
+
+def test_no_platform_is_reported_with_the_icd_hint(devices, monkeypatch):
+    monkeypatch.setattr(ocl.cl, "get_platforms", lambda: [])
+    monkeypatch.setattr(ocl, "_DEFAULT", {})
+    monkeypatch.delenv("PYOPENCL_CTX", raising=False)
+    status = ocl.status()
+    assert not status.usable
+    assert "no OpenCL platform" in status.reason and "/etc/OpenCL/vendors" in status.reason
+    assert "pocl-opencl-icd" in status.reason
+
+
+def test_devices_that_fail_the_probe_are_listed_with_their_error(devices, monkeypatch):
+    monkeypatch.setattr(ocl, "probe_device", lambda device: "KernelBuildError: error: unknown target CPU 'generic'")
+    monkeypatch.setattr(ocl, "_DEFAULT", {})
+    monkeypatch.delenv("PYOPENCL_CTX", raising=False)
+    status = ocl.status()
+    assert not status.usable
+    assert "no OpenCL device builds a trivial kernel" in status.reason
+    assert "unknown target CPU 'generic'" in status.reason
+
+
+def test_probe_names_the_pocl_wheel_problem(devices, monkeypatch):
+    def failing_context(devices):
+        raise RuntimeError("clBuildProgram failed: error: unknown target CPU 'generic'")
+
+    monkeypatch.setattr(ocl.cl, "Context", failing_context)
+    why = ocl.probe_device(object())
+    assert "unknown target CPU 'generic'" in why
+    assert "pocl-binary-distribution" in why and "pocl-opencl-icd" in why
+
+
 def test_device_listing_gives_selectors(devices):
     for report in devices:
         platform, device = report.selector.split(":")
