@@ -22,6 +22,8 @@ def add_arguments(parser):
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--cifar-dir", type=Path, default=None, help="cifar10 checkpoints: where the binary batches are now")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--mode", choices=("relaxed", "discrete", "thresholded"), default=None,
+                        help="PACT models: evaluate in this mode (default: the mode stored in the checkpoint)")
 
 
 def run(args):
@@ -39,12 +41,18 @@ def run(args):
         if args.cifar_dir is not None:
             data["cifar_dir"] = str(args.cifar_dir)
         splits, _ = load_dataset(data.pop("name"), **data)
+        if args.mode is not None:
+            if not hasattr(model, "set_mode"):
+                raise ValueError(f"--mode applies to PACT models only, got {meta.get('model')!r}")
+            model.set_mode(args.mode)
     except (CheckpointError, FileNotFoundError, ValueError, BackendUnavailableError) as exc:
         raise SystemExit(f"ponder evaluate: {exc}") from None
     result = evaluate(model, splits[args.split], batch_size=args.batch_size)
     result.pop("predictions")
-    result.update(model=meta.get("model"), split=args.split, checkpoint=str(args.checkpoint), backend=args.backend)
-    print(f"{meta.get('model')} on the {args.split} split ({len(splits[args.split])} images, backend {args.backend}): "
+    result.update(model=meta.get("model"), split=args.split, checkpoint=str(args.checkpoint), backend=args.backend,
+                  mode=args.mode)
+    mode = f" in {args.mode} mode" if args.mode else ""
+    print(f"{meta.get('model')}{mode} on the {args.split} split ({len(splits[args.split])} images, backend {args.backend}): "
           f"accuracy {result['accuracy']:.4f}, loss {result['loss']:.4f}, "
           f"{result['flops_per_image'] / 1e6:.2f} MFLOPs/image, {result['images_per_second']:.0f} images/s")
     if args.json is not None:
