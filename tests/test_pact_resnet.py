@@ -186,3 +186,16 @@ def test_bad_options():
         PACTResNet(1, 3, 1, rng, widths=(4, 4, 4), mode="greedy")
     with pytest.raises(ValueError, match="temperature"):
         PACTResNet(1, 3, 1, rng, widths=(4, 4, 4), temperature=0.0)
+
+
+def test_train_and_evaluate_cli_in_every_mode(tmp_path, capsys):
+    from refimpl.cli import main
+
+    run = tmp_path / "pact"
+    assert main(["train", "--model", "pact-resnet14", "--data", "cluttered-digits", "--canvas", "16",
+                 "--n-train", "32", "--n-test", "16", "--epochs", "1", "--batch-size", "16", "--quiet",
+                 "--option", "widths=[4,4,4]", "--option", "latents=per-position", "--option", "mode=relaxed",
+                 "--option", "temperature=0.5", "--out", str(run)]) == 0
+    for mode in ("thresholded", "discrete", "relaxed"):
+        assert main(["evaluate", "--checkpoint", str(run / "checkpoint.npz"), "--mode", mode]) == 0
+        assert f"in {mode} mode" in capsys.readouterr().out
