@@ -8,14 +8,16 @@ prints them at the end of the run.
 import os
 
 _counts = {"collected": 0, "executed": 0, "passed": 0, "failed": 0, "skipped": 0}
+_opencl_ids = set()  # node ids of tests marked opencl (keywords would also match ids like "backend=opencl")
 
 
 def pytest_collection_modifyitems(items):
-    _counts["collected"] = sum(1 for item in items if item.get_closest_marker("opencl"))
+    _opencl_ids.update(item.nodeid for item in items if item.get_closest_marker("opencl"))
+    _counts["collected"] = len(_opencl_ids)
 
 
 def pytest_runtest_logreport(report):
-    if "opencl" not in report.keywords:
+    if report.nodeid not in _opencl_ids:
         return
     if report.skipped and report.when in ("setup", "call"):
         _counts["skipped"] += 1
