@@ -357,3 +357,20 @@ def test_ponder_train_then_map_end_to_end(tmp_path):
     assert main(["map", "--checkpoint", str(run / "checkpoint.npz"), "--image", "coffee", "--size", "32",
                  "--out", str(run / "map.png")]) == 0
     assert (run / "map.png").stat().st_size > 0
+
+
+def test_demo_section_runs_sparse_sact_on_the_photo(tmp_path):
+    import argparse
+
+    from refimpl.commands import demo
+    from refimpl.commands.map import sact_demo_section
+
+    assert sact_demo_section in demo.SECTIONS
+    args = argparse.Namespace(out=tmp_path, rate=0.5, seed=0, backend="numpy", size=32)
+    result = sact_demo_section(demo.make_context(args))
+    assert result.failures == []
+    active = [row[3] for row in result.rows[:3]]
+    assert any(0 < a < 1 for a in active), active  # some positions halted after the first unit, some did not
+    sparse_mflops, dense_mflops, error = result.rows[3][4:7]
+    assert sparse_mflops < dense_mflops and error <= 1e-5
+    assert (tmp_path / "sact_map.png").is_file()
