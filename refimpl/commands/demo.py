@@ -217,7 +217,9 @@ def implicit_section(ctx):
 
 
 #: The demo, in order. A later section may use what an earlier one stored on the context.
-SECTIONS = [perforation_section, implicit_section]
+from refimpl.commands.map import sact_demo_section  # noqa: E402  (the SACT section lives with ponder map)
+
+SECTIONS = [perforation_section, implicit_section, sact_demo_section]
 
 
 # ---------------------------------------------------------------------------------------------
