@@ -508,7 +508,9 @@ class OpenCLBackend(ConvBackend):
         return w
 
     def _pack(self, w, k, c, taps, depth, transpose, dtype):
-        """Weights as the zero-padded matrix the GEMM kernels read (see ``pack_weights``).
+        """Weights as the zero-padded column-major matrix the GEMM kernels read (``pack_weights``).
+
+        Returns the packed array and its leading dimension (padded row count).
 
         NumPy weights are packed on the host and uploaded once (one kernel launch less per
         call); device weights are packed on the device.
@@ -519,16 +521,16 @@ class OpenCLBackend(ConvBackend):
         else:
             rows_p, cols_p = rows, cols
         if isinstance(w, np.ndarray):
-            packed = np.zeros((rows_p, cols_p), dtype)
+            packed = np.zeros((cols_p, rows_p), dtype)  # column-major: packed[col, row]
             matrix = w.reshape(k, c, taps)
             if transpose:
                 matrix = np.repeat(matrix.transpose(1, 0, 2), depth, axis=2)
-            packed[:rows, :cols] = matrix.reshape(rows, cols)
-            return self._upload(packed), cols_p
-        packed = self._empty((rows_p, cols_p), dtype)
-        self._launch(KERNEL_FILES["fast"], "pack_weights", dtype, (cols_p, rows_p), None,
+            packed[:cols, :rows] = matrix.reshape(rows, cols).T
+            return self._upload(packed), rows_p
+        packed = self._empty((cols_p, rows_p), dtype)
+        self._launch(KERNEL_FILES["fast"], "pack_weights", dtype, (rows_p, cols_p), None,
                      k, c, taps, depth, int(transpose), rows_p, cols_p, w, packed)
-        return packed, cols_p
+        return packed, rows_p
 
     def _table_gemm(self, src, table, table_batch, counts, rows, taps, packed, ldw, m, bias):
         """out (N, m, rows) = packed · (src gathered through table); see the kernel files."""

@@ -23,8 +23,9 @@
  * Tiling (-D options with defaults below): a work-group of (TN/WN) x (TM/WM) work-items computes
  * a TM x TN output tile; each work-item holds a WM x WN register block (strided so that local
  * memory reads are conflict-free and global writes are coalesced along r). The reduction axis is
- * walked in steps of TK: the weight tile is read with vload4 from a zero-padded packed weight
- * matrix (no bounds checks), the input tile is gathered through the table into local memory.
+ * walked in steps of TK: the weight tile is read with vload4 from a zero-padded, column-major
+ * packed weight matrix (no bounds checks, coalesced along the output channels), the input tile is
+ * gathered through the table into local memory.
  * REAL / REAL4 are float/float4 or double/double4. Shape sizes are kernel arguments.
  */
 #ifdef USE_FP64
@@ -51,20 +52,23 @@
 #define NTHREADS (LX * LY)
 
 /* The load loops below give every work-item whole rows of the tiles; these shapes make that exact. */
-#if (TM % WM) || (TN % WN) || (TK % 4) || (NTHREADS % TN) || (NTHREADS % TK) || \
+#if (TM % WM) || (TN % WN) || (TM % 4) || (NTHREADS % TN) || (NTHREADS % TK) || \
     ((TK * TN) % NTHREADS) || ((TK * TM) % NTHREADS)
-#error "tile: need TM % WM == TN % WN == TK % 4 == 0, NTHREADS = (TN/WN)*(TM/WM) a multiple of TN and TK, and TK*TN, TK*TM multiples of NTHREADS"
+#error "tile: need TM % WM == TN % WN == TM % 4 == 0, NTHREADS = (TN/WN)*(TM/WM) a multiple of TN and TK, and TK*TN, TK*TM multiples of NTHREADS"
 #endif
 
-/* packed (rows_p, cols_p), zero outside the weights:
- *   transpose == 0: packed[k, c*T + t]           = w[k, c, t]   (forward, dW layout)
- *   transpose == 1: packed[c, (k*T + t)*D + d]   = w[k, c, t]   (dX through the inverse table,
- *                                                                 D readers per (pixel, tap)) */
+/* The GEMM's weight matrix A (rows = output channels of the GEMM, cols = reduction index), stored
+ * *column-major* as packed[col * rows_p + row] with zeros outside the weights, so that a tile of
+ * consecutive rows is contiguous (coalesced vload4, conflict-free local stores):
+ *   transpose == 0: A[k, c*T + t]         = w[k, c, t]   (forward)
+ *   transpose == 1: A[c, (k*T + t)*D + d] = w[k, c, t]   (dX through the inverse table,
+ *                                                          D readers per (pixel, tap))
+ * Global size (rows_p, cols_p). */
 __kernel void pack_weights(const int K, const int C, const int T, const int D, const int transpose,
                            const int rows_p, const int cols_p,
                            __global const REAL *w, __global REAL *packed)
 {
-    const int col = get_global_id(0), row = get_global_id(1);
+    const int row = get_global_id(0), col = get_global_id(1);
     if (col >= cols_p || row >= rows_p) return;
     REAL v = 0;
     if (!transpose) {
@@ -76,11 +80,11 @@ __kernel void pack_weights(const int K, const int C, const int T, const int D, c
             v = w[((size_t)k * C + row) * T + t];
         }
     }
-    packed[(size_t)row * cols_p + col] = v;
+    packed[(size_t)col * rows_p + row] = v;
 }
 
-/* Global size (ceil(N*R / TN) * LX, ceil(M / TM) * LY); packed has >= ceil(M/TM)*TM rows and
- * ldw >= ceil(C*TT / TK)*TK columns, ldw a multiple of 4. */
+/* Global size (ceil(N*R / TN) * LX, ceil(M / TM) * LY); packed (column-major, see pack_weights)
+ * has ldw >= ceil(M / TM) * TM rows and >= ceil(C*TT / TK) * TK columns. */
 __kernel __attribute__((reqd_work_group_size(LX, LY, 1)))
 void implicit_gemm(const int M, const int C, const int S, const int R, const int TT,
                    const int ncols, const int ldw,
@@ -111,12 +115,8 @@ void implicit_gemm(const int M, const int C, const int S, const int R, const int
 
     for (int k0 = 0; k0 < CT; k0 += TK) {
         for (int idx = lid; idx < TM * TK / 4; idx += NTHREADS) {
-            const int m = idx / (TK / 4), q = (idx % (TK / 4)) * 4;
-            const REAL4 v = vload4(0, packed + (size_t)(m_base + m) * ldw + k0 + q);
-            As[q][m] = v.s0;
-            As[q + 1][m] = v.s1;
-            As[q + 2][m] = v.s2;
-            As[q + 3][m] = v.s3;
+            const int kk = idx / (TM / 4), m = (idx % (TM / 4)) * 4;
+            vstore4(vload4(0, packed + (size_t)(k0 + kk) * ldw + m_base + m), 0, &As[kk][m]);
         }
         for (int i = 0; i < (TK * TN) / NTHREADS; ++i) {
             const int row = lid / TN + i * (NTHREADS / TN);
@@ -163,8 +163,10 @@ void weight_grad(const int M, const int C, const int S, const int R, const int T
                  __global const REAL *src, __global const int *table, const int table_batch,
                  __global const int *counts, __global REAL *partial)
 {
-    __local REAL As[TK][TM];  /* dY tile, As[col][m] */
-    __local REAL Bs[TK][TN];  /* gathered input, Bs[col][kk] */
+    /* Written column by column (consecutive work-items: consecutive columns); the +1 keeps
+     * those stores in different local-memory banks. */
+    __local REAL As[TK][TM + 1];  /* dY tile, As[col][m] */
+    __local REAL Bs[TK][TN + 1];  /* gathered input, Bs[col][kk] */
     const int lx = get_local_id(0), ly = get_local_id(1);
     const int lid = ly * LX + lx;
     const int kk_base = get_group_id(0) * TN, m_base = get_group_id(1) * TM;

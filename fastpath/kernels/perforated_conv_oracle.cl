@@ -9,8 +9,8 @@
  *
  * with b = 0 for a shared table and b = n for per-sample tables, a table entry of -1 reading 0
  * (padding), and output rows r >= counts[b] (padding slots of per-sample masks) set to 0.
- * The weight matrix is the packed (rows_p, ldw) matrix built by `pack_weights` in
- * perforated_conv.cl.
+ * The weight matrix is the column-major packed matrix built by `pack_weights` in
+ * perforated_conv.cl: w[m, kk] = packed[kk * ldw + m].
  *
  * These kernels are the oracle the fast kernels are tested against; they are slow on purpose.
  * REAL is float or double (-D REAL=...). Sizes are kernel arguments.
@@ -37,7 +37,7 @@ __kernel void implicit_gemm_naive(const int M, const int C, const int S, const i
             for (int t = 0; t < TT; ++t) {
                 const int s = table[((size_t)b * R + r) * TT + t];
                 if (s >= 0)
-                    acc += packed[(size_t)m * ldw + c * TT + t] * src[((size_t)n * C + c) * S + s];
+                    acc += packed[(size_t)(c * TT + t) * ldw + m] * src[((size_t)n * C + c) * S + s];
             }
         if (has_bias) acc += bias[m];
     }
