@@ -13,6 +13,13 @@ output; at rate 0 the plain convolution — forward alone and forward + backward
 * the ratio to PyTorch's dense ``conv2d`` on the same pass when torch is importable (> 1: faster
   than PyTorch's dense layer). PyTorch is a comparison only, never a dependency.
 
+OpenCL is timed three ways: ``opencl`` (data resident on the device, wall clock after
+``synchronize()``), ``opencl-kernel`` (the same calls, the sum of the kernels' device time from
+profiling events) and ``opencl-e2e`` (end to end: host arrays uploaded, the result copied back,
+every transfer included). ``--gpu-layers`` adds two GPU-sized layers (VGG-16 conv3 with N = 64,
+ResNet 64@8 with N = 1024). On a CUDA machine ``torch`` runs on the GPU (cuDNN, TF32 off so
+float32 is compared with float32).
+
 Backends: ``numpy`` (the refimpl reference; slow at these sizes, so by default it runs once, at
 rate 0 only — see ``--numpy-rates`` / ``--numpy-repeat``), ``cython``, ``opencl`` when usable and
 ``torch``. Backends are generic: anything implementing :class:`refimpl.backend.ConvBackend` runs;
@@ -73,7 +80,11 @@ LAYERS = {
     "nin2": Layer("NIN conv2 96->192 5x5 @16", 32, 96, 192, 16, 5, 2),
     "alexnet2": Layer("AlexNet conv2 96->256 5x5 @27", 16, 96, 256, 27, 5, 2),
     "vgg3": Layer("VGG-16 conv3 256->256 @56", 4, 256, 256, 56),
+    # GPU-sized (issue 4): run with --gpu-layers or by name.
+    "vgg3_n64": Layer("VGG-16 conv3 256->256 @56 N=64", 64, 256, 256, 56, default=False),
+    "resnet64_n1024": Layer("ResNet 64@8 N=1024", 1024, 64, 64, 8, default=False),
 }
+GPU_LAYERS = ("vgg3_n64", "resnet64_n1024")
 # The issue's "large layers": the dense-speed target against PyTorch is 0.7x on these, 0.4x elsewhere.
 LARGE_LAYERS = ("nin2", "alexnet2", "vgg3", "resnet64")
 
@@ -127,6 +138,57 @@ class ConvBackendRunner:
         return {"forward": run_forward, "forward+backward": run_forward_backward}
 
 
+class OpenCLKernelRunner(ConvBackendRunner):
+    """The OpenCL backend's kernel time: the sum of the profiling events of every kernel launched."""
+
+    def time(self, fn, repeat, warmup=True):
+        be = self.backend
+        if warmup:
+            fn()
+        times = []
+        for _ in range(repeat):
+            be.kernel_seconds()  # forget earlier events
+            be.record_events = True
+            try:
+                fn()
+                times.append(be.kernel_seconds() * 1e3)
+            finally:
+                be.record_events = False
+        return times
+
+
+class OpenCLEndToEndRunner(ConvBackendRunner):
+    """The OpenCL backend end to end: host arrays in, host arrays out, every transfer timed."""
+
+    def prepare(self, x, w, b, dout, geometry):
+        self.geometry = geometry
+        self.x, self.w, self.b, self.dout = x, w, b, dout
+        n, k = dout.shape[:2]
+        self.dout_compact = dout.reshape(n, k, -1)
+
+    def calls(self, plan):
+        be, g = self.backend, self.geometry
+
+        def forward():
+            compact, cache = be.conv_forward(be.to_device(self.x), be.to_device(self.w), be.to_device(self.b), plan, g)
+            out = compact if plan.full else be.fill_forward(compact, plan, "nearest")
+            return be.to_host(out), cache
+
+        def run_forward():
+            forward()
+
+        def run_forward_backward():
+            _, cache = forward()
+            if plan.full:
+                dcompact = be.to_device(self.dout_compact)
+            else:
+                dcompact = be.fill_backward(be.to_device(self.dout), plan, "nearest")
+            for grad in be.conv_backward(dcompact, cache):
+                be.to_host(grad)
+
+        return {"forward": run_forward, "forward+backward": run_forward_backward}
+
+
 class TorchRunner:
     """PyTorch's dense ``conv2d`` (autograd for the backward); rate 0 only."""
 
@@ -138,12 +200,24 @@ class TorchRunner:
 
         self.torch = torch
         torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        if self.device == "cuda":
+            # float32 against float32: no TF32 tensor-core shortcut in cuDNN or cuBLAS
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
+            torch.backends.cudnn.benchmark = True
+            self.device_name = (f"{torch.cuda.get_device_name()} (CUDA {torch.version.cuda}, "
+                                f"cuDNN {torch.backends.cudnn.version()}, TF32 off)")
+
+    def synchronize(self):
+        if self.device == "cuda":
+            self.torch.cuda.synchronize()
 
     def prepare(self, x, w, b, dout, geometry):
         t = self.torch
         self.padding = geometry.padding
-        self.x, self.w, self.b = (t.from_numpy(a.copy()).requires_grad_() for a in (x, w, b))
-        self.dout = t.from_numpy(dout)
+        self.x, self.w, self.b = (t.from_numpy(a.copy()).to(self.device).requires_grad_() for a in (x, w, b))
+        self.dout = t.from_numpy(dout).to(self.device)
 
     def calls(self, plan):
         if not plan.full:
@@ -153,11 +227,13 @@ class TorchRunner:
         def run_forward():
             with self.torch.no_grad():
                 f.conv2d(self.x, self.w, self.b, padding=self.padding)
+            self.synchronize()
 
         def run_forward_backward():
             for a in (self.x, self.w, self.b):
                 a.grad = None
             f.conv2d(self.x, self.w, self.b, padding=self.padding).backward(self.dout)
+            self.synchronize()
 
         return {"forward": run_forward, "forward+backward": run_forward_backward}
 
@@ -175,6 +251,14 @@ def make_runner(name, threads):
         return ConvBackendRunner(name, NumpyBackend()), None
     import fastpath
 
+    if name in ("opencl-kernel", "opencl-e2e"):
+        status = fastpath.available_backends()["opencl"]
+        if not status.usable:
+            return None, status.reason
+        from refimpl.backend import get_backend
+
+        runner = OpenCLKernelRunner if name == "opencl-kernel" else OpenCLEndToEndRunner
+        return runner(name, get_backend("opencl")), None
     status = fastpath.available_backends().get(name)
     if status is None:
         return None, f"unknown backend {name!r}"
@@ -249,7 +333,8 @@ def bench_layer(name, layer, runners, rates, args, rng, log):
             plan = plans[rate]
             for phase, fn in runner.calls(plan).items():
                 repeat = args.numpy_repeat if is_numpy else args.repeat
-                times = time_call(fn, repeat, warmup=not is_numpy)
+                timer = getattr(runner, "time", None) or time_call  # opencl-kernel: device events
+                times = timer(fn, repeat, warmup=not is_numpy)
                 ms = statistics.median(times)
                 factor = 1 if phase == "forward" else 3
                 dense = factor * layer.dense_flops()
@@ -286,13 +371,13 @@ def _fmt(value, spec):
 
 def format_table(results, phase):
     """A fixed-width table of the results of one pass."""
-    head = (f"{'layer':10s} {'backend':8s} {'rate':>5s} {'ms':>9s} {'GF/s eq':>8s} {'GF/s act':>8s} "
+    head = (f"{'layer':14s} {'backend':13s} {'rate':>5s} {'ms':>9s} {'GF/s eq':>8s} {'GF/s act':>8s} "
             f"{'speedup':>7s} {'/ideal':>6s} {'vs torch':>8s}")
     lines = [f"== {phase} ==", head, "-" * len(head)]
     for r in results:
         if r.phase != phase:
             continue
-        lines.append(f"{r.layer:10s} {r.backend:8s} {r.rate:5.2f} {r.ms:9.2f} {r.gflops_dense_equivalent:8.1f} "
+        lines.append(f"{r.layer:14s} {r.backend:13s} {r.rate:5.2f} {r.ms:9.2f} {r.gflops_dense_equivalent:8.1f} "
                      f"{r.gflops_actual:8.1f} {_fmt(r.speedup, '7.2f')} {_fmt(r.speedup_over_ideal, '6.2f')} "
                      f"{_fmt(r.vs_torch, '8.2f')}")
     return "\n".join(lines)
@@ -359,8 +444,11 @@ def add_arguments(parser):
                         help="rates at which the NumPy reference runs (default: 0 only)")
     parser.add_argument("--layers", type=_csv(str), default=tuple(k for k, v in LAYERS.items() if v.default),
                         help=f"comma-separated subset of {', '.join(LAYERS)}")
-    parser.add_argument("--backends", type=_csv(str), default=("numpy", "cython", "opencl", "torch"),
-                        help="comma-separated subset of numpy, cython, opencl, torch")
+    parser.add_argument("--backends", type=_csv(str),
+                        default=("numpy", "cython", "opencl", "opencl-kernel", "opencl-e2e", "torch"),
+                        help="comma-separated subset of numpy, cython, opencl, opencl-kernel, opencl-e2e, torch")
+    parser.add_argument("--gpu-layers", action="store_true",
+                        help=f"also run the GPU-sized layers {', '.join(GPU_LAYERS)}")
     parser.add_argument("--rates", type=_csv(float), default=DEFAULT_RATES, help="perforation rates (grid masks)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the masks")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to this JSON file")
@@ -368,6 +456,8 @@ def add_arguments(parser):
 
 
 def _check_args(args):
+    if getattr(args, "gpu_layers", False):
+        args.layers = tuple(args.layers) + tuple(k for k in GPU_LAYERS if k not in args.layers)
     unknown = [name for name in args.layers if name not in LAYERS]
     if unknown:
         raise SystemExit(f"ponder bench: unknown layer(s) {unknown}; choose from {list(LAYERS)}")
