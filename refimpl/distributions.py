@@ -277,7 +277,16 @@ def log_halting_probability_grad(logits, steps):
 def uniform_noise(shape, rng, dtype=np.float64):
     """``u ~ U(0, 1)`` strictly inside the interval (so ``log u`` and ``log(1 - u)`` are finite)."""
     rng = _checks.generator(rng)
-    return rng.uniform(np.finfo(dtype).tiny, 1.0, size=shape).astype(dtype)
+    return open_unit_interval(rng.random(size=shape), dtype)
+
+
+def open_unit_interval(u, dtype):
+    """Cast ``u`` in [0, 1] to ``dtype`` and clip it into the open interval (0, 1).
+
+    Needed because rounding to float32 maps every double in (1 - 2⁻²⁵, 1) to exactly 1.
+    """
+    dtype = np.dtype(dtype)
+    return np.clip(np.asarray(u).astype(dtype), np.finfo(dtype).tiny, np.nextafter(dtype.type(1), dtype.type(0)))
 
 
 def bernoulli_from_noise(logits, u):

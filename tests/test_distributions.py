@@ -288,3 +288,13 @@ def test_bad_inputs_raise_clear_errors():
         D.uniform_noise(3, 0)
     with pytest.raises(ValueError, match="steps"):
         D.log_halting_probability_grad(np.zeros((1, 2)), np.array([4]))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_noise_stays_strictly_inside_the_unit_interval(dtype):
+    # a double just below 1 rounds to exactly 1.0 in float32 (found by a PACT-ResNet training run)
+    u = D.open_unit_interval(np.array([0.0, 0.5, 1.0 - 1e-9, 1.0]), dtype)
+    assert u.dtype == dtype and np.all((u > 0) & (u < 1))
+    assert np.all(np.isfinite(np.log(u) - np.log1p(-u)))
+    noise = D.uniform_noise((1000,), np.random.default_rng(0), dtype)
+    assert noise.dtype == dtype and np.all((noise > 0) & (noise < 1))
