@@ -84,12 +84,14 @@ def make_layer_mask(mask_type, info, kept_fraction, rng, impact=None):
 
 
 def use_backend(model, backend):
-    """Run every convolution of ``model`` on ``backend`` (a name, a ConvBackend or None = NumPy)."""
-    backend = get_backend(backend)
-    for layer in model.layers():
-        if isinstance(layer, Conv2d):
+    """Run every convolution of ``model`` on ``backend`` (a name or a ConvBackend); ``None`` keeps
+    the model's own. Returns the backend of the first convolution."""
+    convs = [layer for layer in model.layers() if isinstance(layer, Conv2d)]
+    if backend is not None:
+        backend = get_backend(backend)
+        for layer in convs:
             layer.backend = backend
-    return backend
+    return convs[0].backend if convs else get_backend(backend)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,7 +255,7 @@ def perforate_network(model, data, target_speedup, mask_types=("impact", "grid")
         theoretical for ``"flops"``) reaches it
     mask_types : subset of ("uniform", "grid", "structure", "impact")
     cost : "time" (median measured forward time) or "flops"
-    backend : conv backend for every convolution (name, object or None = NumPy)
+    backend : conv backend for every convolution (name or object; None keeps the model's own)
     rng : numpy.random.Generator for every random mask and tie-break
     impact_data : Split or (images, labels) for the impact statistics (default ``data``)
     fractions : candidate kept fractions, decreasing from 1

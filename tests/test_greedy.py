@@ -192,3 +192,30 @@ def test_implicit_runner_refuses_a_residual_network():
     model = resnet(8, 10, 1, np.random.default_rng(0), dtype=F64).eval()
     with pytest.raises(ValueError, match="chain network"):
         chain_layers(model, held_out(2).images)
+
+
+def test_ponder_perforate_on_a_checkpoint_from_ponder_train(tmp_path, capsys):
+    from refimpl.cli import main
+
+    run = tmp_path / "nin"
+    main(["train", "--model", "nin", "--data", "cluttered-digits", "--canvas", "16", "--digit-scale", "1",
+          "--n-train", "32", "--n-val", "24", "--n-test", "8", "--epochs", "1", "--batch-size", "16",
+          "--option", "widths=[4,4,4]", "--out", str(run), "--quiet"])
+    out = tmp_path / "perf"
+    main(["perforate", "--checkpoint", str(run / "checkpoint.npz"), "--target-speedup", "2", "--mask", "impact", "grid",
+          "--cost", "flops", "--out", str(out), "--held-out", "24", "--impact-images", "16", "--timing-batch", "4",
+          "--timing-repeats", "1", "--stride-factors", "1", "2", "--resolutions", "0.5", "--quiet"])
+    profile = load_profile(out / "profile.json")
+    assert profile.settings["cost"] == "flops" and profile.steps[-1]["theoretical_speedup"] >= 2
+    baselines = json_load(out / "baselines.json")
+    assert len(baselines["stride"]) == 2 ** 3 and [p["size"] for p in baselines["resolution"]] == [[8, 8]]
+    assert (out / "speed_error.png").stat().st_size > 5000
+    assert "greedy steps: theoretical" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="does not exist"):
+        main(["perforate", "--checkpoint", str(tmp_path / "missing.npz"), "--out", str(out)])
+
+
+def json_load(path):
+    import json
+
+    return json.loads(path.read_text())
