@@ -124,7 +124,7 @@ class ACTBlock(Layer):
         previous = x
         for index, unit in enumerate(self.units):
             out_sub = unit(previous[running])
-            flops[running] += _unit_flops(unit, running.size)
+            flops[running] += unit_flops(unit, running.size)
             if index == 0:
                 current = out_sub
             else:
@@ -177,7 +177,7 @@ class ACTBlock(Layer):
         return f"ACTBlock({len(self.units)} units, eps={self.eps})"
 
 
-def _unit_flops(unit, batch):
+def unit_flops(unit, batch):
     """FLOPs per sample, (batch,) int64, of the unit's forward just run: the sum over its conv layers."""
     total = np.zeros(batch, dtype=np.int64)
     for layer in unit.layers():

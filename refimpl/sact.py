@@ -47,7 +47,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import halting as _halting
-from .act import HALTING_BIAS, AdaptiveResNet, adaptive_resnet_builder, sigmoid
+from .act import HALTING_BIAS, AdaptiveResNet, adaptive_resnet_builder, sigmoid, unit_flops
 from .conv_layer import Conv2d
 from .layers import Layer, batchnorm_backward, batchnorm_forward, global_avg_pool_backward, global_avg_pool_forward
 
@@ -322,7 +322,7 @@ class SACTBlock(Layer):
     def forward(self, x):
         n, n_units = x.shape[0], len(self.units)
         current = self.units[0](x)  # dense: nothing has halted yet
-        flops = _conv_flops(self.units[0], n)
+        flops = unit_flops(self.units[0], n)
         hw = current.shape[2:]
         active = np.ones((n, *hw), dtype=bool)
         running = np.arange(n)
@@ -344,9 +344,9 @@ class SACTBlock(Layer):
                 break
             if self.execution == "dense":
                 running = np.arange(n)
-            residual, cache, unit_flops = branch_forward(self.units[index], current[running], active[running],
+            residual, cache, branch_flops = branch_forward(self.units[index], current[running], active[running],
                                                          self.execution)
-            flops[running] += unit_flops
+            flops[running] += branch_flops
             current = current.copy()
             current[running] += residual
             outputs.append(current)
@@ -382,15 +382,6 @@ class SACTBlock(Layer):
 
     def __repr__(self):
         return f"SACTBlock({len(self.units)} units, eps={self.eps}, execution={self.execution!r})"
-
-
-def _conv_flops(unit, batch):
-    total = np.zeros(batch, dtype=np.int64)
-    for layer in unit.layers():
-        per_sample = getattr(layer, "flops_per_sample", None)
-        if isinstance(layer, Conv2d) and isinstance(per_sample, np.ndarray) and per_sample.shape == (batch,):
-            total += per_sample
-    return total
 
 
 class SACTResNet(AdaptiveResNet):
