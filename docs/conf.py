@@ -6,7 +6,9 @@ Layout (drop a page into a folder and it appears; nothing here needs editing):
 * ``notebooks/`` — copied at configuration time from the repository's ``notebooks/*.ipynb`` and
   rendered by myst-nb **without executing them** (``nb_execution_mode = "off"``): the notebooks are
   stored without outputs and executed by the test suite (``tests/test_notebooks.py``), so the docs
-  build stays fast and a broken notebook fails a test rather than the docs;
+  build stays fast and a broken notebook fails a test rather than the docs. Notebooks link for
+  their Jupyter readers, relative to ``notebooks/``; the copy rewrites ``../docs/X`` to ``../X``
+  and ``../refimpl/a.py`` / ``../fastpath/a.py`` to that module's API page;
 * ``api/`` — one page per module of ``refimpl`` and ``fastpath``, generated at configuration time
   from :func:`pkgutil.walk_packages`, so a new module is documented without editing anything.
 
@@ -17,7 +19,9 @@ Layout (drop a page into a folder and it appears; nothing here needs editing):
 from __future__ import annotations
 
 import importlib
+import json
 import pkgutil
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -51,6 +55,11 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
 nb_execution_mode = "off"  # executed by tests/test_notebooks.py instead; stored without outputs
+
+# Napoleon turns parameter types into cross-references; a bare type name that several modules
+# define (``Layer``, ``labels``, ...) is ambiguous and Sphinx warns, although the rendered type is
+# right. Only that warning category is silenced; broken references still fail the build.
+suppress_warnings = ["ref.python"]
 
 html_theme = "pydata_sphinx_theme"
 html_title = "ponder"
@@ -93,15 +102,32 @@ def generate_api_pages():
                       f"```{{toctree}}\n:maxdepth: 1\n\n{toc}\n```\n")
 
 
+_REPO_LINK = re.compile(r"\]\(\.\./([^)\s#]+)(#[^)\s]*)?\)")
+
+
+def _docs_link(match):
+    """A Markdown link written relative to notebooks/, as seen from docs/notebooks/."""
+    path, anchor = match.group(1), match.group(2) or ""
+    if path.startswith("docs/"):
+        return f"](../{path[len('docs/'):]}{anchor})"
+    if path.split("/")[0] in API_PACKAGES and path.endswith(".py"):
+        module = path[: -len(".py")].replace("/", ".").removesuffix(".__init__")
+        return f"](../api/{module}.md)"
+    return match.group(0)
+
+
 def copy_notebooks():
-    """Mirror ../notebooks/*.ipynb into docs/notebooks/ (rendered, not executed)."""
+    """Mirror ../notebooks/*.ipynb into docs/notebooks/ (rendered, not executed), links rewritten."""
     target = DOCS / "notebooks"
     target.mkdir(exist_ok=True)
     sources = {p.name: p for p in sorted((ROOT / "notebooks").glob("*.ipynb"))}
     for name, source in sources.items():
-        dest = target / name
-        if not dest.exists() or dest.read_bytes() != source.read_bytes():
-            shutil.copyfile(source, dest)
+        nb = json.loads(source.read_text())
+        for cell in nb["cells"]:
+            if cell["cell_type"] == "markdown":
+                text = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
+                cell["source"] = _REPO_LINK.sub(_docs_link, text)
+        _write_if_changed(target / name, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
     for stale in target.glob("*.ipynb"):
         if stale.name not in sources:
             stale.unlink()
