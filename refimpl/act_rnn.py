@@ -328,9 +328,10 @@ def evaluate(rnn, x, y, rule="thresholded", rng=None, eps=halting.EPS):
     """Predict with a halting rule and count the ponder steps it runs.
 
     ``rule="act"``: Graves' rule (run until the halting sum reaches ``1 - eps``), state
-    :math:`\\sum_n p_n s^n`, steps ``N``. ``"thresholded"``: stop at the first ``h > 1/2``;
-    ``"sample"``: stop with probability ``h`` at each step (``rng`` required). Both read out the
-    state of the step where they stop, run only the needed steps and keep no stored states.
+    :math:`\\sum_n p_n s^n`, steps ``N`` (:func:`act_halt_early`). ``"thresholded"``: stop at the
+    first ``h > 1/2``; ``"sample"``: stop with probability ``h`` at each step (``rng`` required);
+    both read out the state of the step where they stop. Every rule runs only the steps needed,
+    on the examples still pondering, and keeps no stored states.
     """
     _checks.choice(rule, "rule", RULES)
     x, y = _check_batch(rnn, x, y)
@@ -341,10 +342,7 @@ def evaluate(rnn, x, y, rule="thresholded", rng=None, eps=halting.EPS):
     for t in range(t_len):
         units = rnn.step_units(x[:, t])
         if rule == "act":
-            states, halt_logits, _ = pact.unroll_forward(units, state)
-            halt = halting.halting_forward(sigmoid(halt_logits), eps)
-            state = halting.weighted_output_forward(halt.p, np.stack(states))
-            steps[:, t] = halt.n_units
+            state, steps[:, t] = act_halt_early(units, state, eps)
         else:
             result = pact.halt_early_forward(units, state, "threshold" if rule == "thresholded" else "sample", rng)
             state = result.output
@@ -352,3 +350,36 @@ def evaluate(rnn, x, y, rule="thresholded", rng=None, eps=halting.EPS):
         logits[:, t] = rnn.readout(state)
     predictions = (logits > 0).astype(np.int64)
     return Evaluation(predictions, float(np.mean(predictions == y)), steps)
+
+
+def act_halt_early(units, state, eps=halting.EPS):
+    r"""Graves' ACT at test time: accumulate :math:`p_n s^n` online and stop each example at ``N``.
+
+    Step ``n`` runs only on the examples whose halting sum is still below ``1 - eps``; an example
+    halts at the first ``n`` where it is not (or at the last unit), with weight the remainder
+    :math:`R = 1 - \sum_{l<N} h_l`. Equals the training-time computation
+    (:func:`refimpl.halting.halting_forward` on all steps) without running steps after ``N``.
+
+    Returns
+    -------
+    state : ndarray (N, H), :math:`\sum_n p_n s^n`
+    steps : ndarray (N,) int, ``N``
+    """
+    n = state.shape[0]
+    rows = np.arange(n)
+    output = np.zeros_like(state)
+    cumulative = np.zeros(n, state.dtype)
+    steps = np.zeros(n, np.int64)
+    for l, unit in enumerate(units, start=1):
+        state, logit, _ = unit.forward(state, rows)
+        h = sigmoid(logit) if l < len(units) else np.ones_like(logit)
+        total = cumulative[rows] + h
+        halts = ~halting.still_running(total, eps) | (l == len(units))
+        weight = np.where(halts, 1.0 - cumulative[rows], h)
+        output[rows] += weight[:, None] * state
+        cumulative[rows] = total
+        steps[rows] = l
+        rows, state = rows[~halts], state[~halts]
+        if rows.size == 0:
+            break
+    return output, steps

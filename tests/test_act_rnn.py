@@ -5,7 +5,7 @@ import pytest
 
 from refimpl import distributions as D
 from refimpl import halting, pact
-from refimpl.act_rnn import ACTRNN, RNNStep, evaluate, logistic_loss, objective_backward, objective_forward
+from refimpl.act_rnn import ACTRNN, RNNStep, act_halt_early, evaluate, logistic_loss, objective_backward, objective_forward
 from refimpl.gradcheck import check_gradients
 from refimpl.parity import evaluate_parity, parity_batch, train_parity
 
@@ -126,8 +126,20 @@ def test_evaluate_thresholded_matches_first_h_above_one_half():
         np.testing.assert_array_equal(ev.steps[:, t], n)
         state = np.stack(states)[n - 1, np.arange(3)]
         np.testing.assert_array_equal(ev.predictions[:, t], (rnn.readout(state) > 0).astype(int))
+    # ACT's online early halting equals the halting math on all unrolled steps
     act = evaluate(rnn, x, y, "act")
-    assert np.all((act.steps >= 1) & (act.steps <= 5))
+    state = np.zeros((3, 5))
+    for t in range(2):
+        states, logits, _ = pact.unroll_forward(rnn.step_units(x[:, t]), state)
+        halt = halting.halting_forward(D.sigmoid(logits))
+        state = halting.weighted_output_forward(halt.p, np.stack(states))
+        np.testing.assert_array_equal(act.steps[:, t], halt.n_units)
+        np.testing.assert_array_equal(act.predictions[:, t], (rnn.readout(state) > 0).astype(int))
+    early_state, _ = act_halt_early(rnn.step_units(x[:, 0]), np.zeros((3, 5)))
+    states, logits, _ = pact.unroll_forward(rnn.step_units(x[:, 0]), np.zeros((3, 5)))
+    halt = halting.halting_forward(D.sigmoid(logits))
+    np.testing.assert_allclose(early_state, halting.weighted_output_forward(halt.p, np.stack(states)), atol=1e-14)
+    assert len(set(act.steps.ravel())) > 1  # the crafted weights give different N per example
     sampled = evaluate(rnn, x, y, "sample", rng=np.random.default_rng(0))
     assert np.all((sampled.steps >= 1) & (sampled.steps <= 5))
 
