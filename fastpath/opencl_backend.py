@@ -755,20 +755,37 @@ class OpenCLBackend(ConvBackend):
 # ---------------------------------------------------------------------------------------------
 
 
+def copy_seconds(backend, nbytes, direction, repeat=3):
+    """Device time (profiling event) of one host->device ("up") or device->host ("down") copy."""
+    host = np.zeros(max(int(nbytes), 1), dtype=np.uint8)
+    buffer = cl.Buffer(backend.context, cl.mem_flags.READ_WRITE, host.nbytes)
+    samples = []
+    for _ in range(repeat):
+        event = (cl.enqueue_copy(backend.queue, buffer, host) if direction == "up"
+                 else cl.enqueue_copy(backend.queue, host, buffer))
+        event.wait()
+        samples.append((event.profile.end - event.profile.start) * 1e-9)
+    return float(np.median(samples))
+
+
 def chain_transfer_share(backend, rng, batch=16, channels=32, size=32, rate=0.5, repeat=5, dtype=np.float32):
-    """Time a perforated conv -> implicit max-pool -> conv chain kept on the device and with host copies.
+    """Transfers of a perforated conv -> implicit max-pool -> conv chain, on the device and with host copies.
 
     The chain: a 3x3 perforated convolution (grid mask of ``rate``, compact output), a 2x2 max
     pooling reading the compact tensor through the composed index table, and a dense 3x3
     convolution of the pooled map. *Resident*: the input is uploaded once and only the final
     result is copied back. *Round trips*: every layer is called with NumPy arrays, so each
-    activation goes device -> host -> device between layers (what a naive port would do).
+    activation goes device -> host -> device between layers (what a naive port does).
+
+    Both chains are timed by wall clock (median of ``repeat``, after a check that they agree),
+    and accounted with profiling events, which a busy host does not distort: the kernels' device
+    time, and the device time of the copies each chain makes (the same sizes, copied alone).
 
     Returns
     -------
-    dict with median seconds ``resident`` and ``round_trips``, the ``transfer_share``
-    ``1 - resident / round_trips`` (the part of the round-trip time spent moving data), the
-    device-side kernel seconds of one resident pass, and the bytes copied per pass in each mode.
+    dict with ``resident`` / ``round_trips`` (median wall seconds), ``kernel_seconds`` (events, one
+    pass), ``copy_seconds_resident`` / ``copy_seconds_round_trips`` (events), the transfer shares
+    ``copies / (copies + kernels)`` of both chains, and the bytes each chain copies.
     """
     from refimpl.conv import ConvGeometry, conv_output_shape
     from refimpl.implicit import compose_index_table, dense_index_map
@@ -814,17 +831,25 @@ def chain_transfer_share(backend, rng, batch=16, channels=32, size=32, rate=0.5,
     resident()
     kernel = backend.kernel_seconds()
     backend.record_events = False
+
     itemsize = np.dtype(dtype).itemsize
     compact_bytes = batch * channels * plan.width * itemsize
     pooled_bytes = batch * channels * pooled_hw[0] * pooled_hw[1] * itemsize
-    resident_bytes = x.nbytes + pooled_bytes
-    round_trip_bytes = x.nbytes + 2 * compact_bytes + 2 * pooled_bytes + pooled_bytes + 4 * (w1.nbytes + b.nbytes)
+    copies_resident = [(x.nbytes, "up"), (pooled_bytes, "down")]
+    copies_round_trips = [(x.nbytes, "up"), (w1.nbytes, "up"), (b.nbytes, "up"), (compact_bytes, "down"),
+                          (compact_bytes, "up"), (pooled_bytes, "down"),
+                          (pooled_bytes, "up"), (w2.nbytes, "up"), (b.nbytes, "up"), (pooled_bytes, "down")]
+    copy_resident = sum(copy_seconds(backend, n, d) for n, d in copies_resident)
+    copy_round_trips = sum(copy_seconds(backend, n, d) for n, d in copies_round_trips)
     return {
         "device": backend.device_name,
         "resident": times["resident"],
         "round_trips": times["round_trips"],
-        "transfer_share": 1.0 - times["resident"] / times["round_trips"],
         "kernel_seconds": kernel,
-        "bytes_resident": resident_bytes,
-        "bytes_round_trips": round_trip_bytes,
+        "copy_seconds_resident": copy_resident,
+        "copy_seconds_round_trips": copy_round_trips,
+        "transfer_share_resident": copy_resident / (copy_resident + kernel),
+        "transfer_share_round_trips": copy_round_trips / (copy_round_trips + kernel),
+        "bytes_resident": sum(n for n, _ in copies_resident),
+        "bytes_round_trips": sum(n for n, _ in copies_round_trips),
     }

@@ -374,6 +374,8 @@ def test_chain_transfer_share_is_measured(fast):
     result = ocl.chain_transfer_share(fast, np.random.default_rng(0), batch=2, channels=4, size=8, repeat=2)
     assert result["resident"] > 0 and result["round_trips"] > 0 and result["kernel_seconds"] > 0
     assert result["bytes_round_trips"] > result["bytes_resident"]
+    assert 0 < result["copy_seconds_resident"] < result["copy_seconds_round_trips"]
+    assert 0 < result["transfer_share_resident"] < result["transfer_share_round_trips"] < 1
 
 
 def test_mixed_dtypes_on_the_device_are_rejected(fast):
