@@ -40,12 +40,12 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _checks, pact
-from .act import HALTING_BIAS, AdaptiveResNet, adaptive_resnet_builder
+from .act import HALTING_BIAS, AdaptiveResNet, adaptive_resnet_builder, unit_flops
 from .conv_layer import Conv2d
 from .distributions import bernoulli_from_noise, uniform_noise
 from .layers import Layer, global_avg_pool_backward, global_avg_pool_forward
 from .losses import log_softmax
-from .sact import _conv_flops, branch_backward, branch_forward, check_sact_unit
+from .sact import branch_forward, check_sact_unit
 
 LATENTS = ("per-block", "per-position")
 MODES = pact.MODES
@@ -212,7 +212,7 @@ class PACTBlock(Layer):
         self.cache = cache
         self.expected_steps, self.steps = result.expected_steps, result.steps
         n = x.shape[0]  # every unit and head ran on the whole batch
-        self.flops_per_sample = sum(_conv_flops(u, n) for u in self.units) + sum(h.flops(x) for h in self.heads)
+        self.flops_per_sample = sum(unit_flops(u, n) for u in self.units) + sum(h.flops(x) for h in self.heads)
         return result.output
 
     def backward(self, dout):
@@ -242,7 +242,7 @@ class PACTBlock(Layer):
             ran = units_run > index  # the images unit `index` ran on, in its last forward
             if not ran.any():
                 break
-            cost = int(_conv_flops(unit, int(ran.sum()))[0])  # the same for every image of the sub-batch
+            cost = int(unit_flops(unit, int(ran.sum()))[0])  # the same for every image of the sub-batch
             if index < len(self.heads):
                 cost += 2 * self.heads[index].channels
             flops += cost * ran
@@ -252,7 +252,7 @@ class PACTBlock(Layer):
         """Per-position early halting with residual branches at active positions only (as SACT)."""
         n = x.shape[0]
         current = self.units[0](x)  # the first unit runs densely (and may downsample)
-        flops = _conv_flops(self.units[0], n)
+        flops = unit_flops(self.units[0], n)
         active = np.ones((n, *current.shape[2:]), dtype=bool)
         steps = np.ones(active.shape, dtype=np.int64)
         for index in range(1, len(self.units)):
@@ -272,8 +272,8 @@ class PACTBlock(Layer):
             running = running[still.any(axis=(1, 2))]
             if running.size == 0:
                 break
-            residual, _, unit_flops = branch_forward(self.units[index], current[running], active[running], "sparse")
-            flops[running] += unit_flops
+            residual, _, branch_flops = branch_forward(self.units[index], current[running], active[running], "sparse")
+            flops[running] += branch_flops
             current = current.copy()
             current[running] += residual
             steps[running] += active[running]
