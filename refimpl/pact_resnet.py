@@ -155,6 +155,10 @@ class ResidualStep:
 class PACTBlock(Layer):
     """A stage of residual units as a PACT adaptive computation block.
 
+    After ``forward`` it holds ``expected_steps`` (N,) or (N, H, W) (E_q[n], training modes),
+    ``steps`` (units run per latent: early-halting evaluation and discrete mode) and
+    ``flops_per_sample`` (N,).
+
     Parameters
     ----------
     units : list of ResidualUnit (the first may downsample)
@@ -163,10 +167,6 @@ class PACTBlock(Layer):
     mode : "relaxed", "discrete" or "thresholded"
     temperature : float > 0, relaxed-Bernoulli λ
     rng : numpy.random.Generator, the noise of the relaxed and discrete modes
-
-    After ``forward``: ``expected_steps`` (N,) or (N, H, W) (E_q[n], training modes),
-    ``steps`` (units run per latent, early-halting evaluation and discrete mode),
-    ``flops_per_sample`` (N,).
     """
 
     def __init__(self, units, heads, latents="per-block", mode="relaxed", temperature=0.5, rng=None):
