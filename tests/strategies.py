@@ -206,3 +206,53 @@ def implicit_problems(draw, dtypes=DTYPES, layers=("conv", "max", "avg"), per_sa
         w = rng.standard_normal((k, c, *size)).astype(dtype)
         b = rng.standard_normal(k).astype(dtype)
     return ImplicitProblem(compact, plan, layer, w, b, tuple(size), tuple(stride), tuple(padding))
+
+
+@st.composite
+def pool_windows(draw, max_size=4, max_stride=3):
+    """``(size, stride, padding)`` pairs of a pooling window, with ``padding <= size // 2`` (the pooling rule)."""
+    size = (draw(st.integers(1, max_size)), draw(st.integers(1, max_size)))
+    stride = (draw(st.integers(1, max_stride)), draw(st.integers(1, max_stride)))
+    padding = (draw(st.integers(0, size[0] // 2)), draw(st.integers(0, size[1] // 2)))
+    return size, stride, padding
+
+
+def map_sizes(min_side=1, max_side=12):
+    """A feature-map size (H, W), sides drawn independently."""
+    return st.tuples(st.integers(min_side, max_side), st.integers(min_side, max_side))
+
+
+class PoolProblem(NamedTuple):
+    """A dense pooling problem: ``x`` (N, C, H, W) with distinct values (no max ties)."""
+
+    x: np.ndarray
+    mode: str
+    size: tuple
+    stride: tuple
+    padding: tuple
+
+
+@st.composite
+def pool_problems(draw, dtypes=DTYPES, modes=("max", "avg"), max_batch=2, max_channels=3, max_hw=7):
+    """A :class:`PoolProblem` whose window fits the (padded) input."""
+    size, stride, padding = draw(pool_windows())
+    in_hw = tuple(draw(st.integers(max(1, k - 2 * p), max(max_hw, k))) for k, p in zip(size, padding))
+    shape = (draw(st.integers(1, max_batch)), draw(st.integers(1, max_channels)), *in_hw)
+    x = distinct_values(shape, draw(float_dtypes(dtypes)), draw(rngs()))
+    return PoolProblem(x, draw(st.sampled_from(modes)), size, stride, padding)
+
+
+def fmp_lengths(max_length=60):
+    """``(L, n)`` for a Fractional Max-Pooling sequence: axis length and kept count, ``1 <= n <= L``."""
+    return st.integers(1, max_length).flatmap(lambda length: st.tuples(st.just(length), st.integers(1, length)))
+
+
+def unit_floats():
+    """u in [0, 1), both ends' neighbourhoods included (0 itself, tiny u, u just below 1)."""
+    return st.floats(min_value=0.0, max_value=1.0, exclude_max=True, allow_nan=False)
+
+
+def standalone_masks(max_side=8, max_batch=1, per_sample=None, kinds=MASK_KINDS):
+    """A mask of a drawn size: (Ho, Wo), or (N, Ho, Wo) when ``max_batch > 1`` draws per-sample."""
+    sizes = st.tuples(st.integers(1, max_batch), map_sizes(1, max_side))
+    return sizes.flatmap(lambda s: masks(s[1], batch=s[0], per_sample=per_sample, kinds=kinds))

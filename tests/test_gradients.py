@@ -15,7 +15,7 @@ from refimpl.implicit import (
 )
 from refimpl.perforation import perforated_conv2d_backward, perforated_conv2d_forward
 from refimpl.pooling import pool2d_backward, pool2d_forward
-from strategies import conv_problems, distinct_values, implicit_problems, rngs
+from strategies import conv_problems, implicit_problems, pool_problems, rngs
 from tolerances import GRADCHECK_RTOL
 
 SMALL = {"max_batch": 2, "max_channels": 2, "max_hw": 5, "max_kernel": 3}
@@ -87,13 +87,9 @@ def test_implicit_pool_backward(per_sample, mode, data, rng):
 
 
 @pytest.mark.parametrize("mode", ["max", "avg"])
-@given(rng=rngs())
-def test_dense_pool_backward(mode, rng):
-    shape = tuple(int(v) for v in rng.integers(1, [3, 3, 6, 6], endpoint=True))
-    size = tuple(int(v) for v in rng.integers(1, np.minimum(3, shape[2:]), endpoint=True))
-    stride = tuple(int(v) for v in rng.integers(1, 3, size=2, endpoint=True))
-    padding = tuple(int(rng.integers(0, s // 2, endpoint=True)) for s in size)
-    x = distinct_values(shape, np.float64, rng)  # no max ties
+@given(data=st.data(), rng=rngs())
+def test_dense_pool_backward(mode, data, rng):
+    x, mode, size, stride, padding = data.draw(pool_problems(dtypes=F64, modes=(mode,), max_hw=6))  # no max ties
     rec = Recorder(lambda x: pool2d_forward(x, mode, size, stride, padding), pool2d_backward, ("x",))
     assert_gradients_ok(rec, {"x": x}, rng)
 

@@ -17,7 +17,7 @@ from refimpl.implicit import (
 )
 from refimpl.perforation import PerforationPlan, fill_forward
 from refimpl.pooling import pool2d_forward
-from strategies import conv_problems, implicit_problems
+from strategies import conv_problems, implicit_problems, pool_problems
 from tolerances import assert_close
 
 
@@ -73,6 +73,27 @@ def test_average_pooling_counts_duplicates_golden():
     avg, _ = implicit_pool2d_forward(compact, plan, "avg", size=(1, 3))
     mx, _ = implicit_pool2d_forward(compact, plan, "max", size=(1, 3))
     assert avg.item() == 20.0 and mx.item() == 40.0
+
+
+def pool_naive(x, mode, size, stride, padding):
+    """Pooling by loops over the in-bounds taps of every window: the definition."""
+    n, c, h, w = x.shape
+    ho, wo = (h + 2 * padding[0] - size[0]) // stride[0] + 1, (w + 2 * padding[1] - size[1]) // stride[1] + 1
+    out = np.empty((n, c, ho, wo), dtype=x.dtype)
+    for y in range(ho):
+        for xx in range(wo):
+            top, left = y * stride[0] - padding[0], xx * stride[1] - padding[1]
+            window = x[:, :, max(top, 0):top + size[0], max(left, 0):left + size[1]]
+            out[:, :, y, xx] = window.max(axis=(2, 3)) if mode == "max" else window.mean(axis=(2, 3))
+    return out
+
+
+@given(pool_problems())
+def test_pooling_equals_the_loop_definition(problem):
+    x, mode, size, stride, padding = problem
+    out, _ = pool2d_forward(x, mode, size, stride, padding)
+    assert out.dtype == x.dtype
+    assert_close(out, pool_naive(x, mode, size, stride, padding))
 
 
 def test_pooling_golden_ignores_padding():

@@ -20,10 +20,8 @@ from refimpl.masks import (
     uniform_mask,
 )
 from refimpl.perforation import realised_rate
-from strategies import rates, seeds
+from strategies import fmp_lengths, map_sizes, pool_windows, rates, seeds, unit_floats
 
-hw = st.tuples(st.integers(1, 12), st.integers(1, 12))
-unit_interval = st.floats(min_value=0.0, max_value=1.0, exclude_max=True, allow_nan=False)
 
 
 def test_kept_count_golden():
@@ -40,8 +38,7 @@ def test_fmp_sequence_golden():
     np.testing.assert_array_equal(fmp_sequence(10, 4, 0.5), [1, 3, 6, 8])
 
 
-@given(st.integers(1, 60).flatmap(lambda length: st.tuples(st.just(length), st.integers(1, length))),
-       unit_interval)
+@given(fmp_lengths(), unit_floats())
 def test_fmp_sequence_properties(length_and_n, u):
     length, n = length_and_n
     a = fmp_sequence(length, n, u)
@@ -61,7 +58,7 @@ def test_fmp_sequence_tiny_u_keeps_coordinates_distinct():
     np.testing.assert_array_equal(fmp_sequence(2, 2, 1e-45), [0, 1])
 
 
-@given(st.integers(1, 60).flatmap(lambda length: st.tuples(st.just(length), st.integers(1, length))))
+@given(fmp_lengths())
 def test_fmp_sequence_at_u_zero_is_the_limit_from_above(length_and_n):
     # Regression: u = 0 used ceil(alpha i), which is not the u -> 0+ limit floor(alpha i)
     # (L = 5, n = 2: the limit is [0, 2], not [0, 3]). The smallest positive float is "0+".
@@ -69,7 +66,7 @@ def test_fmp_sequence_at_u_zero_is_the_limit_from_above(length_and_n):
     np.testing.assert_array_equal(fmp_sequence(length, n, 0.0), fmp_sequence(length, n, 5e-324))
 
 
-@given(hw, rates, seeds)
+@given(map_sizes(), rates, seeds)
 def test_grid_mask_is_a_product_of_fmp_sequences(out_hw, rate, seed):
     mask = grid_mask(out_hw, rate, np.random.default_rng(seed))
     ho, wo = out_hw
@@ -96,7 +93,7 @@ def test_grid_mask_regular_when_alpha_is_an_integer():
         assert mask.sum() == 24
 
 
-@given(hw, rates, seeds)
+@given(map_sizes(), rates, seeds)
 def test_uniform_mask_count_and_seed(out_hw, rate, seed):
     mask = uniform_mask(out_hw, rate, np.random.default_rng(seed))
     size = out_hw[0] * out_hw[1]
@@ -119,12 +116,7 @@ def brute_force_structure(out_hw, size, stride, padding):
     return scores
 
 
-pool_windows = st.tuples(st.integers(1, 4), st.integers(1, 4)).flatmap(
-    lambda size: st.tuples(st.just(size), st.tuples(st.integers(1, 3), st.integers(1, 3)),
-                           st.tuples(st.integers(0, size[0] // 2), st.integers(0, size[1] // 2))))
-
-
-@given(pool_windows, st.tuples(st.integers(4, 9), st.integers(4, 9)))
+@given(pool_windows(), map_sizes(4, 9))
 def test_structure_scores_equal_brute_force(window, out_hw):
     size, stride, padding = window
     np.testing.assert_array_equal(pooling_structure_scores(out_hw, size, stride, padding),
@@ -138,7 +130,7 @@ def test_structure_scores_golden_3x3_stride_2():
     np.testing.assert_array_equal(pooling_structure_scores((5, 5), 3, 2), np.outer(per_axis, per_axis))
 
 
-@given(pool_windows, st.tuples(st.integers(4, 9), st.integers(4, 9)), rates, seeds)
+@given(pool_windows(), map_sizes(4, 9), rates, seeds)
 def test_structure_mask_keeps_top_scores(window, out_hw, rate, seed):
     size, stride, padding = window
     mask = structure_mask(out_hw, rate, np.random.default_rng(seed), size, stride, padding)

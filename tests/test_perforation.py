@@ -16,7 +16,7 @@ from refimpl.perforation import (
     perforated_conv_flops,
     realised_rate,
 )
-from strategies import conv_problems, masks, rngs
+from strategies import conv_problems, rngs, seeds, standalone_masks
 from tolerances import assert_close
 
 
@@ -156,7 +156,7 @@ def test_per_sample_masks_equal_one_image_at_a_time(problem):
             assert_close(out[sample:sample + 1], alone)
 
 
-@given(st.tuples(st.integers(1, 8), st.integers(1, 8)).flatmap(lambda hw: masks(hw, per_sample=False)))
+@given(standalone_masks(max_side=8, per_sample=False))
 def test_nearest_index_brute_force_raster_ties(mask):
     index = nearest_index(mask)
     ties = brute_force_nearest(mask)
@@ -164,8 +164,7 @@ def test_nearest_index_brute_force_raster_ties(mask):
         assert p == min(ties[y, x]), f"position {(y, x)}: got {p}, nearest set {ties[y, x]}"
 
 
-@given(st.tuples(st.integers(1, 6), st.integers(1, 6)).flatmap(lambda hw: masks(hw, per_sample=False)),
-       st.integers(0, 2**32 - 1))
+@given(standalone_masks(max_side=6, per_sample=False), seeds)
 def test_nearest_index_random_ties(mask, seed):
     first = nearest_index(mask, tie_break="random", rng=np.random.default_rng(seed))
     again = nearest_index(mask, tie_break="random", rng=np.random.default_rng(seed))
@@ -207,8 +206,7 @@ def test_random_ties_choose_every_candidate():
     assert chosen == {0, 1, 2, 3}
 
 
-@given(st.tuples(st.integers(1, 2), st.integers(1, 5), st.integers(1, 5)).flatmap(
-    lambda s: masks(s[1:], batch=s[0])))
+@given(standalone_masks(max_side=5, max_batch=2))
 def test_plan_fields_and_realised_rate(mask):
     plan = PerforationPlan(mask)
     m = mask.reshape(-1, *mask.shape[-2:])
@@ -241,12 +239,11 @@ def test_backend_by_name_is_the_default():
     np.testing.assert_array_equal(inst, ref)
 
 
-@given(st.tuples(st.integers(1, 3), st.integers(1, 5), st.integers(1, 5)).flatmap(
-    lambda s: st.tuples(masks(s[1:], batch=s[0]), st.just(s[0]))), rngs())
-def test_fill_backward_is_the_adjoint_of_fill_forward(mask_and_n, rng):
+@given(standalone_masks(max_side=5, max_batch=3), st.integers(1, 3), rngs())
+def test_fill_backward_is_the_adjoint_of_fill_forward(mask, n, rng):
     # <fill_forward(c), d> == <c, fill_backward(d)> for every fill: the identity a backend's
     # fill kernels must satisfy too (padded compact slots excluded: they are never read).
-    mask, n = mask_and_n
+    n = mask.shape[0] if mask.ndim == 3 else n
     plan = PerforationPlan(mask)
     k = 2
     compact = rng.standard_normal((n, k, plan.width))
