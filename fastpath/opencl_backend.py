@@ -19,8 +19,11 @@ move data explicitly), so a network whose activations live on the device copies 
 between layers.
 
 Kernels are ``.cl`` files shipped in the package, built once per (context, dtype, options) and
-cached. ``kernels="oracle"`` runs the one-work-item-per-output kernels of
-``perforated_conv_oracle.cl`` instead of the tiled ones (the tests compare the two).
+cached. The GEMM kernels come in three variants (``kernels=``): ``"tiled"`` (local-memory tiles,
+register blocking: for GPUs, the default there), ``"direct"`` (a block of output channels per
+work-item straight from global memory, no barriers: what CPU OpenCL compilers vectorise well, the
+default on CPU devices) and ``"oracle"`` (one work-item per output value, the readable
+reference in ``perforated_conv_oracle.cl``). The tests compare all three.
 """
 
 from __future__ import annotations
@@ -47,6 +50,9 @@ else:
     _PYOPENCL_IMPORT_ERROR = None
 
 KERNEL_FILES = {"fast": "perforated_conv.cl", "oracle": "perforated_conv_oracle.cl", "probe": "probe.cl"}
+KERNEL_VARIANTS = ("tiled", "direct", "oracle")
+#: Output channels per work-item of the "direct" kernels (-D BM).
+DIRECT_BLOCK = 32
 
 #: Tile of the fast GEMM kernels: -D options of perforated_conv.cl. TM, TN: output tile; TK: step
 #: along the reduction; WM x WN: register block of one work-item (work-group (TN/WN, TM/WM)).
@@ -327,8 +333,9 @@ class OpenCLBackend(ConvBackend):
     context : pyopencl.Context, optional
         Defaults to :func:`default_context` (``PYOPENCL_CTX``, else the first working GPU, else
         any working device).
-    kernels : {"fast", "oracle"}
-        The tiled GEMM kernels, or the one-work-item-per-output oracle kernels.
+    kernels : {"tiled", "direct", "oracle"}, optional
+        The GEMM kernel variant (see the module docstring); default "direct" on CPU devices,
+        "tiled" elsewhere.
     tile : dict, optional
         Overrides of :data:`TILE` (-D options of the fast kernels).
 
@@ -341,15 +348,17 @@ class OpenCLBackend(ConvBackend):
 
     name = "opencl"
 
-    def __init__(self, context=None, kernels="fast", tile=None):
+    def __init__(self, context=None, kernels=None, tile=None):
         if cl is None:
             raise ImportError(f"pyopencl is not installed ({_PYOPENCL_IMPORT_ERROR}); pip install 'ponder[opencl]'")
-        if kernels not in ("fast", "oracle"):
-            raise ValueError(f"kernels must be 'fast' or 'oracle', got {kernels!r}")
+        if kernels is not None and kernels not in KERNEL_VARIANTS:
+            raise ValueError(f"kernels must be one of {KERNEL_VARIANTS} or None, got {kernels!r}")
         self.context = context if context is not None else default_context()
         self.device = self.context.devices[0]
         self.device_name = _device_label(self.device)
         self.queue = cl.CommandQueue(self.context, properties=cl.command_queue_properties.PROFILING_ENABLE)
+        if kernels is None:
+            kernels = "direct" if self.device.type & cl.device_type.CPU else "tiled"
         self.kernels = kernels
         self.tile = dict(TILE, **(tile or {}))
         self.fp64 = "cl_khr_fp64" in self.device.extensions
@@ -388,6 +397,7 @@ class OpenCLBackend(ConvBackend):
             options.append("-DUSE_FP64")
         if filename == KERNEL_FILES["fast"]:
             options += [f"-D{name}={value}" for name, value in sorted(self.tile.items())]
+            options.append(f"-DBM={DIRECT_BLOCK}")
         return options
 
     def _kernel(self, filename, name, dtype):
@@ -516,8 +526,10 @@ class OpenCLBackend(ConvBackend):
         call); device weights are packed on the device.
         """
         rows, cols = (c, k * taps * depth) if transpose else (k, c * taps)
-        if self.kernels == "fast":
+        if self.kernels == "tiled":
             rows_p, cols_p = _round_up(rows, self.tile["TM"]), _round_up(cols, self.tile["TK"])
+        elif self.kernels == "direct":
+            rows_p, cols_p = _round_up(rows, DIRECT_BLOCK), cols
         else:
             rows_p, cols_p = rows, cols
         if isinstance(w, np.ndarray):
@@ -542,11 +554,14 @@ class OpenCLBackend(ConvBackend):
         bias_arg = bias if has_bias else packed  # any buffer; not read
         args = (m, c, s, rows, taps, ncols, ldw, src, table, table_batch, counts, packed, bias_arg,
                 int(has_bias), out)
-        if self.kernels == "fast":
+        if self.kernels == "tiled":
             t = self.tile
             local = (t["TN"] // t["WN"], t["TM"] // t["WM"])
             glob = (_round_up(ncols, t["TN"]) // t["TN"] * local[0], _round_up(m, t["TM"]) // t["TM"] * local[1])
             self._launch(KERNEL_FILES["fast"], "implicit_gemm", dtype, glob, local, *args)
+        elif self.kernels == "direct":
+            glob = (ncols, _round_up(m, DIRECT_BLOCK) // DIRECT_BLOCK)
+            self._launch(KERNEL_FILES["fast"], "implicit_gemm_direct", dtype, glob, None, *args)
         else:
             self._launch(KERNEL_FILES["oracle"], "implicit_gemm_naive", dtype, (ncols, m), None, *args)
         return out
@@ -561,6 +576,10 @@ class OpenCLBackend(ConvBackend):
         if self.kernels == "oracle":
             self._launch(KERNEL_FILES["oracle"], "weight_grad_naive", dtype, (ct, m), None,
                          m, c, s, rows, taps, ncols, dout, src, table, table_batch, counts, dw)
+            return dw
+        if self.kernels == "direct":
+            self._launch(KERNEL_FILES["fast"], "weight_grad_direct", dtype, (ct, _round_up(m, DIRECT_BLOCK) // DIRECT_BLOCK),
+                         None, m, c, s, rows, taps, ncols, dout, src, table, table_batch, counts, dw)
             return dw
         t = self.tile
         tiles = (_round_up(ct, t["TN"]) // t["TN"]) * (_round_up(m, t["TM"]) // t["TM"])

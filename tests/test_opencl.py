@@ -43,17 +43,26 @@ def devices():
 
 
 @pytest.fixture(scope="session")
-def backends(devices):
-    """The fast and the oracle backend on the default device, every program already built."""
-    fast = ocl.OpenCLBackend(kernels="fast")
-    oracle = ocl.OpenCLBackend(context=fast.context, kernels="oracle")
-    fast.warm_up([d for d in DTYPES if fast.supports_dtype(d)])
-    return fast, oracle
+def variants(devices):
+    """The backend on the default device with each GEMM kernel variant, every program already built."""
+    first = ocl.OpenCLBackend(kernels="tiled")
+    built = {"tiled": first, "default": ocl.OpenCLBackend(context=first.context)}
+    for name in ("direct", "oracle"):
+        built[name] = ocl.OpenCLBackend(context=first.context, kernels=name)
+    first.warm_up([d for d in DTYPES if first.supports_dtype(d)])  # builds are shared per context
+    return built
 
 
-@pytest.fixture
-def fast(backends):
-    return backends[0]
+@pytest.fixture(scope="session", params=["tiled", "direct"])
+def backends(request, variants):
+    """(a fast variant, the oracle)."""
+    return variants[request.param], variants["oracle"]
+
+
+@pytest.fixture(scope="session")
+def fast(variants):
+    """The backend as users get it on this device (its default variant)."""
+    return variants["default"]
 
 
 def _dtypes_of(backend):
@@ -236,12 +245,13 @@ def test_oracle_and_fast_kernels_agree_on_table_conv(backends, problem, seed):
         assert_close(o, e)
 
 
-@pytest.mark.parametrize("tile", [None, {"TM": 64, "TN": 64, "TK": 16, "WM": 4, "WN": 4},
-                                  {"TM": 32, "TN": 32, "TK": 8, "WM": 2, "WN": 4}])
-def test_large_problem_crosses_tiles_and_splits_the_reduction(backends, tile):
-    """More channels than a tile, more columns than one split: every tile edge and split-K path."""
-    fast, oracle = backends
-    backend = fast if tile is None else ocl.OpenCLBackend(context=fast.context, tile=tile)
+@pytest.mark.parametrize("kernels,tile", [("direct", None), ("tiled", None),
+                                          ("tiled", {"TM": 64, "TN": 64, "TK": 16, "WM": 4, "WN": 4}),
+                                          ("tiled", {"TM": 32, "TN": 32, "TK": 8, "WM": 2, "WN": 4})])
+def test_large_problem_crosses_tiles_and_splits_the_reduction(variants, kernels, tile):
+    """More channels than a tile or block, more columns than one split: every edge and split-K path."""
+    oracle = variants["oracle"]
+    backend = variants[kernels] if tile is None else ocl.OpenCLBackend(context=oracle.context, kernels=kernels, tile=tile)
     rng = np.random.default_rng(7)
     x = rng.standard_normal((3, 5, 13, 11)).astype(np.float32)
     w = rng.standard_normal((70, 5, 3, 3)).astype(np.float32)
@@ -256,8 +266,9 @@ def test_large_problem_crosses_tiles_and_splits_the_reduction(backends, tile):
         assert_close(a, e)
 
 
-def test_backward_is_deterministic(fast):
+def test_backward_is_deterministic(backends):
     """The gather formulation (no atomics) gives bit-identical gradients run after run."""
+    fast, _ = backends
     rng = np.random.default_rng(3)
     x = rng.standard_normal((4, 6, 12, 12)).astype(np.float32)
     w = rng.standard_normal((8, 6, 3, 3)).astype(np.float32)

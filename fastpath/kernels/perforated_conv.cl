@@ -338,3 +338,73 @@ __kernel void table_pool_backward(const int C, const int S, const int R, const i
     }
     dsrc[nc * S + s] = acc;
 }
+
+/* ------------------------------------------------------------------------------------------
+ * The CPU variant of the two GEMM kernels ("direct"). A CPU OpenCL compiler (PoCL) runs the
+ * work-items of a group as a loop and vectorises it; local-memory tiles and barriers cut that
+ * loop into pieces and spill every work-item's accumulators, which made the tiled kernels 2-3x
+ * slower than these on PoCL. Here one work-item accumulates a block of BM output channels
+ * straight from global memory (the CPU caches do the tiling), with no local memory and no
+ * barriers. Same sums, same order (increasing reduction index), as the oracle kernels.
+ * ------------------------------------------------------------------------------------------ */
+#ifndef BM
+#define BM 32
+#endif
+
+/* Global size (N*R, ceil(M / BM)); packed (column-major) has ldw >= ceil(M / BM) * BM rows. */
+__kernel void implicit_gemm_direct(const int M, const int C, const int S, const int R, const int TT,
+                                   const int ncols, const int ldw,
+                                   __global const REAL *src, __global const int *table,
+                                   const int table_batch, __global const int *counts,
+                                   __global const REAL *packed, __global const REAL *bias,
+                                   const int has_bias, __global REAL *out)
+{
+    const int col = get_global_id(0), m0 = get_global_id(1) * BM;
+    if (col >= ncols) return;
+    const int n = col / R, r = col - n * R;
+    const int b = table_batch == 1 ? 0 : n;
+    const int live = r < counts[b];
+    REAL acc[BM];
+    for (int i = 0; i < BM; ++i) acc[i] = 0;
+    if (live) {
+        __global const int *trow = table + ((size_t)b * R + r) * TT;
+        __global const REAL *src_n = src + (size_t)n * C * S;
+        for (int c = 0; c < C; ++c)
+            for (int t = 0; t < TT; ++t) {
+                const int s = trow[t];
+                const REAL v = s >= 0 ? src_n[(size_t)c * S + s] : (REAL)0;
+                __global const REAL *a = packed + (size_t)(c * TT + t) * ldw + m0;
+                for (int i = 0; i < BM; ++i) acc[i] += a[i] * v;
+            }
+    }
+    for (int i = 0; i < BM && m0 + i < M; ++i)
+        out[((size_t)n * M + m0 + i) * R + r] = live ? acc[i] + (has_bias ? bias[m0 + i] : (REAL)0) : (REAL)0;
+}
+
+/* dW[m, kk] for BM channels m and one reduction index kk = c*TT + t per work-item, over the live
+ * columns in order. Global size (C*TT, ceil(M / BM)). */
+__kernel void weight_grad_direct(const int M, const int C, const int S, const int R, const int TT,
+                                 const int ncols, __global const REAL *dout,
+                                 __global const REAL *src, __global const int *table,
+                                 const int table_batch, __global const int *counts,
+                                 __global REAL *dw)
+{
+    const int kk = get_global_id(0), m0 = get_global_id(1) * BM;
+    if (kk >= C * TT) return;
+    const int c = kk / TT, t = kk - c * TT;
+    const int block = min(BM, M - m0);
+    REAL acc[BM];
+    for (int i = 0; i < BM; ++i) acc[i] = 0;
+    for (int n = 0; n < ncols / R; ++n) {
+        const int b = table_batch == 1 ? 0 : n;
+        __global const REAL *src_nc = src + ((size_t)n * C + c) * S;
+        __global const REAL *dout_n = dout + ((size_t)n * M + m0) * R;
+        for (int r = 0; r < counts[b]; ++r) {
+            const int s = table[((size_t)b * R + r) * TT + t];
+            if (s < 0) continue;
+            const REAL v = src_nc[s];
+            for (int i = 0; i < block; ++i) acc[i] += dout_n[(size_t)i * R + r] * v;
+        }
+    }
+    for (int i = 0; i < block; ++i) dw[(size_t)(m0 + i) * C * TT + kk] = acc[i];
+}
