@@ -15,8 +15,15 @@ Index data (tables, their inverses, fill indices) is integer data derived on the
 :class:`~refimpl.perforation.PerforationPlan` or the given table, uploaded once and cached with
 that object. Float data may stay on the device: every method accepts NumPy arrays or
 :class:`pyopencl.array.Array` and returns the kind it was given (``to_device`` / ``to_host``
-move data explicitly), so a network whose activations live on the device copies nothing back
-between layers.
+move data explicitly), so a chain of backend calls whose activations live on the device copies
+nothing back between layers (:func:`chain_transfer_share` measures what that saves). refimpl's
+network layers (batch norm, ReLU, ...) are NumPy code, so a refimpl network on this backend still
+copies around each convolution.
+
+dX is computed by gathering, not scattering: for each input pixel, the outputs that read it are
+listed in an inverted table (host-side, cached with the plan) and the same GEMM kernel sums their
+contributions. OpenCL 1.2 has no float atomics; the gather is deterministic and runs at the
+forward's speed (the kernel file says more).
 
 Kernels are ``.cl`` files shipped in the package, built once per (context, dtype, options) and
 cached. The GEMM kernels come in three variants (``kernels=``): ``"tiled"`` (local-memory tiles,
@@ -57,8 +64,8 @@ DIRECT_BLOCK = 32
 #: Tile of the fast GEMM kernels: -D options of perforated_conv.cl. TM, TN: output tile; TK: step
 #: along the reduction; WM x WN: register block of one work-item (work-group (TN/WN, TM/WM)).
 #: 64 x 128 with a 4 x 8 block per work-item (256 work-items, each local-memory value reused 4-8
-#: times) was the fastest of the shapes tried on PoCL; on GPUs it is the usual starting point of
-#: SGEMM tiling, not tuned on GPU hardware here (no GPU was available when it was written).
+#: times): the usual starting point of SGEMM tiling on GPUs, and the fastest of the tiled shapes
+#: tried on PoCL. Not tuned on GPU hardware (no GPU was available when it was written).
 TILE = {"TM": 64, "TN": 128, "TK": 16, "WM": 4, "WN": 8}
 
 POCL_WHEEL_NOTE = (
