@@ -379,6 +379,9 @@ class OpenCLBackend(ConvBackend):
         self._counts = {}
         self._reduce_size = 1 << (min(256, self.device.max_work_group_size).bit_length() - 1)
         self._group = min(64, self._reduce_size, self.device.max_work_item_sizes[0])
+        # Build the float32 programs now (cached per context): a bad tile fails here, and the first
+        # call is not slowed by a build (float64 is built on first use).
+        self.warm_up([np.float32], oracle=kernels == "oracle")
 
     # -- dtype, programs, launches -------------------------------------------------------------
 
@@ -415,11 +418,12 @@ class OpenCLBackend(ConvBackend):
             kernel = self._kernels[key] = cl.Kernel(program, name)
         return kernel
 
-    def warm_up(self, dtypes=(np.float32,)):
-        """Build every program this backend runs for ``dtypes`` now (builds are cached)."""
+    def warm_up(self, dtypes=(np.float32,), oracle=True):
+        """Build the programs this backend runs for ``dtypes`` now (builds are cached per context)."""
+        files = (KERNEL_FILES["fast"], KERNEL_FILES["oracle"]) if oracle else (KERNEL_FILES["fast"],)
         for dtype in dtypes:
             dtype = self._check_dtype(dtype)
-            for filename in (KERNEL_FILES["fast"], KERNEL_FILES["oracle"]):
+            for filename in files:
                 build_program(self.context, filename, self._options(dtype, filename))
 
     def _launch(self, filename, name, dtype, global_size, local_size, *args):
