@@ -76,21 +76,25 @@ def _write_if_changed(path, text):
 
 
 def generate_api_pages():
-    """One page per module of the import packages, found by walking them (imports every module)."""
+    """One page per module of the import packages, found with :func:`pkgutil.walk_packages`.
+
+    Only packages are imported here (to walk into them); a module that fails to import is left to
+    autodoc, which reports it as a warning on that module's page instead of stopping the build.
+    """
     api = DOCS / "api"
     api.mkdir(exist_ok=True)
-    names = []
+    modules = {}  # name -> is a package
     for package in API_PACKAGES:
+        modules[package] = True
         pkg = importlib.import_module(package)
-        names.append(package)
-        names += sorted(m.name for m in pkgutil.walk_packages(pkg.__path__, prefix=package + ".")
-                        if not m.name.endswith(".__main__"))  # importing it would run the CLI
+        for info in pkgutil.walk_packages(pkg.__path__, prefix=package + "."):
+            if not info.name.endswith(".__main__"):  # importing it would run the command line
+                modules[info.name] = info.ispkg
+    names = sorted(modules, key=lambda n: (n.split(".")[0] != "refimpl", n))
     for name in names:
-        module = importlib.import_module(name)
-        is_package = hasattr(module, "__path__")
         # A package's page shows only its docstring: its re-exported names are documented
         # on the pages of the modules that define them (avoids duplicate descriptions).
-        options = ":no-members:" if is_package else ":members:\n:show-inheritance:"
+        options = ":no-members:" if modules[name] else ":members:\n:show-inheritance:"
         _write_if_changed(api / f"{name}.md", f"# `{name}`\n\n```{{eval-rst}}\n.. automodule:: {name}\n   "
                           + options.replace("\n", "\n   ") + "\n```\n")
     for stale in api.glob("*.md"):
