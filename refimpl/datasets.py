@@ -124,6 +124,12 @@ def default_clutter(canvas):
     return canvas // 8
 
 
+def default_clutter_size(digit_side):
+    """Fragment side: 0.3 of the digit's, the proportion of cluttered MNIST (8×8 pieces of 28×28 digits,
+    Mnih et al. 2014) — 5 pixels for the 16×16 digits of ``digit_scale=2``."""
+    return max(1, int(round(0.3 * digit_side)))
+
+
 def make_cluttered(digits, labels, n, canvas, rng, digit_scale=2, n_clutter=None, clutter_size=None):
     """Paste ``n`` digits, drawn from ``digits``, on ``canvas``×``canvas`` images with clutter.
 
@@ -135,7 +141,7 @@ def make_cluttered(digits, labels, n, canvas, rng, digit_scale=2, n_clutter=None
     rng : numpy.random.Generator
     digit_scale : integer upscaling of the 8×8 digits (2 → 16×16)
     n_clutter : fragments per image (default :func:`default_clutter`)
-    clutter_size : fragment side in pixels (default: half the upscaled digit)
+    clutter_size : fragment side in pixels (default :func:`default_clutter_size`)
 
     Returns
     -------
@@ -148,7 +154,7 @@ def make_cluttered(digits, labels, n, canvas, rng, digit_scale=2, n_clutter=None
     if canvas < side:
         raise ValueError(f"canvas must be at least the digit size {side}, got {canvas}")
     n_clutter = default_clutter(canvas) if n_clutter is None else int(n_clutter)
-    clutter_size = side // 2 if clutter_size is None else int(clutter_size)
+    clutter_size = default_clutter_size(side) if clutter_size is None else int(clutter_size)
     if not 1 <= clutter_size <= side:
         raise ValueError(f"clutter_size must be in [1, {side}], got {clutter_size}")
     m = big.shape[0]

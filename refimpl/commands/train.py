@@ -98,8 +98,8 @@ def parse_perforation(items):
 def make_schedule(name, lr, total_steps):
     from ..optim import ConstantSchedule, CosineSchedule, StepSchedule
 
-    if name == "cosine":
-        return CosineSchedule(lr, total_steps)
+    if name == "cosine":  # a short linear warm-up keeps a large first learning rate from blowing up
+        return CosineSchedule(lr, total_steps, warmup=min(100, total_steps // 10))
     if name == "step":
         return StepSchedule(lr, [int(total_steps * 0.5), int(total_steps * 0.75)], 0.1)
     return ConstantSchedule(lr)
