@@ -93,7 +93,7 @@ def _pointwise_on_compact(layer, compact):
     return layer(image)[:, :, 0, :]
 
 
-def run_implicit(model, x, backend=None):
+def run_implicit(model, x, backend=None, chain=None):
     """Evaluate a chain network on ``x`` with implicit interpolation (evaluation mode, no backward).
 
     Parameters
@@ -102,6 +102,7 @@ def run_implicit(model, x, backend=None):
         shared masks (e.g. set by :func:`refimpl.greedy.apply_step`)
     x : ndarray (N, C, H, W)
     backend : conv backend for the table convolutions and poolings (default: each layer's own)
+    chain : the result of :func:`chain_layers` for this model, to skip tracing on repeated calls
 
     Returns
     -------
@@ -109,7 +110,7 @@ def run_implicit(model, x, backend=None):
     memory : ActivationMemory
     """
     model.eval()
-    chain = chain_layers(model, x[:1])
+    chain = chain_layers(model, x[:1]) if chain is None else chain
     memory = ActivationMemory()
     compact, plan = None, None  # set while the current activation is compact
     for name, layer in chain:

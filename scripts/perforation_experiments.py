@@ -188,6 +188,9 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true", default=os.environ.get("PONDER_FULL") == "1")
     parser.add_argument("--data", choices=("digits", "cluttered-digits"), default="digits")
     parser.add_argument("--backend", default=None, help="timing backend (default: cython when usable, else numpy)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="Cython threads for the timings (default 1: on a shared, loaded CPU an OpenMP team "
+                             "waits for preempted threads at every barrier, which swamps the differences measured)")
     parser.add_argument("--opencl", action="store_true", help="also time every greedy step on the OpenCL backend")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -201,6 +204,11 @@ def main(argv=None):
 
     settings = FULL if args.full else SMALL
     backend = args.backend or ("cython" if fastpath.available_backends()["cython"].usable else "numpy")
+    backend_label = backend if backend != "cython" else f"cython ({args.threads} thread{'s' * (args.threads > 1)})"
+    if backend == "cython":
+        from fastpath.cython_backend import CythonBackend
+
+        backend = CythonBackend(threads=args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     checkpoint = train_network(out, settings, args.data, backend, args.seed)
@@ -208,7 +216,7 @@ def main(argv=None):
     data = dict(meta["extra"]["data"])
     splits, _ = load_dataset(data.pop("name"), **data)
     rng = np.random.default_rng(args.seed)
-    results = {"settings": settings, "data": args.data, "backend": backend, "checkpoint": str(checkpoint),
+    results = {"settings": settings, "data": args.data, "backend": backend_label, "checkpoint": str(checkpoint),
                "image_hw": list(splits["test"].images.shape[2:]), "test_images": len(splits["test"])}
 
     print("== experiment 1: one layer, every mask type", flush=True)
@@ -221,13 +229,17 @@ def main(argv=None):
         profile, seconds = experiment_greedy(model, splits, settings, backend, rng, kinds)
         profile.save(out / f"profile_{name}.json")
         run = {"seconds": seconds, "steps": profile.steps, "measured_by_backend": {
-            backend: [s["measured_speedup"] for s in profile.steps]}}
+            backend_label: [s["measured_speedup"] for s in profile.steps]}}
         # the greedy's own timings were taken while choosing; re-time all steps once more, in one go
-        run["measured_by_backend"][backend + " (re-timed)"] = retime(model, profile, backend, timing_x,
-                                                                   settings["timing_repeats"])
+        run["measured_by_backend"][backend_label + ", re-timed"] = retime(model, profile, backend, timing_x,
+                                                                        settings["timing_repeats"])
         if args.opencl and fastpath.available_backends()["opencl"].usable:
-            run["measured_by_backend"]["opencl"] = retime(model, profile, "opencl", timing_x,
-                                                          settings["timing_repeats"])
+            try:
+                run["measured_by_backend"]["opencl (PoCL, CPU)"] = retime(model, profile, "opencl", timing_x,
+                                                                          settings["timing_repeats"])
+            except ValueError as exc:  # reported, not hidden
+                run["opencl_error"] = str(exc)
+                print(f"OpenCL re-timing failed: {exc}", flush=True)
             use_backend(model, backend)
         results["greedy"][name] = run
         if name == "impact":
