@@ -134,30 +134,93 @@ def table_columns(Py_ssize_t n, Py_ssize_t r):
 # Serial pieces of one chunk (each chunk runs on one thread; chunks run in parallel)
 # ----------------------------------------------------------------------------------------------
 
+cdef Py_ssize_t window_runs(const int64_t *base, Py_ssize_t tc, Py_ssize_t *starts) noexcept nogil:
+    """Split the chunk into runs of windows at consecutive offsets (``base[t] = base[t-1] + 1``).
+
+    A dense stride-1 convolution has runs as long as an output row; the gather then copies
+    contiguous memory, which vectorises. Writes the run starts (and ``tc`` last) to ``starts``,
+    returns the number of runs.
+    """
+    cdef Py_ssize_t t, m = 1
+    starts[0] = 0
+    for t in range(1, tc):
+        if base[t] != base[t - 1] + 1:
+            starts[m] = t
+            m = m + 1
+    starts[m] = tc
+    return m
+
+
+cdef Py_ssize_t output_runs(const int32_t *sample, const int32_t *slot, Py_ssize_t tc,
+                            Py_ssize_t *starts) noexcept nogil:
+    """Runs of columns that fill consecutive slots of one sample (a whole image row of a shared plan)."""
+    cdef Py_ssize_t t, m = 1
+    starts[0] = 0
+    for t in range(1, tc):
+        if sample[t] != sample[t - 1] or slot[t] != slot[t - 1] + 1:
+            starts[m] = t
+            m = m + 1
+    starts[m] = tc
+    return m
+
+
 cdef void gather_windows(const real *xp, const int64_t *base, const int64_t *off, real *cols,
-                         Py_ssize_t rows, Py_ssize_t tc) noexcept nogil:
-    """``cols[r, t] = xp[base[t] + off[r]]``: im2col of the chunk's windows."""
-    cdef Py_ssize_t r, t
+                         Py_ssize_t rows, Py_ssize_t kw, Py_ssize_t tc, const Py_ssize_t *runs,
+                         Py_ssize_t m) noexcept nogil:
+    """``cols[r, t] = xp[base[t] + off[r]]``: im2col of the chunk's windows.
+
+    Long runs (dense layers) are copied run by run; otherwise element by element.
+    """
+    cdef Py_ssize_t r, t, q, u, length
     cdef const real *src
+    cdef const real *window
     cdef real *dst
-    for r in range(rows):
-        src = xp + off[r]
-        dst = cols + r * tc
-        for t in range(tc):
-            dst[t] = src[base[t]]
+    if 4 * m <= tc:
+        for r in range(rows):
+            for q in range(m):
+                src = xp + off[r] + base[runs[q]]
+                dst = cols + r * tc + runs[q]
+                length = runs[q + 1] - runs[q]
+                for u in range(length):
+                    dst[u] = src[u]
+    else:
+        # Scattered windows: for one (channel, kernel row) the kw taps of a window are adjacent
+        # in memory, so read them together (one index load per kw values).
+        for q in range(rows // kw):
+            r = q * kw
+            src = xp + off[r]
+            dst = cols + r * tc
+            for t in range(tc):
+                window = src + base[t]
+                for u in range(kw):
+                    dst[u * tc + t] = window[u]
 
 
 cdef void scatter_windows(real *dxp, const int64_t *base, const int64_t *off, const real *dcols,
-                          Py_ssize_t rows, Py_ssize_t tc) noexcept nogil:
+                          Py_ssize_t rows, Py_ssize_t kw, Py_ssize_t tc, const Py_ssize_t *runs,
+                          Py_ssize_t m) noexcept nogil:
     """col2im, the adjoint of :func:`gather_windows`: ``dxp[base[t] + off[r]] += dcols[r, t]``."""
-    cdef Py_ssize_t r, t
+    cdef Py_ssize_t r, t, q, u, length
     cdef real *dst
+    cdef real *window
     cdef const real *src
-    for r in range(rows):
-        dst = dxp + off[r]
-        src = dcols + r * tc
-        for t in range(tc):
-            dst[base[t]] += src[t]
+    if 4 * m <= tc:
+        for r in range(rows):
+            for q in range(m):
+                dst = dxp + off[r] + base[runs[q]]
+                src = dcols + r * tc + runs[q]
+                length = runs[q + 1] - runs[q]
+                for u in range(length):
+                    dst[u] += src[u]
+    else:
+        for q in range(rows // kw):
+            r = q * kw
+            dst = dxp + off[r]
+            src = dcols + r * tc
+            for t in range(tc):
+                window = dst + base[t]
+                for u in range(kw):
+                    window[u] += src[u * tc + t]
 
 
 cdef void gather_table(const real *src, const int32_t *table, real *cols, Py_ssize_t j0,
@@ -196,46 +259,60 @@ cdef void scatter_table(real *dsrc, const int32_t *table, const real *dcols, Py_
 cdef void gather_cols(bint table_mode, const real *src, const int64_t *base, const int64_t *off,
                       const int32_t *table, real *cols, Py_ssize_t ckk, Py_ssize_t t0,
                       Py_ssize_t tc, Py_ssize_t channels, Py_ssize_t size, Py_ssize_t r_out,
-                      Py_ssize_t taps, bint per_sample) noexcept nogil:
+                      Py_ssize_t taps, bint per_sample, const Py_ssize_t *runs,
+                      Py_ssize_t m) noexcept nogil:
     if table_mode:
         gather_table(src, table, cols, t0, tc, channels, size, r_out, taps, per_sample)
     else:
-        gather_windows(src, base + t0, off, cols, ckk, tc)
+        gather_windows(src, base + t0, off, cols, ckk, taps, tc, runs, m)
 
 
 cdef void scatter_cols(bint table_mode, real *dsrc, const int64_t *base, const int64_t *off,
                        const int32_t *table, const real *dcols, Py_ssize_t ckk, Py_ssize_t t0,
                        Py_ssize_t tc, Py_ssize_t channels, Py_ssize_t size, Py_ssize_t r_out,
-                       Py_ssize_t taps, bint per_sample) noexcept nogil:
+                       Py_ssize_t taps, bint per_sample, const Py_ssize_t *runs,
+                       Py_ssize_t m) noexcept nogil:
     if table_mode:
         scatter_table(dsrc, table, dcols, t0, tc, channels, size, r_out, taps, per_sample)
     else:
-        scatter_windows(dsrc, base + t0, off, dcols, ckk, tc)
+        scatter_windows(dsrc, base + t0, off, dcols, ckk, taps, tc, runs, m)
 
 
 cdef void scatter_output(const real *buf, const real *bias, const int32_t *sample,
                          const int32_t *slot, real *out, Py_ssize_t k_out, Py_ssize_t width,
-                         Py_ssize_t tc) noexcept nogil:
-    """``out[sample[t], k, slot[t]] = buf[k, t] + bias[k]``."""
-    cdef Py_ssize_t k, t
+                         Py_ssize_t tc, const Py_ssize_t *runs, Py_ssize_t m) noexcept nogil:
+    """``out[sample[t], k, slot[t]] = buf[k, t] + bias[k]``, run by run (:func:`output_runs`)."""
+    cdef Py_ssize_t k, q, u, length
     cdef real bk
+    cdef real *dst
+    cdef const real *src
     for k in range(k_out):
         bk = bias[k]
-        for t in range(tc):
-            out[(sample[t] * k_out + k) * width + slot[t]] = buf[k * tc + t] + bk
+        for q in range(m):
+            dst = out + (sample[runs[q]] * k_out + k) * width + slot[runs[q]]
+            src = buf + k * tc + runs[q]
+            length = runs[q + 1] - runs[q]
+            for u in range(length):
+                dst[u] = src[u] + bk
 
 
 cdef void gather_output(const real *dout, const int32_t *sample, const int32_t *slot, real *buf,
-                        real *db, Py_ssize_t k_out, Py_ssize_t width, Py_ssize_t tc) noexcept nogil:
+                        real *db, Py_ssize_t k_out, Py_ssize_t width, Py_ssize_t tc,
+                        const Py_ssize_t *runs, Py_ssize_t m) noexcept nogil:
     """``buf[k, t] = dout[sample[t], k, slot[t]]`` and ``db[k] += Σ_t buf[k, t]``."""
-    cdef Py_ssize_t k, t
-    cdef real v, acc
+    cdef Py_ssize_t k, q, u, length
+    cdef real acc
+    cdef real *dst
+    cdef const real *src
     for k in range(k_out):
         acc = 0
-        for t in range(tc):
-            v = dout[(sample[t] * k_out + k) * width + slot[t]]
-            buf[k * tc + t] = v
-            acc = acc + v
+        for q in range(m):
+            src = dout + (sample[runs[q]] * k_out + k) * width + slot[runs[q]]
+            dst = buf + k * tc + runs[q]
+            length = runs[q + 1] - runs[q]
+            for u in range(length):
+                dst[u] = src[u]
+                acc = acc + src[u]
         db[k] += acc
 
 
@@ -252,8 +329,9 @@ def gemm_forward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
     """``out[sample[t], :, slot[t]] = Wmat · cols[:, t] + bias`` for every column ``t``.
 
     ``table_mode = 0``: ``src`` is the flattened padded input and column ``t`` is the window at
-    ``base[t]`` (perforated convolution); ``1``: ``src`` is (N, C, S) flattened, read through
-    ``table`` (B, R, T). Columns are cut into chunks of ``chunk``; a thread takes a chunk,
+    ``base[t]`` (perforated convolution; ``taps`` is the kernel width kw, rows are (c, i, j));
+    ``1``: ``src`` is (N, C, S) flattened, read through ``table`` (B, R, T) (``taps = T``,
+    ``size = S``, ``r_out = R``). Columns are cut into chunks of ``chunk``; a thread takes a chunk,
     gathers its ``cols`` (CKK, tc), makes ``buf`` (K, tc) = Wmat · cols with one GEMM and
     scatters ``buf`` to ``out``. Chunks write disjoint outputs, so no synchronisation is needed.
     """
@@ -267,19 +345,24 @@ def gemm_forward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
     dtype = np.float32 if real is float else np.float64
     cdef real[:, ::1] cols = np.empty((team, ckk * chunk), dtype=dtype)
     cdef real[:, ::1] buf = np.empty((team, k_out * chunk), dtype=dtype)
+    cdef Py_ssize_t[:, ::1] wruns = np.empty((team, chunk + 1), dtype=np.intp)
+    cdef Py_ssize_t[:, ::1] oruns = np.empty((team, chunk + 1), dtype=np.intp)
+    cdef Py_ssize_t mw, mo
     cdef real one = 1, zero = 0
     for ci in prange(n_chunks, nogil=True, num_threads=team, schedule="dynamic"):
         tid = threadid()
         t0 = ci * chunk
         tc = min(chunk, total - t0)
+        mw = 0 if table_mode else window_runs(&base[t0], tc, &wruns[tid, 0])
+        mo = output_runs(&sample[t0], &slot[t0], tc, &oruns[tid, 0])
         gather_cols(table_mode, &src[0], &base[0], &off[0], &table[0], &cols[tid, 0], ckk, t0,
-                    tc, channels, size, r_out, taps, per_sample)
+                    tc, channels, size, r_out, taps, per_sample, &wruns[tid, 0], mw)
         # Row-major buf (K, tc) = Wmat (K, CKK) · cols (CKK, tc); in BLAS's column-major terms
         # bufᵀ (tc, K) = colsᵀ (tc, CKK) · Wmatᵀ (CKK, K) with the arrays as stored.
         gemm(c'N', c'N', <int> tc, <int> k_out, <int> ckk, one, &cols[tid, 0], <int> tc,
              &wmat[0, 0], <int> ckk, zero, &buf[tid, 0], <int> tc)
         scatter_output(&buf[tid, 0], &bias[0], &sample[t0], &slot[t0], &out[0, 0, 0], k_out,
-                       width, tc)
+                       width, tc, &oruns[tid, 0], mo)
 
 
 def sample_tasks(const int64_t[::1] start, Py_ssize_t chunk):
@@ -328,6 +411,9 @@ def gemm_backward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
     db_arr = np.zeros((team, k_out), dtype=dtype)
     cdef real[:, :, ::1] dw_part = dw_arr
     cdef real[:, ::1] db_part = db_arr
+    cdef Py_ssize_t[:, ::1] wruns = np.empty((team, chunk + 1), dtype=np.intp)
+    cdef Py_ssize_t[:, ::1] oruns = np.empty((team, chunk + 1), dtype=np.intp)
+    cdef Py_ssize_t mw, mo
     cdef real one = 1, zero = 0
     for task in prange(n_tasks, nogil=True, num_threads=team, schedule="dynamic"):
         tid = threadid()
@@ -335,10 +421,12 @@ def gemm_backward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
         t1 = start[tasks[task + 1]]
         while t0 < t1:
             tc = min(chunk, t1 - t0)
+            mw = 0 if table_mode else window_runs(&base[t0], tc, &wruns[tid, 0])
+            mo = output_runs(&sample[t0], &slot[t0], tc, &oruns[tid, 0])
             gather_cols(table_mode, &src[0], &base[0], &off[0], &table[0], &cols[tid, 0], ckk,
-                        t0, tc, channels, size, r_out, taps, per_sample)
+                        t0, tc, channels, size, r_out, taps, per_sample, &wruns[tid, 0], mw)
             gather_output(&dout[0, 0, 0], &sample[t0], &slot[t0], &dy[tid, 0], &db_part[tid, 0],
-                          k_out, width, tc)
+                          k_out, width, tc, &oruns[tid, 0], mo)
             # dW (K, CKK) += dY (K, tc) · colsᵀ: column-major dWᵀ += (colsᵀ)ᵀ · dYᵀ.
             gemm(c'T', c'N', <int> ckk, <int> k_out, <int> tc, one, &cols[tid, 0], <int> tc,
                  &dy[tid, 0], <int> tc, one, &dw_part[tid, 0, 0], <int> ckk)
@@ -346,7 +434,7 @@ def gemm_backward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
             gemm(c'N', c'T', <int> tc, <int> ckk, <int> k_out, one, &dy[tid, 0], <int> tc,
                  &wmat[0, 0], <int> ckk, zero, &dcols[tid, 0], <int> tc)
             scatter_cols(table_mode, &dsrc[0], &base[0], &off[0], &table[0], &dcols[tid, 0], ckk,
-                         t0, tc, channels, size, r_out, taps, per_sample)
+                         t0, tc, channels, size, r_out, taps, per_sample, &wruns[tid, 0], mw)
             t0 = t0 + tc
     with nogil:
         for tid in range(team):

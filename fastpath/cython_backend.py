@@ -36,7 +36,7 @@ else:
     _IMPORT_ERROR = ""
 
 INDEX = np.int32
-CHUNK_BYTES = 4 << 20  # size of the gathered column buffer of one GEMM (see CythonBackend.chunk_bytes)
+CHUNK_BYTES = 1 << 20  # size of the gathered column buffer of one GEMM (see CythonBackend.chunk_bytes)
 PARALLEL_WORK = 1 << 18  # smaller calls run on one thread (see CythonBackend._team)
 
 
@@ -191,7 +191,7 @@ class CythonBackend(ConvBackend):
         compact = np.empty((n, k, width), dtype=dtype)
         with _blas_pools().limit(limits=1):
             _kernels.gemm_forward(False, xp.reshape(-1), wmat, b, base, offsets, _EMPTY_I32, sample, slot,
-                                  compact, self._chunk(wmat.shape[1], x.itemsize), c, 0, 0, kh * kw,
+                                  compact, self._chunk(wmat.shape[1], x.itemsize), c, 0, 0, kw,
                                   False, self._team(sample.size * wmat.size))
         if not plan.shared and int(counts.min()) < width:
             _kernels.zero_padded_slots(compact, counts, self._team(compact.size))
@@ -209,7 +209,7 @@ class CythonBackend(ConvBackend):
         with _blas_pools().limit(limits=1):
             _kernels.gemm_backward(False, xp.reshape(-1), wmat, dcompact, cache.base, cache.offsets, _EMPTY_I32,
                                    cache.sample, cache.slot, cache.start, dxp.reshape(-1), dwmat, db,
-                                   self._chunk(wmat.shape[1], wmat.itemsize), c, 0, 0, kh * kw, False,
+                                   self._chunk(wmat.shape[1], wmat.itemsize), c, 0, 0, kw, False,
                                    self._team(2 * cache.sample.size * wmat.size))
         if ph or pw:
             dx = np.empty(cache.x_shape, dtype=wmat.dtype)
