@@ -19,6 +19,7 @@ run. ``--out results.json`` writes every number. Example::
 
     python scripts/sact_experiments.py --out runs/sact_small.json
     PONDER_FULL=1 python scripts/sact_experiments.py --out runs/sact_full.json
+    python scripts/sact_experiments.py --kernel-timing 64 32 16   # experiment 2 only, untrained
 """
 
 from __future__ import annotations
@@ -190,20 +191,30 @@ def flops_accuracy(cfg, backend, log=print):
 
 
 def time_inference(model, x, repeats):
-    """Median seconds of one evaluation-mode forward of ``x``, sparse and dense (interleaved, so
-    that load from other processes hits both alike), and the FLOPs per image of each."""
+    """Median seconds of one evaluation-mode forward of ``x``, sparse and dense, and their FLOPs per image.
+
+    "dense" is the same network computing every unit at every position: dense execution with the
+    halting biases pushed to −10⁴ (nothing halts). Sparse and dense runs are interleaved, so that load
+    from other processes hits both alike.
+    """
     model.eval()
+
+    def forward(execution):
+        model.set_execution(execution)
+        if execution == "sparse":
+            return model(x)
+        with halting_shift(model, -1e4):
+            return model(x)
+
     times = {"sparse": [], "dense": []}
     flops = {}
-    for execution in ("sparse", "dense"):  # warm-up: plans, caches, thread pools
-        model.set_execution(execution)
-        model(x)
+    for execution in times:  # warm-up: plans, caches, thread pools
+        forward(execution)
         flops[execution] = float(model.flops_per_sample.mean())
     for _ in range(repeats):
-        for execution in ("sparse", "dense"):
-            model.set_execution(execution)
+        for execution in times:
             start = time.perf_counter()
-            model(x)
+            forward(execution)
             times[execution].append(time.perf_counter() - start)
     model.set_execution("sparse")
     return {e: float(np.median(t)) for e, t in times.items()}, flops
@@ -238,24 +249,40 @@ def halting_shift(model, delta):
 
 
 def shift_for_flops_ratio(model, x, target, steps=14):
-    """The bias shift δ (by bisection) at which the dense/sparse FLOPs ratio of ``model`` on ``x`` is ``target``."""
+    """The bias shift δ (by bisection) at which (dense FLOPs) / (sparse FLOPs) of ``model`` on ``x`` is ``target``.
+
+    Dense = every unit at every position (see :func:`time_inference`); the sparse FLOPs fall as δ grows.
+    """
     model.eval()
     model.set_execution("sparse")
-    model(x)
-    dense = None
+    with halting_shift(model, -1e4):
+        model(x)
+    dense = float(model.flops_per_sample.mean())
     low, high = -10.0, 10.0
     for _ in range(steps):
         mid = (low + high) / 2
         with halting_shift(model, mid):
             model(x)
-            sparse = float(model.flops_per_sample.mean())
-            if dense is None:
-                model.set_execution("dense")
-                model(x)
-                dense = float(model.flops_per_sample.mean())
-                model.set_execution("sparse")
-        low, high = (mid, high) if dense / sparse < target else (low, mid)
+        ratio = dense / float(model.flops_per_sample.mean())
+        low, high = (mid, high) if ratio < target else (low, mid)
     return (low + high) / 2
+
+
+def kernel_wall_clock(cfg, backend, canvas, depth, widths, log=print):
+    """Experiment 2 without training: an untrained SACT network whose halting biases are shifted to
+    reach each target FLOPs ratio. Isolates how well the sparse kernels turn FLOPs into time."""
+    from refimpl.datasets import load_cluttered_digits
+    from refimpl.models import build_model
+
+    images = load_cluttered_digits(canvas=canvas, n_train=0, n_val=0, n_test=cfg["timing_batch"], seed=1)["test"].images
+    model = build_model(f"sact-resnet{depth}", 10, 1, np.random.default_rng(0), backend=backend, widths=widths)
+    x = images.astype(model.stem.params["w"].dtype)
+    rows = [wall_clock(model, x, cfg, f"untrained sact-resnet{depth} {canvas}px, all units")]
+    for target in cfg["timing_flops_ratios"]:
+        delta = shift_for_flops_ratio(model, x, target)
+        with halting_shift(model, delta) as shifted:
+            rows.append(wall_clock(shifted, x, cfg, f"untrained sact-resnet{depth} {canvas}px, shift {delta:+.2f}"))
+    return rows
 
 
 def main(argv=None):
@@ -263,10 +290,18 @@ def main(argv=None):
     parser.add_argument("--full", action="store_true", help="full settings (same as PONDER_FULL=1)")
     parser.add_argument("--backend", default=None, help="conv backend (default: cython if usable, else numpy)")
     parser.add_argument("--out", default=None, help="write every number to this JSON file")
+    parser.add_argument("--kernel-timing", nargs=3, type=int, metavar=("CANVAS", "DEPTH", "WIDTH"), default=None,
+                        help="only experiment 2 on an untrained SACT-ResNet-DEPTH with widths (W, 2W, 4W) at CANVAS px")
     args = parser.parse_args(argv)
     cfg = settings(True if args.full else None)
     backend = args.backend or pick_backend()
     print(f"settings: {'full' if cfg == FULL else 'small'} {cfg}; backend {backend}")
+    if args.kernel_timing:
+        canvas, depth, width = args.kernel_timing
+        rows = kernel_wall_clock(cfg, backend, canvas, depth, (width, 2 * width, 4 * width))
+        if args.out:
+            Path(args.out).write_text(json.dumps({"settings": cfg, "backend": backend, "wall_clock": rows}, indent=1))
+        return 0
 
     print("\n== 1. FLOPs–accuracy ==")
     rows, models, datasets = flops_accuracy(cfg, backend)
