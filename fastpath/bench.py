@@ -434,9 +434,7 @@ def _positive(text):
 
 
 def add_arguments(parser):
-    from fastpath.cython_backend import default_threads
-
-    parser.add_argument("--threads", type=_positive, default=default_threads(),
+    parser.add_argument("--threads", type=_positive, default=None,
                         help="CPU threads for every backend and BLAS (default: PONDER_THREADS or the CPU count)")
     parser.add_argument("--repeat", type=_positive, default=5, help="timed runs per measurement (median)")
     parser.add_argument("--numpy-repeat", type=_positive, default=1, help="timed runs of the slow NumPy reference")
@@ -456,6 +454,12 @@ def add_arguments(parser):
 
 
 def _check_args(args):
+    if args.threads is None:
+        # Resolved here, not in add_arguments: building the ``ponder`` parser must not load the
+        # compiled extension (nor its OpenMP runtime, which reads OMP_* variables when loaded).
+        from fastpath.cython_backend import default_threads
+
+        args.threads = default_threads()
     if getattr(args, "gpu_layers", False):
         args.layers = tuple(args.layers) + tuple(k for k in GPU_LAYERS if k not in args.layers)
     unknown = [name for name in args.layers if name not in LAYERS]
