@@ -13,6 +13,7 @@ import sys
 # name -> (module, one-line help)
 COMMANDS = {
     "demo": ("refimpl.commands.demo", "perforate a convolution of a photo with every mask and fill"),
+    "bench": ("fastpath.bench", "benchmark every backend (numpy, cython, opencl, torch) on reference layers"),
     "train": ("refimpl.commands.train", "train a model (resnet14, nin, ...) on an offline data set; writes checkpoint, history, curves"),
     "evaluate": ("refimpl.commands.evaluate", "evaluate a checkpoint written by ponder train"),
     "map": ("refimpl.commands.map", "draw the computation-time map of an ACT/SACT checkpoint over an image"),
