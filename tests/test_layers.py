@@ -284,6 +284,14 @@ def test_trace_non_finite_names_the_first_bad_layer():
     assert trace_non_finite(model, x) is None
     model[2].params["w"][0, 0] = np.nan
     assert trace_non_finite(model, x) == "2"
-    with pytest.raises(NonFiniteError):
-        model[2]._finite_check_name = "2"
-        model[2](model[1](model[0](x)))
+    assert all(layer._finite_check_name is None for layer in model.layers())  # tracing switched off again
+    model(x)  # untraced: NaN flows through without an error
+
+
+def test_traced_call_raises_with_the_layer_name():
+    layer = Linear(2, 2, rng(), dtype=F64)
+    layer.params["b"][0] = np.inf
+    layer._finite_check_name = "head.fc"
+    with pytest.raises(NonFiniteError, match="'head.fc' \\(Linear\\).*input was finite") as info:
+        layer(np.ones((1, 2)))
+    assert info.value.layer_name == "head.fc"
