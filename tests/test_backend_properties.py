@@ -308,3 +308,48 @@ def test_wrong_input_gets_the_reference_error(fast_backend, call):
     with pytest.raises(ref_error.type) as error:
         BAD_CALLS[call](fast_backend)
     assert str(error.value) == str(ref_error.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The Cython backend's status and settings (how a missing extension is reported)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cython_status_names_the_fix_when_the_extension_is_missing(monkeypatch):
+    import fastpath
+    from fastpath import cython_backend
+    from refimpl.backend import BackendUnavailableError
+
+    monkeypatch.setattr(cython_backend, "_kernels", None)
+    monkeypatch.setattr(cython_backend, "_IMPORT_ERROR", "No module named 'fastpath._cython_conv'")
+    status = fastpath.available_backends()["cython"]
+    assert not status.usable
+    assert "pip install -e ." in status.reason and "C compiler" in status.reason
+    with pytest.raises(BackendUnavailableError, match=r"cython backend is unavailable: .*pip install -e \."):
+        fastpath.make_cython_backend()
+
+
+def test_cython_status_reports_openmp():
+    from fastpath import cython_backend
+
+    if cython_backend._kernels is None:
+        pytest.skip(cython_backend.status().reason)
+    status = cython_backend.status()
+    assert status.usable
+    assert ("WITHOUT OpenMP" in status.reason) != cython_backend._kernels.OPENMP
+
+
+def test_cython_threads_setting(monkeypatch):
+    from fastpath import cython_backend
+
+    if cython_backend._kernels is None:
+        pytest.skip(cython_backend.status().reason)
+    monkeypatch.setenv("PONDER_THREADS", "3")
+    assert cython_backend.CythonBackend().threads == 3
+    assert cython_backend.CythonBackend(threads=1).threads == 1
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ValueError, match="threads must be a positive integer"):
+            cython_backend.CythonBackend(threads=bad)
+    monkeypatch.setenv("PONDER_THREADS", "many")
+    with pytest.raises(ValueError, match="PONDER_THREADS must be a positive integer, got 'many'"):
+        cython_backend.CythonBackend()
