@@ -100,7 +100,7 @@ def error_at(points, speedup, key="measured_speedup"):
     return min(errors) if errors else None
 
 
-def experiment_greedy(model, splits, settings, backend, rng, mask_types):
+def experiment_greedy(model, splits, settings, backend, rng, mask_types, timer):
     """One greedy run; the test error of every step's network."""
     from refimpl.greedy import apply_step, perforate_network
 
@@ -109,7 +109,7 @@ def experiment_greedy(model, splits, settings, backend, rng, mask_types):
     start = time.perf_counter()
     profile = perforate_network(model, held_out, settings["target_speedup"], mask_types=mask_types, cost="time",
                                 backend=backend, rng=rng, impact_data=impact, timing_batch=settings["timing_batch"],
-                                timing_repeats=settings["timing_repeats"], progress=True)
+                                timing_repeats=settings["timing_repeats"], progress=True, timer=timer)
     seconds = time.perf_counter() - start
     for step in profile.steps:
         apply_step(model, profile, step["step"])
@@ -117,7 +117,7 @@ def experiment_greedy(model, splits, settings, backend, rng, mask_types):
     return profile, seconds
 
 
-def retime(model, profile, backend, x, repeats):
+def retime(model, profile, backend, x, repeats, timer):
     """Measured speedup of every step's network on another backend."""
     from refimpl.greedy import apply_step, measure_time, use_backend
 
@@ -125,7 +125,7 @@ def retime(model, profile, backend, x, repeats):
     times = []
     for step in profile.steps:
         apply_step(model, profile, step["step"])
-        times.append(measure_time(model, x, repeats))
+        times.append(measure_time(model, x, repeats, timer))
     return [times[0] / t for t in times]
 
 
@@ -191,6 +191,9 @@ def main(argv=None):
     parser.add_argument("--threads", type=int, default=1,
                         help="Cython threads for the timings (default 1: on a shared, loaded CPU an OpenMP team "
                              "waits for preempted threads at every barrier, which swamps the differences measured)")
+    parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
+                        help="time measurements read the process CPU time (default; steady on a shared machine with "
+                             "a single-threaded backend) or the wall time")
     parser.add_argument("--opencl", action="store_true", help="also time every greedy step on the OpenCL backend")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -203,6 +206,7 @@ def main(argv=None):
     from refimpl.implicit_network import run_implicit
 
     settings = FULL if args.full else SMALL
+    timer = time.process_time if args.clock == "cpu" else time.perf_counter
     backend = args.backend or ("cython" if fastpath.available_backends()["cython"].usable else "numpy")
     backend_label = backend if backend != "cython" else f"cython ({args.threads} thread{'s' * (args.threads > 1)})"
     if backend == "cython":
@@ -216,7 +220,7 @@ def main(argv=None):
     data = dict(meta["extra"]["data"])
     splits, _ = load_dataset(data.pop("name"), **data)
     rng = np.random.default_rng(args.seed)
-    results = {"settings": settings, "data": args.data, "backend": backend_label, "checkpoint": str(checkpoint),
+    results = {"settings": settings, "data": args.data, "backend": backend_label, "clock": args.clock, "checkpoint": str(checkpoint),
                "image_hw": list(splits["test"].images.shape[2:]), "test_images": len(splits["test"])}
 
     print("== experiment 1: one layer, every mask type", flush=True)
@@ -226,17 +230,18 @@ def main(argv=None):
     results["greedy"] = {}
     timing_x = splits["val"].images[: settings["timing_batch"]]
     for name, kinds in (("impact", ("impact",)), ("grid", ("grid",))):
-        profile, seconds = experiment_greedy(model, splits, settings, backend, rng, kinds)
+        profile, seconds = experiment_greedy(model, splits, settings, backend, rng, kinds, timer)
         profile.save(out / f"profile_{name}.json")
         run = {"seconds": seconds, "steps": profile.steps, "measured_by_backend": {
             backend_label: [s["measured_speedup"] for s in profile.steps]}}
         # the greedy's own timings were taken while choosing; re-time all steps once more, in one go
         run["measured_by_backend"][backend_label + ", re-timed"] = retime(model, profile, backend, timing_x,
-                                                                        settings["timing_repeats"])
+                                                                        settings["timing_repeats"], timer)
         if args.opencl and fastpath.available_backends()["opencl"].usable:
             try:
-                run["measured_by_backend"]["opencl (PoCL, CPU)"] = retime(model, profile, "opencl", timing_x,
-                                                                          settings["timing_repeats"])
+                # wall time: PoCL runs its own worker threads, which the process CPU time would sum
+                run["measured_by_backend"]["opencl (PoCL, CPU, wall time)"] = retime(
+                    model, profile, "opencl", timing_x, settings["timing_repeats"], time.perf_counter)
             except ValueError as exc:  # reported, not hidden
                 run["opencl_error"] = str(exc)
                 print(f"OpenCL re-timing failed: {exc}", flush=True)
@@ -249,7 +254,7 @@ def main(argv=None):
         apply_step(model, profile, 0)
 
     held_out = splits["val"].subset(slice(0, settings["held_out"]))
-    timing = {"timing_batch": settings["timing_batch"], "timing_repeats": settings["timing_repeats"]}
+    timing = {"timing_batch": settings["timing_batch"], "timing_repeats": settings["timing_repeats"], "timer": timer}
     stride = stride_baseline(model, held_out, settings["stride_factors"], backend, **timing)
     h, w = results["image_hw"]
     sizes = [(int(round(f * h)), int(round(f * w))) for f in settings["resolutions"]]
