@@ -43,6 +43,7 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.5, help="PACT's relaxed-Bernoulli temperature")
     parser.add_argument("--max-steps", type=int, default=12)
     parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--halting-bias", type=float, default=1.0, help="initial halting-unit bias (all objectives)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/parity")
     args = parser.parse_args(argv)
@@ -57,7 +58,8 @@ def main(argv=None):
             started = time.perf_counter()
             rnn, log = train_parity(objective, size=settings["size"], steps=settings["steps"], max_steps=args.max_steps,
                                     lr=args.lr, tau=args.tau, temperature=args.temperature, beta=args.beta,
-                                    prior_rate=args.prior_rate, rng=np.random.default_rng(args.seed),
+                                    prior_rate=args.prior_rate, halting_bias=args.halting_bias,
+                                    rng=np.random.default_rng(args.seed),
                                     log_every=max(1, settings["steps"] // 10))
             seconds = time.perf_counter() - started
             evaluation = {rule: evaluate_parity(rnn, settings["size"], rule, 4000, np.random.default_rng(args.seed + 1))
