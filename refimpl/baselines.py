@@ -83,9 +83,9 @@ def set_stride_factor(model, info, factor):
             layer.forward = (lambda x, _layer=layer, mask=None, fill=None: Conv2d.forward(_layer, x, mask=plan))
 
 
-def _point(model, split, timing_x, repeats, batch_size, dense, dense_seconds, timer, **extra):
+def _point(model, split, timing_x, repeats, batch_size, dense, dense_seconds, timer, runner, **extra):
     loss, error, flops = measure_loss(model, split, batch_size)
-    seconds = measure_time(model, timing_x, repeats, timer)
+    seconds = measure_time(model, timing_x, repeats, timer, runner)
     return {**extra, "flops": float(flops), "seconds": float(seconds), "theoretical_speedup": float(dense / flops),
             "measured_speedup": float(dense_seconds / seconds), "loss": float(loss), "error": float(error)}
 
@@ -98,13 +98,13 @@ def pareto_front(points, speed_key="measured_speedup"):
     return points
 
 
-def _reference(model, split, timing_x, repeats, batch_size, timer):
+def _reference(model, split, timing_x, repeats, batch_size, timer, runner):
     measure_loss(model, split.subset(slice(0, 1)), batch_size)
-    return dense_flops(model), measure_time(model, timing_x, repeats, timer)
+    return dense_flops(model), measure_time(model, timing_x, repeats, timer, runner)
 
 
 def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=64, timing_repeats=5, batch_size=256,
-                    layers=None, timer=time.perf_counter):
+                    layers=None, timer=time.perf_counter, runner="layers"):
     """Baseline (a): every combination of per-layer stride factors.
 
     Parameters
@@ -112,7 +112,9 @@ def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=6
     model : Layer (dense; left as it was found)
     data : Split or (images, labels), the held-out subset
     factors : the factors each perforable layer may take
-    backend, timing_batch, timing_repeats, batch_size, timer : as in :func:`refimpl.greedy.perforate_network`
+    backend, timing_batch, timing_repeats, batch_size, timer, runner : as in
+        :func:`refimpl.greedy.perforate_network` (with ``runner="implicit"`` the strided layers
+        still fill explicitly; the poolings run on the backend)
     layers : names of the perforable layers to vary (default: all)
 
     Returns
@@ -129,13 +131,13 @@ def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=6
             raise ValueError(f"layers must be perforable layers {[i.name for i in infos]}, got {sorted(unknown)}")
         infos = [i for i in infos if i.name in layers]
     factors = tuple(int(f) for f in factors)
-    dense, dense_seconds = _reference(model, split, timing_x, timing_repeats, batch_size, timer)
+    dense, dense_seconds = _reference(model, split, timing_x, timing_repeats, batch_size, timer, runner)
     points = []
     try:
         for combo in itertools.product(factors, repeat=len(infos)):
             for info, k in zip(infos, combo):
                 set_stride_factor(model, info, k)
-            points.append(_point(model, split, timing_x, timing_repeats, batch_size, dense, dense_seconds, timer,
+            points.append(_point(model, split, timing_x, timing_repeats, batch_size, dense, dense_seconds, timer, runner,
                                  factors={i.name: k for i, k in zip(infos, combo)}))
     finally:
         for info in infos:
@@ -154,7 +156,7 @@ def resize_images(images, size):
 
 
 def resolution_baseline(model, data, sizes, backend=None, timing_batch=64, timing_repeats=5, batch_size=256,
-                        timer=time.perf_counter):
+                        timer=time.perf_counter, runner="layers"):
     """Baseline (b): the network on inputs downscaled to each of ``sizes`` (ints or (h, w) pairs).
 
     Returns a list of dicts with ``size`` [h, w], the measurements and ``pareto``. Speedups are
@@ -164,11 +166,11 @@ def resolution_baseline(model, data, sizes, backend=None, timing_batch=64, timin
     use_backend(model, backend)
     dtype = _dtype(model)
     timing_x = np.ascontiguousarray(split.images[:timing_batch].astype(dtype, copy=False))
-    dense, dense_seconds = _reference(model, split, timing_x, timing_repeats, batch_size, timer)
+    dense, dense_seconds = _reference(model, split, timing_x, timing_repeats, batch_size, timer, runner)
     points = []
     for size in sizes:
         h, w = _checks.positive_pair(size, "sizes")
         small = type(split)(resize_images(split.images, (h, w)), split.labels)
         points.append(_point(model, small, np.ascontiguousarray(small.images[:timing_batch].astype(dtype, copy=False)),
-                             timing_repeats, batch_size, dense, dense_seconds, timer, size=[h, w]))
+                             timing_repeats, batch_size, dense, dense_seconds, timer, runner, size=[h, w]))
     return pareto_front(points)

@@ -40,6 +40,7 @@ from .masks import MASK_TYPES, grid_mask, uniform_mask
 KEPT_FRACTIONS = (1.0, 1 / 1.5) + tuple(1.0 / k for k in range(2, 21))
 RANDOM_MASK_TYPES = ("uniform", "grid", "structure")
 COSTS = ("time", "flops")
+RUNNERS = ("layers", "implicit")
 PROFILE_FORMAT = "ponder-perforation-profile"
 
 
@@ -127,17 +128,31 @@ def measure_loss(model, split, batch_size=256):
     return total / len(split), wrong / len(split), flops
 
 
-def measure_time(model, x, repeats=5, timer=time.perf_counter):
-    """Median wall time (seconds) of ``model(x)`` in evaluation mode over ``repeats`` runs, after one warm-up.
+def measure_time(model, x, repeats=5, timer=time.perf_counter, runner="layers"):
+    """Median time (seconds) of a forward pass of ``x`` in evaluation mode over ``repeats`` runs, after one warm-up.
 
-    ``timer`` is the clock (a function returning seconds), replaceable for tests.
+    ``runner="layers"`` times ``model(x)``; ``"implicit"`` times
+    :func:`refimpl.implicit_network.run_implicit` (compact activations read through index tables,
+    poolings on the backend). ``timer`` is the clock (a function returning seconds): wall time by
+    default, ``time.process_time`` for the CPU time of a single-threaded backend, or a fake in tests.
     """
+    _checks.choice(runner, "runner", set(RUNNERS))
     model.eval()
-    model(x)
+    if runner == "implicit":
+        from .implicit_network import chain_layers, run_implicit
+
+        chain = chain_layers(model, x[:1])
+
+        def forward():
+            return run_implicit(model, x, chain=chain)
+    else:
+        def forward():
+            return model(x)
+    forward()
     times = []
     for _ in range(repeats):
         start = timer()
-        model(x)
+        forward()
         times.append(timer() - start)
     return float(np.median(times))
 
@@ -243,7 +258,8 @@ def move_cost(loss, loss0, cost, cost0):
 
 def perforate_network(model, data, target_speedup, mask_types=("impact", "grid"), cost="flops", backend=None,
                       rng=None, impact_data=None, fractions=KEPT_FRACTIONS, timing_batch=64, timing_repeats=5,
-                      random_repeats=2, max_steps=None, batch_size=256, progress=False, timer=time.perf_counter):
+                      random_repeats=2, max_steps=None, batch_size=256, progress=False, timer=time.perf_counter,
+                      runner="layers"):
     """Greedily perforate ``model`` until it is ``target_speedup`` times faster (SPEC §1.2).
 
     Parameters
@@ -265,6 +281,8 @@ def perforate_network(model, data, target_speedup, mask_types=("impact", "grid")
     batch_size : batch size of the loss and impact passes
     progress : print one line per step
     timer : the clock of the time measurements (default ``time.perf_counter``)
+    runner : how the timed forward runs: ``"layers"`` (``model(x)``, filled maps) or
+        ``"implicit"`` (:func:`refimpl.implicit_network.run_implicit`; chain networks only)
 
     Returns
     -------
@@ -274,6 +292,7 @@ def perforate_network(model, data, target_speedup, mask_types=("impact", "grid")
     split = _as_split(data)
     impact_split = split if impact_data is None else _as_split(impact_data, "impact_data")
     _checks.choice(cost, "cost", set(COSTS))
+    _checks.choice(runner, "runner", set(RUNNERS))
     mask_types = tuple(mask_types)
     if not mask_types:
         raise ValueError("mask_types must name at least one mask type")
@@ -309,13 +328,13 @@ def perforate_network(model, data, target_speedup, mask_types=("impact", "grid")
 
     loss0, error0, flops0 = evaluate()
     dense = dense_flops(model)  # per image, from the geometry of the forward just run
-    seconds0 = measure_time(model, timing_x, timing_repeats, timer)
+    seconds0 = measure_time(model, timing_x, timing_repeats, timer, runner)
     dense_seconds = seconds0
     profile = Profile(
         settings={"cost": cost, "backend": backend.name, "mask_types": list(mask_types), "fractions": list(fractions),
                   "target_speedup": float(target_speedup), "held_out": len(split), "impact_images": len(impact_split),
                   "timing_batch": int(timing_x.shape[0]), "timing_repeats": int(timing_repeats),
-                  "random_repeats": int(random_repeats), "dense_flops": float(dense),
+                  "random_repeats": int(random_repeats), "runner": runner, "dense_flops": float(dense),
                   "dense_seconds": float(dense_seconds)},
         layers=[{"name": i.name, "followers": list(i.followers), "out_hw": list(i.out_hw), "next": i.next_name,
                  "window": {k: (list(v) if isinstance(v, tuple) else v) for k, v in i.window.items()}}
@@ -370,7 +389,7 @@ def perforate_network(model, data, target_speedup, mask_types=("impact", "grid")
                 seconds = None
                 if cost == "time":
                     set_group_mask(model, info, mask)
-                    seconds = measure_time(model, timing_x, timing_repeats, timer)
+                    seconds = measure_time(model, timing_x, timing_repeats, timer, runner)
                     set_group_mask(model, info, st.mask)
                 value = move_cost(loss, loss0, seconds if cost == "time" else flops, cost_now)
                 if best is None or value < best[0]:
@@ -380,7 +399,7 @@ def perforate_network(model, data, target_speedup, mask_types=("impact", "grid")
         value, loss, error, flops, _, info, kind, notch, mask = best
         set_group_mask(model, info, mask)
         states[info.name] = _LayerState(kind, notch, mask)
-        seconds = measure_time(model, timing_x, timing_repeats, timer)
+        seconds = measure_time(model, timing_x, timing_repeats, timer, runner)
         loss0 = loss
         cost_now = seconds if cost == "time" else flops
         record({"layer": info.name, "mask_type": kind, "kept_fraction": fractions[notch], "move_cost": float(value)},

@@ -26,10 +26,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import get_backend
-from .conv import ConvGeometry
+from .conv import ConvGeometry, conv_output_shape
 from .conv_layer import Conv2d
 from .impact import POINTWISE_TYPES, is_pointwise_conv, trace_layers
-from .implicit import compose_index_table, implicit_conv2d_forward, implicit_pool2d_forward
+from .implicit import compose_index_table, dense_index_map, implicit_conv2d_forward, implicit_pool2d_forward
 from .layers import GlobalAvgPool2d, Pool2d
 from .perforation import PerforationPlan, fill_forward
 
@@ -93,7 +93,7 @@ def _pointwise_on_compact(layer, compact):
     return layer(image)[:, :, 0, :]
 
 
-def run_implicit(model, x, backend=None, chain=None):
+def run_implicit(model, x, backend=None, chain=None, pool_on_backend=True):
     """Evaluate a chain network on ``x`` with implicit interpolation (evaluation mode, no backward).
 
     Parameters
@@ -101,8 +101,11 @@ def run_implicit(model, x, backend=None, chain=None):
     model : Layer — a chain network (see :func:`chain_layers`) whose perforated convolutions have
         shared masks (e.g. set by :func:`refimpl.greedy.apply_step`)
     x : ndarray (N, C, H, W)
-    backend : conv backend for the table convolutions and poolings (default: each layer's own)
+    backend : conv backend for the table convolutions and poolings (default: each convolution's
+        own, and the first convolution's for the poolings)
     chain : the result of :func:`chain_layers` for this model, to skip tracing on repeated calls
+    pool_on_backend : run the poolings of *dense* maps through the backend's table pooling too
+        (the identity index map), instead of the layer's NumPy pooling
 
     Returns
     -------
@@ -111,11 +114,15 @@ def run_implicit(model, x, backend=None, chain=None):
     """
     model.eval()
     chain = chain_layers(model, x[:1]) if chain is None else chain
+    # the backend of table operations that belong to no convolution (poolings): the one asked
+    # for, else the network's (that of its first convolution)
+    convs = [layer for _, layer in chain if isinstance(layer, Conv2d)]
+    network_backend = get_backend(backend) if backend is not None else (convs[0].backend if convs else get_backend(None))
     memory = ActivationMemory()
     compact, plan = None, None  # set while the current activation is compact
     for name, layer in chain:
         table_bytes = 0
-        layer_backend = get_backend(backend) if backend is not None else getattr(layer, "backend", get_backend(None))
+        layer_backend = getattr(layer, "backend", network_backend) if backend is None else network_backend
         if compact is not None:
             same_mask = isinstance(layer, Conv2d) and (not layer.is_perforated or (
                 (p := _own_plan(layer, plan.out_hw)) is not None and np.array_equal(p.mask, plan.mask)))
@@ -167,6 +174,17 @@ def run_implicit(model, x, backend=None, chain=None):
                 memory.per_layer.append((name, compact.shape[0] * compact.shape[1] * int(np.prod(out_hw))
                                          * compact.itemsize, compact.nbytes + own.index_map.nbytes))
                 continue
+        if isinstance(layer, Pool2d) and pool_on_backend and layer.padding[0] <= layer.size[0] // 2 \
+                and layer.padding[1] <= layer.size[1] // 2:
+            # a dense input is a compact one whose index map is the identity: the backend's table
+            # pooling serves both (and is compiled where the backend is)
+            n, c, h, w = x.shape
+            table = compose_index_table(dense_index_map((h, w)), layer.size, layer.stride, layer.padding)
+            out_hw = conv_output_shape((h, w), layer.size, layer.stride, layer.padding)
+            x, _ = layer_backend.table_pool_forward(np.ascontiguousarray(x).reshape(n, c, h * w), table, layer.mode)
+            x = x.reshape(n, c, *out_hw)
+            memory.per_layer.append((name, x.nbytes, x.nbytes + table.nbytes))
+            continue
         x = layer(x)
         memory.per_layer.append((name, x.nbytes, x.nbytes))
     if compact is not None:  # the network ended on a compact tensor

@@ -100,7 +100,7 @@ def error_at(points, speedup, key="measured_speedup"):
     return min(errors) if errors else None
 
 
-def experiment_greedy(model, splits, settings, backend, rng, mask_types, timer):
+def experiment_greedy(model, splits, settings, backend, rng, mask_types, timer, runner):
     """One greedy run; the test error of every step's network."""
     from refimpl.greedy import apply_step, perforate_network
 
@@ -109,7 +109,8 @@ def experiment_greedy(model, splits, settings, backend, rng, mask_types, timer):
     start = time.perf_counter()
     profile = perforate_network(model, held_out, settings["target_speedup"], mask_types=mask_types, cost="time",
                                 backend=backend, rng=rng, impact_data=impact, timing_batch=settings["timing_batch"],
-                                timing_repeats=settings["timing_repeats"], progress=True, timer=timer)
+                                timing_repeats=settings["timing_repeats"], progress=True, timer=timer,
+                                runner=runner)
     seconds = time.perf_counter() - start
     for step in profile.steps:
         apply_step(model, profile, step["step"])
@@ -117,15 +118,15 @@ def experiment_greedy(model, splits, settings, backend, rng, mask_types, timer):
     return profile, seconds
 
 
-def retime(model, profile, backend, x, repeats, timer):
-    """Measured speedup of every step's network on another backend."""
+def retime(model, profile, backend, x, repeats, timer, runner):
+    """Measured speedup of every step's network on another backend or with another runner."""
     from refimpl.greedy import apply_step, measure_time, use_backend
 
     use_backend(model, backend)
     times = []
     for step in profile.steps:
         apply_step(model, profile, step["step"])
-        times.append(measure_time(model, x, repeats, timer))
+        times.append(measure_time(model, x, repeats, timer, runner))
     return [times[0] / t for t in times]
 
 
@@ -194,6 +195,9 @@ def main(argv=None):
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu",
                         help="time measurements read the process CPU time (default; steady on a shared machine with "
                              "a single-threaded backend) or the wall time")
+    parser.add_argument("--runner", choices=("implicit", "layers"), default="implicit",
+                        help="how timed forwards run: implicit (compact activations, poolings on the backend; "
+                             "default) or layers (model(x): filled maps, NumPy pooling)")
     parser.add_argument("--opencl", action="store_true", help="also time every greedy step on the OpenCL backend")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -220,7 +224,8 @@ def main(argv=None):
     data = dict(meta["extra"]["data"])
     splits, _ = load_dataset(data.pop("name"), **data)
     rng = np.random.default_rng(args.seed)
-    results = {"settings": settings, "data": args.data, "backend": backend_label, "clock": args.clock, "checkpoint": str(checkpoint),
+    results = {"settings": settings, "data": args.data, "backend": backend_label, "clock": args.clock,
+               "runner": args.runner, "checkpoint": str(checkpoint),
                "image_hw": list(splits["test"].images.shape[2:]), "test_images": len(splits["test"])}
 
     print("== experiment 1: one layer, every mask type", flush=True)
@@ -230,18 +235,21 @@ def main(argv=None):
     results["greedy"] = {}
     timing_x = splits["val"].images[: settings["timing_batch"]]
     for name, kinds in (("impact", ("impact",)), ("grid", ("grid",))):
-        profile, seconds = experiment_greedy(model, splits, settings, backend, rng, kinds, timer)
+        profile, seconds = experiment_greedy(model, splits, settings, backend, rng, kinds, timer, args.runner)
         profile.save(out / f"profile_{name}.json")
+        label = f"{backend_label}, {args.runner} runner"
         run = {"seconds": seconds, "steps": profile.steps, "measured_by_backend": {
-            backend_label: [s["measured_speedup"] for s in profile.steps]}}
-        # the greedy's own timings were taken while choosing; re-time all steps once more, in one go
-        run["measured_by_backend"][backend_label + ", re-timed"] = retime(model, profile, backend, timing_x,
-                                                                        settings["timing_repeats"], timer)
+            label: [s["measured_speedup"] for s in profile.steps]}}
+        # the greedy's own timings were taken while choosing; re-time all steps once more, in one go,
+        # with both runners
+        for runner in ("implicit", "layers"):
+            run["measured_by_backend"][f"{backend_label}, {runner} runner, re-timed"] = retime(
+                model, profile, backend, timing_x, settings["timing_repeats"], timer, runner)
         if args.opencl and fastpath.available_backends()["opencl"].usable:
             try:
                 # wall time: PoCL runs its own worker threads, which the process CPU time would sum
-                run["measured_by_backend"]["opencl (PoCL, CPU, wall time)"] = retime(
-                    model, profile, "opencl", timing_x, settings["timing_repeats"], time.perf_counter)
+                run["measured_by_backend"][f"opencl (PoCL, CPU, wall time), {args.runner} runner"] = retime(
+                    model, profile, "opencl", timing_x, settings["timing_repeats"], time.perf_counter, args.runner)
             except ValueError as exc:  # reported, not hidden
                 run["opencl_error"] = str(exc)
                 print(f"OpenCL re-timing failed: {exc}", flush=True)
@@ -254,7 +262,8 @@ def main(argv=None):
         apply_step(model, profile, 0)
 
     held_out = splits["val"].subset(slice(0, settings["held_out"]))
-    timing = {"timing_batch": settings["timing_batch"], "timing_repeats": settings["timing_repeats"], "timer": timer}
+    timing = {"timing_batch": settings["timing_batch"], "timing_repeats": settings["timing_repeats"], "timer": timer,
+              "runner": args.runner}
     stride = stride_baseline(model, held_out, settings["stride_factors"], backend, **timing)
     h, w = results["image_hw"]
     sizes = [(int(round(f * h)), int(round(f * w))) for f in settings["resolutions"]]
