@@ -4,7 +4,8 @@ halting, gradients, FLOPs at the computed positions, dead units, masked batch no
 import numpy as np
 import pytest
 
-import fastpath
+from backends import _make as make_backend
+from backends import backend_params
 from refimpl.act import ACTResNet
 from refimpl.backend import NumpyBackend
 from refimpl.gradcheck import check_gradients, numerical_gradient, relative_error
@@ -21,7 +22,8 @@ from refimpl.sact import (
 from test_act import block_gradient_errors, find_case
 from tolerances import GRADCHECK_RTOL, assert_close
 
-BACKENDS = ["numpy"] + fastpath.usable_backends()
+# NumPy plus every fast backend configuration of tests/backends.py (unusable ones are reported as skipped)
+BACKENDS = [pytest.param("numpy", id="numpy")] + backend_params()
 WIDTHS = (2, 3, 4)
 
 
@@ -131,6 +133,7 @@ def run(model, x, g, drho=None):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_execution_equals_dense_masked_execution(backend):
+    backend = make_backend(backend)
     block, x, rng = find_case(lambda r: sact_block(r, backend=backend), (3, 3, 6, 6), margin=1e-6)
     masks = block.active_masks
     # a meaningful case: some later unit runs on part of the positions only
@@ -152,6 +155,7 @@ def test_sparse_execution_equals_dense_masked_execution(backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_sparse_network_equals_dense_masked_network(backend):
+    backend = make_backend(backend)
     net, x, rng = find_case(lambda r: sact_net(r, backend=backend), (3, 1, 8, 8), margin=1e-6)
     g = rng.standard_normal((3, 4))
     logits_s, dx_s, grads_s = run(net, x, g)
