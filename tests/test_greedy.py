@@ -10,8 +10,8 @@ import fastpath
 from refimpl.backend import get_backend
 from refimpl.datasets import Split
 from refimpl.flops import network_flops
-from refimpl.greedy import (KEPT_FRACTIONS, apply_step, finetune_step, load_profile, move_cost, perforate_network,
-                            set_group_mask)
+from refimpl.greedy import (KEPT_FRACTIONS, apply_step, finetune_step, load_profile, measure_time, move_cost,
+                            perforate_network, set_group_mask)
 from refimpl.impact import find_perforable_layers
 from refimpl.implicit_network import chain_layers, run_implicit
 from refimpl.nin import NIN
@@ -145,6 +145,22 @@ def test_time_cost_with_a_clock_that_reads_flops_makes_the_flops_choices():
     np.testing.assert_allclose(profile.column("measured_speedup"), by_flops.column("theoretical_speedup"))
 
 
+def test_measure_time_runs_either_runner_and_names_a_bad_one():
+    model, _ = run_greedy(max_steps=3)
+    x = held_out(4).images
+    calls = []
+
+    def counting_clock():
+        calls.append(1)
+        return float(len(calls))
+
+    assert measure_time(model, x, repeats=3, timer=counting_clock, runner="implicit") == 1.0
+    assert len(calls) == 6
+    assert measure_time(model, x, repeats=2, runner="layers") > 0
+    with pytest.raises(ValueError, match="runner"):
+        measure_time(model, x, runner="fast")
+
+
 def test_bad_arguments_are_named():
     with pytest.raises(ValueError, match="cost"):
         run_greedy(cost="speed")
@@ -204,9 +220,11 @@ def test_ponder_perforate_on_a_checkpoint_from_ponder_train(tmp_path, capsys):
     out = tmp_path / "perf"
     main(["perforate", "--checkpoint", str(run / "checkpoint.npz"), "--target-speedup", "2", "--mask", "impact", "grid",
           "--cost", "flops", "--out", str(out), "--held-out", "24", "--impact-images", "16", "--timing-batch", "4",
-          "--timing-repeats", "1", "--stride-factors", "1", "2", "--resolutions", "0.5", "--quiet"])
+          "--timing-repeats", "1", "--stride-factors", "1", "2", "--resolutions", "0.5", "--runner", "implicit",
+          "--clock", "cpu", "--quiet"])
     profile = load_profile(out / "profile.json")
     assert profile.settings["cost"] == "flops" and profile.steps[-1]["theoretical_speedup"] >= 2
+    assert profile.settings["runner"] == "implicit" and profile.settings["clock"] == "cpu"
     baselines = json_load(out / "baselines.json")
     assert len(baselines["stride"]) == 2 ** 3 and [p["size"] for p in baselines["resolution"]] == [[8, 8]]
     assert (out / "speed_error.png").stat().st_size > 5000

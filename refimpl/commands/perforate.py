@@ -39,6 +39,9 @@ def add_arguments(parser):
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="what a time measurement reads: wall time (default) or the process's CPU time, "
                              "steadier on a shared machine with a single-threaded backend")
+    parser.add_argument("--runner", choices=("layers", "implicit"), default="layers",
+                        help="how timed forwards run: layers (model(x), default) or implicit (compact activations "
+                             "read through index tables, poolings on the backend; chain networks such as nin)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
     parser.add_argument("--stride-factors", type=int, nargs="+", default=[1, 2, 3],
                         help="baseline (a): per-layer stride factors tried in every combination (default 1 2 3)")
@@ -102,7 +105,7 @@ def run(args):
     import time
 
     timing = dict(timing_batch=args.timing_batch, timing_repeats=args.timing_repeats,
-                  timer=time.process_time if args.clock == "cpu" else time.perf_counter)
+                  timer=time.process_time if args.clock == "cpu" else time.perf_counter, runner=args.runner)
     try:
         profile = perforate_network(model, held_out, args.target_speedup, mask_types=args.mask, cost=args.cost,
                                     backend=args.backend, rng=np.random.default_rng(args.seed), impact_data=impact,
