@@ -124,11 +124,10 @@ class Conv2d(Layer):
     def set_mask(self, mask, fill="nearest"):
         """Use this explicit boolean (Ho, Wo) mask (e.g. an impact mask); ``None`` returns to dense."""
         _checks.choice(fill, "fill", set(FILLS))
-        if mask is not None:
-            if not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2:
-                raise TypeError(f"mask must be a boolean (Ho, Wo) array, got {getattr(mask, 'dtype', type(mask))}")
-            self.perforation = None
-        self._explicit_mask = (None if mask is None else PerforationPlan(mask), fill)
+        if mask is not None and (not isinstance(mask, np.ndarray) or mask.dtype != np.bool_ or mask.ndim != 2):
+            raise TypeError(f"mask must be a boolean (Ho, Wo) array, got {getattr(mask, 'dtype', type(mask))}")
+        self.perforation = None
+        self._explicit_mask = None if mask is None else (PerforationPlan(mask), fill)
         self._plans = {}
 
     def output_hw(self, in_hw):
@@ -136,7 +135,7 @@ class Conv2d(Layer):
 
     def plan_for(self, out_hw):
         """The layer's own plan for outputs of size ``out_hw`` and its fill (built on first use)."""
-        if self._explicit_mask is not None and self._explicit_mask[0] is not None:
+        if self._explicit_mask is not None:
             plan, fill = self._explicit_mask
             if plan.out_hw != tuple(out_hw):
                 raise ValueError(f"the explicit mask is {plan.out_hw} but this input gives outputs {tuple(out_hw)}")
@@ -158,7 +157,7 @@ class Conv2d(Layer):
 
     @property
     def is_perforated(self):
-        return self.perforation is not None or (self._explicit_mask is not None and self._explicit_mask[0] is not None)
+        return self.perforation is not None or self._explicit_mask is not None
 
     # --- forward / backward ---------------------------------------------------------------
     def _check_input(self, x):

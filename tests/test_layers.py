@@ -295,3 +295,11 @@ def test_traced_call_raises_with_the_layer_name():
     with pytest.raises(NonFiniteError, match="'head.fc' \\(Linear\\).*input was finite") as info:
         layer(np.ones((1, 2)))
     assert info.value.layer_name == "head.fc"
+
+
+def test_set_mask_none_returns_to_dense():
+    layer = Conv2d(1, 1, 3, rng(), padding=1, perforation=("grid", 0.5))
+    layer.set_mask(None)
+    assert not layer.is_perforated
+    layer.forward(np.ones((1, 1, 4, 4), np.float32))
+    assert layer.cache.plan.full
