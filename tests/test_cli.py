@@ -86,6 +86,7 @@ def test_demo_writes_the_png(demo_run):
 def test_demo_fails_when_a_check_fails(tmp_path, monkeypatch, capsys):
     """The exit status is the checks' verdict: with a negative tolerance every check must fail."""
     monkeypatch.setitem(demo.TOLERANCE, np.dtype(np.float32), -1.0)
+    monkeypatch.setattr(demo, "SECTIONS", [demo.perforation_section])  # the checked section, only
     args = cli.build_parser().parse_args(["demo", "--out", str(tmp_path), "--size", "24"])
     assert demo.run(args) == 1
     assert "FAILED checks" in capsys.readouterr().out
