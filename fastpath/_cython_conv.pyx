@@ -10,9 +10,15 @@ The layout every convolution here shares (row-major, "K-major" output):
 * ``buf[k, t]`` is scattered to ``out[sample[t], k, slot[t]]``: for a shared mask the slots of one
   image are consecutive, so each (n, k) row of the compact output is a contiguous copy.
 
+Parallelism: the columns are cut into chunks (about 1 MiB of ``cols``, so that it stays in L2
+between the gather and the GEMM); each OpenMP thread takes whole chunks and runs gather, a
+*single-threaded* BLAS GEMM and scatter on its own buffers. There is one thread pool and no
+barrier between the phases (the wrapper holds BLAS at one thread while a driver runs).
+
 Backward runs the same chunks: dY (K, Tc) is gathered from the compact gradient,
 ``dW += dY · colsᵀ``, ``dcols = Wmatᵀ · dY`` and ``dcols`` is scatter-added onto the input
-(col2im), one thread per (image, channel) plane so that no two threads write the same pixel.
+(col2im). Windows of one image overlap, so the parallel unit there is a group of whole images
+(no two threads write the same pixel), and every thread accumulates its own dW and db.
 
 Everything here assumes validated input (the Python wrapper checks and converts) and releases the
 GIL; ``threads`` is passed in from Python to every ``prange``.

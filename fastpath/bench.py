@@ -1,8 +1,10 @@
 """Benchmark of the perforated convolution on every backend: ``python -m fastpath.bench`` / ``ponder bench``.
 
 For each reference layer (float32, NCHW) and perforation rate (grid masks), every backend runs the
-perforated layer — the convolution to the compact tensor, then the nearest fill to the dense
-output; at rate 0 the plain convolution — forward alone and forward + backward. Printed per run:
+perforated convolution to the compact tensor — which the next layer reads through an index table
+(implicit interpolation, SPEC §1), so no filled tensor is formed; ``--output dense`` adds the
+nearest fill to the dense output and its adjoint — and at rate 0 the plain convolution; forward
+alone and forward + backward. Printed per run:
 
 * median milliseconds over ``--repeat`` runs (after one warm-up run);
 * GFLOP/s dense-equivalent (the dense layer's FLOPs over the time: what the user gets) and actual
@@ -95,7 +97,14 @@ LARGE_LAYERS = ("nin2", "alexnet2", "vgg3", "resnet64")
 
 
 class ConvBackendRunner:
-    """Times any :class:`refimpl.backend.ConvBackend` on the perforated layer (conv + nearest fill)."""
+    """Times any :class:`refimpl.backend.ConvBackend` on the perforated layer.
+
+    ``fill = None`` (``--output compact``, the default) times the convolution to the compact tensor,
+    which the next layer reads through an index table (implicit interpolation, SPEC §1);
+    ``fill = "nearest"`` (``--output dense``) adds the fill to the dense output and its adjoint.
+    """
+
+    fill = None
 
     def __init__(self, name, backend):
         self.name = name
@@ -116,13 +125,20 @@ class ConvBackendRunner:
         self.dout_compact = be.to_device(dout.reshape(n, k, -1))
         self.synchronize()
 
+    def compact_gradient(self, plan):
+        """A (N, K, P) upstream gradient for ``plan``'s compact output (host array)."""
+        dout = self.backend.to_host(self.dout_compact)
+        return np.ascontiguousarray(dout[:, :, : plan.width])
+
     def calls(self, plan):
         """``{pass name: callable}`` for ``plan`` (the dense plan skips the fill: it is the identity)."""
         be, g = self.backend, self.geometry
+        skip_fill = plan.full or self.fill is None
+        dcompact_given = be.to_device(self.compact_gradient(plan)) if skip_fill else None
 
         def forward():
             compact, cache = be.conv_forward(self.x, self.w, self.b, plan, g)
-            out = compact if plan.full else be.fill_forward(compact, plan, "nearest")
+            out = compact if skip_fill else be.fill_forward(compact, plan, self.fill)
             return out, cache
 
         def run_forward():
@@ -131,7 +147,7 @@ class ConvBackendRunner:
 
         def run_forward_backward():
             _, cache = forward()
-            dcompact = self.dout_compact if plan.full else be.fill_backward(self.dout, plan, "nearest")
+            dcompact = dcompact_given if skip_fill else be.fill_backward(self.dout, plan, self.fill)
             be.conv_backward(dcompact, cache)
             self.synchronize()
 
@@ -168,10 +184,12 @@ class OpenCLEndToEndRunner(ConvBackendRunner):
 
     def calls(self, plan):
         be, g = self.backend, self.geometry
+        skip_fill = plan.full or self.fill is None
+        dcompact_given = self.compact_gradient(plan) if skip_fill else None
 
         def forward():
             compact, cache = be.conv_forward(be.to_device(self.x), be.to_device(self.w), be.to_device(self.b), plan, g)
-            out = compact if plan.full else be.fill_forward(compact, plan, "nearest")
+            out = compact if skip_fill else be.fill_forward(compact, plan, self.fill)
             return be.to_host(out), cache
 
         def run_forward():
@@ -179,10 +197,10 @@ class OpenCLEndToEndRunner(ConvBackendRunner):
 
         def run_forward_backward():
             _, cache = forward()
-            if plan.full:
-                dcompact = be.to_device(self.dout_compact)
+            if skip_fill:
+                dcompact = be.to_device(dcompact_given)
             else:
-                dcompact = be.fill_backward(be.to_device(self.dout), plan, "nearest")
+                dcompact = be.fill_backward(be.to_device(self.dout), plan, self.fill)
             for grad in be.conv_backward(dcompact, cache):
                 be.to_host(grad)
 
@@ -400,6 +418,7 @@ def environment(args, runners):
         "processor": platform.processor(),
         "cpu_count": os.cpu_count(),
         "threads": args.threads,
+        "output": args.output,
         "repeat": args.repeat,
         "numpy_repeat": args.numpy_repeat,
         "blas": blas_info(),
@@ -448,6 +467,9 @@ def add_arguments(parser):
     parser.add_argument("--gpu-layers", action="store_true",
                         help=f"also run the GPU-sized layers {', '.join(GPU_LAYERS)}")
     parser.add_argument("--rates", type=_csv(float), default=DEFAULT_RATES, help="perforation rates (grid masks)")
+    parser.add_argument("--output", choices=("compact", "dense"), default="compact",
+                        help="compact: the convolution to the compact tensor, read by the next layer through an "
+                             "index table (default); dense: also the nearest fill to the dense output")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the masks")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the tables")
@@ -483,12 +505,14 @@ def run(args):
         if runner is None:
             skipped[name] = reason
         else:
+            if isinstance(runner, ConvBackendRunner):
+                runner.fill = None if args.output == "compact" else "nearest"
             runners.append(runner)
     rng = np.random.default_rng(args.seed)
     results = []
     with threadpool_limits(limits=args.threads):
         info = environment(args, runners)
-        print(f"ponder bench: float32, {args.threads} threads, median of {args.repeat} "
+        print(f"ponder bench: float32, {args.output} output, {args.threads} threads, median of {args.repeat} "
               f"(numpy: {args.numpy_repeat}, at rates {list(args.numpy_rates)}) after a warm-up run")
         for lib in info["blas"]:
             print(f"BLAS: {lib['internal_api']} {lib['version']} kernel {lib['architecture']} "

@@ -16,13 +16,12 @@ gain, especially on a shared machine.
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
-
 from functools import lru_cache
+from typing import NamedTuple
 
 import numpy as np
 
-from refimpl.backend import ConvBackend
+from refimpl.backend import BackendUnavailableError, ConvBackend
 from refimpl.conv import ConvGeometry
 
 from . import BackendStatus
@@ -141,7 +140,7 @@ class CythonBackend(ConvBackend):
 
     def __init__(self, threads=None, chunk_bytes=CHUNK_BYTES, parallel_work=PARALLEL_WORK):
         if _kernels is None:
-            raise RuntimeError(status().reason)
+            raise BackendUnavailableError(f"the cython backend is unavailable: {status().reason}")
         self.threads = default_threads() if threads is None else threads
         self.chunk_bytes = chunk_bytes
         self.parallel_work = parallel_work
