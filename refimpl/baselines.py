@@ -1,7 +1,7 @@
 r"""The two baselines perforation is compared with, on the same axes (SPEC §1.2).
 
 **(a) Larger stride + nearest upsampling.** A layer computed with stride ``k·s`` instead of ``s``
-and its output upsampled ``k×`` by repetition has the original output size, so the network after it
+and its output upsampled k times by repetition has the original output size, so the network after it
 is unchanged. This *is* a perforation: the computed positions are the regular grid
 ``(k i, k j)`` of the original output, and every position copies the grid point above-left of it,
 
@@ -39,13 +39,13 @@ from .perforation import PerforationPlan
 class UpsamplingPlan(PerforationPlan):
     """Plan of a layer run with ``factor`` times its stride, its output upsampled by repetition.
 
+    The mask keeps rows and columns 0, k, 2k, ... (k = ``factor``); the index map sends position
+    (y, x) to the compact index of (k floor(y / k), k floor(x / k)).
+
     Parameters
     ----------
     out_hw : (Ho, Wo), the layer's original output size
     factor : int >= 1
-
-    The mask keeps rows and columns ``0, k, 2k, …``; ``index_map[y, x]`` is the compact index of
-    ``(k ⌊y/k⌋, k ⌊x/k⌋)``.
     """
 
     def __init__(self, out_hw, factor):
@@ -67,7 +67,7 @@ class UpsamplingPlan(PerforationPlan):
 
 
 def set_stride_factor(model, info, factor):
-    """Run the perforable layer ``info`` (and its 1×1 followers) ``factor``× strided and upsampled.
+    """Run the perforable layer ``info`` (and its 1×1 followers) ``factor`` times strided, upsampled.
 
     ``factor=1`` restores the layer's normal forward. Works by giving each convolution of the
     group a per-call plan (``Conv2d.forward(x, mask=plan)``).
