@@ -107,7 +107,7 @@ def digit_source():
 
 
 def load_digits(scale=1, seed=0, fractions=(0.6, 0.1, 0.3)):
-    """The 8×8 digits (upscaled ``scale``×) in seeded train / val / test splits.
+    """The 8×8 digits (upscaled ``scale`` times) in seeded train / val / test splits.
 
     Returns
     -------
