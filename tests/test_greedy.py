@@ -202,6 +202,16 @@ def test_implicit_network_equals_the_explicit_fill_path(backend):
         out, memory = run_implicit(check_model, x, backend=backend)
         np.testing.assert_allclose(out, expected, rtol=rtol, atol=rtol * 1e-2)
         assert memory.saved_bytes > 0 and memory.implicit_bytes < memory.explicit_bytes
+    # the dense network: every pooling of a dense map goes through the backend's table pooling
+    if not get_backend(backend).supports_dtype(np.float64):
+        return
+    dense = tiny_nin()
+    x = held_out(6, seed=4).images
+    out, memory = run_implicit(dense, x, backend=backend)
+    np.testing.assert_allclose(out, dense(x), rtol=1e-12, atol=1e-14)
+    assert memory.saved_bytes < 0  # nothing is compact; the pooling index tables are extra
+    out_layers, _ = run_implicit(dense, x, backend=backend, pool_on_backend=False)
+    np.testing.assert_allclose(out_layers, dense(x), rtol=1e-12, atol=1e-14)
 
 
 def test_implicit_runner_refuses_a_residual_network():
