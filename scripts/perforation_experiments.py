@@ -211,6 +211,7 @@ def main(argv=None):
     settings = FULL if args.full else SMALL
     timer = time.process_time if args.clock == "cpu" else time.perf_counter
     backend = args.backend or ("cython" if fastpath.available_backends()["cython"].usable else "numpy")
+    train_backend = backend  # training: the backend by name, with its default threads
     backend_label = backend if backend != "cython" else f"cython ({args.threads} thread{'s' * (args.threads > 1)})"
     if backend == "cython":
         from fastpath.cython_backend import CythonBackend
@@ -218,7 +219,7 @@ def main(argv=None):
         backend = CythonBackend(threads=args.threads)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
-    checkpoint = train_network(out, settings, args.data, backend, args.seed)
+    checkpoint = train_network(out, settings, args.data, train_backend, args.seed)
     model, meta = load_checkpoint(checkpoint, backend=backend)
     data = dict(meta["extra"]["data"])
     splits, _ = load_dataset(data.pop("name"), **data)

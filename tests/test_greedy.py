@@ -230,10 +230,11 @@ def test_ponder_perforate_on_a_checkpoint_from_ponder_train(tmp_path, capsys):
     out = tmp_path / "perf"
     main(["perforate", "--checkpoint", str(run / "checkpoint.npz"), "--target-speedup", "2", "--mask", "impact", "grid",
           "--cost", "flops", "--out", str(out), "--held-out", "24", "--impact-images", "16", "--timing-batch", "4",
-          "--timing-repeats", "1", "--stride-factors", "1", "2", "--resolutions", "0.5", "--runner", "implicit",
-          "--clock", "cpu", "--quiet"])
+          "--timing-repeats", "1", "--stride-factors", "1", "2", "--resolutions", "0.5", "--clock", "cpu",
+          "--quiet"])
     profile = load_profile(out / "profile.json")
     assert profile.settings["cost"] == "flops" and profile.steps[-1]["theoretical_speedup"] >= 2
+    # --runner auto: the NIN CNN is a chain network, so its timed forwards run implicitly
     assert profile.settings["runner"] == "implicit" and profile.settings["clock"] == "cpu"
     baselines = json_load(out / "baselines.json")
     assert len(baselines["stride"]) == 2 ** 3 and [p["size"] for p in baselines["resolution"]] == [[8, 8]]

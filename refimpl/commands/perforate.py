@@ -39,9 +39,10 @@ def add_arguments(parser):
     parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
                         help="what a time measurement reads: wall time (default) or the process's CPU time, "
                              "steadier on a shared machine with a single-threaded backend")
-    parser.add_argument("--runner", choices=("layers", "implicit"), default="layers",
-                        help="how timed forwards run: layers (model(x), default) or implicit (compact activations "
-                             "read through index tables, poolings on the backend; chain networks such as nin)")
+    parser.add_argument("--runner", choices=("auto", "layers", "implicit"), default="auto",
+                        help="how timed forwards run: implicit (compact activations read through index tables, "
+                             "poolings on the backend; chain networks such as nin), layers (model(x)), or auto "
+                             "(default: implicit where the network allows it)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the masks")
     parser.add_argument("--stride-factors", type=int, nargs="+", default=[1, 2, 3],
                         help="baseline (a): per-layer stride factors tried in every combination (default 1 2 3)")
@@ -104,8 +105,18 @@ def run(args):
     impact = splits["train"].subset(slice(0, args.impact_images))
     import time
 
+    from ..implicit_network import chain_layers
+
+    runner = args.runner
+    if runner == "auto":
+        try:
+            dtype = next(p for _, p, _ in model.named_parameters()).dtype
+            chain_layers(model, held_out.images[:1].astype(dtype))
+            runner = "implicit"
+        except ValueError:  # not a chain network (e.g. a ResNet)
+            runner = "layers"
     timing = dict(timing_batch=args.timing_batch, timing_repeats=args.timing_repeats,
-                  timer=time.process_time if args.clock == "cpu" else time.perf_counter, runner=args.runner)
+                  timer=time.process_time if args.clock == "cpu" else time.perf_counter, runner=runner)
     try:
         profile = perforate_network(model, held_out, args.target_speedup, mask_types=args.mask, cost=args.cost,
                                     backend=args.backend, rng=np.random.default_rng(args.seed), impact_data=impact,
