@@ -248,3 +248,22 @@ def json_load(path):
     import json
 
     return json.loads(path.read_text())
+
+
+def test_greedy_on_a_residual_network_and_its_stride_baseline():
+    from refimpl.baselines import stride_baseline
+
+    def build():
+        return resnet(8, 10, 1, np.random.default_rng(0), dtype=F64, widths=(4, 4, 8)).eval()
+
+    model = build()
+    data = held_out(8)
+    profile = perforate_network(model, data, 100.0, mask_types=("impact", "structure"), cost="flops",
+                                rng=np.random.default_rng(0), timing_batch=2, timing_repeats=1, max_steps=3)
+    flops = profile.column("flops")
+    assert len(flops) == 4 and all(b < a for a, b in zip(flops, flops[1:]))
+    x = data.images[:3]
+    np.testing.assert_array_equal(apply_step(build(), profile, 3)(x), model(x))
+    points = stride_baseline(build(), data, factors=(1, 2), timing_batch=2, timing_repeats=1,
+                             layers=[entry["name"] for entry in profile.layers[:2]])
+    assert len(points) == 4 and points[0]["theoretical_speedup"] == 1.0
