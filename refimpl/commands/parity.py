@@ -9,11 +9,21 @@ Examples::
 After training it evaluates fresh examples with every halting rule that fits the objective
 (``act`` for ACT; ``thresholded`` and ``sample`` for PACT and PonderNet) and prints the accuracy
 and the mean ponder steps by the number of non-zero entries. ``--out`` writes the same as JSON.
+
+``ponder train --task parity`` runs the same trainer (:func:`train_task_arguments`): the objective
+by ``--objective``; ``--batch-size``, ``--lr``, ``--tau``, ``--seed`` as for ``ponder train``; the
+other settings of this command through ``--option key=value`` (``size``, ``steps``, ``hidden``,
+``max_steps``, ``temperature``, ``beta``, ``prior_rate``, ``halting_bias``, ``eval_size``,
+``threads``); the results go to ``OUT/parity.json``::
+
+    ponder train --task parity --objective pact --option size=8 --option steps=3000 --out runs/parity-pact
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import numbers
 import time
 from pathlib import Path
 
@@ -42,6 +52,53 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=1, help="BLAS threads (default 1: the matrices are small)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
+
+
+# settings ``ponder train --task parity`` takes through --option, and the type each must have
+TRAIN_TASK_OPTIONS = {"size": int, "steps": int, "hidden": int, "max_steps": int, "eval_size": int, "threads": int,
+                      "temperature": float, "beta": float, "prior_rate": float, "halting_bias": float}
+
+
+def train_task_arguments(objective, options, batch_size, lr, tau, seed, out):
+    """The settings of this command for ``ponder train --task parity`` (defaults: this command's).
+
+    Parameters
+    ----------
+    objective : "act", "pact" or "pondernet"
+    options : dict, the ``--option`` values (keys of :data:`TRAIN_TASK_OPTIONS`)
+    batch_size : int; lr, tau : float or None (None: this command's default); seed : int
+    out : pathlib.Path, the run folder (the JSON goes to ``out / "parity.json"``)
+
+    Returns
+    -------
+    argparse.Namespace for :func:`run`
+
+    Raises
+    ------
+    ValueError
+        an unknown option, or a value of the wrong type.
+    """
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"--objective must be one of {', '.join(OBJECTIVES)} for --task parity, got {objective!r}")
+    args = parser.parse_args(["--objective", objective])
+    for key, value in options.items():
+        kind = TRAIN_TASK_OPTIONS.get(key)
+        if kind is None:
+            raise ValueError(f"--option {key} does not apply to --task parity; it takes {', '.join(TRAIN_TASK_OPTIONS)}")
+        numeric = numbers.Integral if kind is int else numbers.Real
+        if not isinstance(value, numeric) or isinstance(value, bool):
+            raise ValueError(f"--option {key} must be {'an int' if kind is int else 'a number'} for --task parity, "
+                             f"got {value!r}")
+        setattr(args, key, kind(value))
+    args.batch_size, args.seed = batch_size, seed
+    if lr is not None:
+        args.lr = lr
+    if tau is not None:
+        args.tau = tau
+    args.out = str(Path(out) / "parity.json")
+    return args
 
 
 def run(args):

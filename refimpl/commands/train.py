@@ -10,6 +10,12 @@ arguments, the final test evaluation) and ``curves.png`` (loss and accuracy). An
 :mod:`refimpl.models` can be trained, including those other modules register (ACT/SACT/PACT
 ResNets); model-specific options go through ``--option key=value`` (JSON values, e.g.
 ``--option tau=0.01 --option widths=[8,16,32]``).
+
+``--task parity --objective act|pact|pondernet`` trains an ACT RNN on the parity task instead,
+with the trainer of ``ponder parity`` (see :mod:`refimpl.commands.parity`; no ``--model`` or
+``--data``; its settings through ``--option``, results in ``OUT/parity.json``)::
+
+    ponder train --task parity --objective pondernet --option size=8 --option steps=3000 --out runs/parity
 """
 
 from __future__ import annotations
@@ -24,12 +30,16 @@ DEFAULT_LR = {"sgd": 0.1, "adam": 1e-3}
 
 
 def add_arguments(parser):
+    from ..act_rnn import OBJECTIVES
     from ..datasets import DATASETS
     from ..masks import MASK_TYPES
     from ..models import model_names
 
-    parser.add_argument("--model", required=True, help=f"registered model: {', '.join(model_names())}")
-    parser.add_argument("--data", required=True, choices=DATASETS, help="data set")
+    parser.add_argument("--task", choices=("image", "parity"), default="image",
+                        help="image (default): --model on --data; parity: an ACT RNN on parity (needs --objective)")
+    parser.add_argument("--model", help=f"registered model (--task image): {', '.join(model_names())}")
+    parser.add_argument("--data", choices=DATASETS, help="data set (--task image)")
+    parser.add_argument("--objective", choices=OBJECTIVES, help="--task parity: act, pact or pondernet")
     parser.add_argument("--out", required=True, type=Path, help="run folder to write (created)")
     data = parser.add_argument_group("data")
     data.add_argument("--canvas", type=int, default=48, help="cluttered digits: canvas side (default 48)")
@@ -120,6 +130,11 @@ def run(args):
     from ..optim import SGD, Adam
     from ..training import evaluate, fit, plot_history
 
+    if args.task == "parity":
+        return run_parity_task(args)
+    if args.model is None or args.data is None or args.objective is not None:
+        raise SystemExit("ponder train: --task image needs --model and --data (and takes no --objective), "
+                         f"got --model {args.model}, --data {args.data}, --objective {args.objective}")
     if args.epochs < 0 or args.batch_size < 1:
         raise SystemExit(f"ponder train: --epochs must be >= 0 and --batch-size >= 1, got {args.epochs} and {args.batch_size}")
     try:
@@ -178,6 +193,21 @@ def run(args):
     print(f"test accuracy {test['accuracy']:.4f}, loss {test['loss']:.4f}, "
           f"{test['flops_per_image'] / 1e6:.2f} MFLOPs/image; trained {train_seconds:.1f}s; wrote {out}/")
     return 0
+
+
+def run_parity_task(args):
+    """``--task parity``: the ``ponder parity`` trainer with this command's shared arguments."""
+    from . import parity
+
+    if args.objective is None or args.model is not None or args.data is not None:
+        raise SystemExit("ponder train: --task parity needs --objective (act, pact or pondernet) and takes no "
+                         f"--model or --data, got --objective {args.objective}, --model {args.model}, --data {args.data}")
+    try:
+        parity_args = parity.train_task_arguments(args.objective, parse_options(args.option), args.batch_size,
+                                                  args.lr, args.tau, args.seed, args.out)
+    except ValueError as exc:
+        raise SystemExit(f"ponder train: {exc}") from None
+    return parity.run(parity_args)
 
 
 def model_backend_name(model):
