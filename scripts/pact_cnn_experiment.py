@@ -3,8 +3,9 @@
 1. Cross-mode compatibility: train PACT-ResNets in relaxed mode and evaluate the same parameters
    in relaxed, discrete and thresholded mode at several points of training (loss, accuracy, FLOPs).
 2. REINFORCE vs relaxation as the number of latents grows: discrete (REINFORCE) and relaxed
-   training with one latent per block (3 per image) and one per position (16² + 8² + 4² = 336 per
-   image at 16×16).
+   training with one latent per block (3 per image), one per g×g group of positions
+   (``--group-sizes``, default 4 and 2: 4² + 2² + 1 = 21 and 8² + 4² + 2² = 84 per image at
+   16×16) and one per position (16² + 8² + 4² = 336 per image at 16×16).
 3. Relaxed PACT vs SACT at the same τ: accuracy and FLOPs.
 
 Every model is a ResNet-20-style network (3 units per stage, widths 8/16/32), Adam, the same seed.
@@ -30,13 +31,19 @@ from refimpl.models import build_model
 from refimpl.optim import Adam
 from refimpl.training import evaluate, fit
 
-RUNS = [  # (name, model, options)
-    ("pact relaxed per-position", "pact-resnet20", {"mode": "relaxed", "latents": "per-position"}),
-    ("pact relaxed per-block", "pact-resnet20", {"mode": "relaxed", "latents": "per-block"}),
-    ("pact REINFORCE per-block", "pact-resnet20", {"mode": "discrete", "latents": "per-block"}),
-    ("pact REINFORCE per-position", "pact-resnet20", {"mode": "discrete", "latents": "per-position"}),
-    ("sact", "sact-resnet20", {}),
-]
+def make_runs(group_sizes):
+    """(name, model, options) of every run: PACT relaxed / REINFORCE by latents (few → many), then SACT."""
+    latents = [("per-block", {"latents": "per-block"})]
+    latents += [(f"{g}x{g} groups", {"latents": "group", "group_size": g}) for g in group_sizes]
+    latents += [("per-position", {"latents": "per-position"})]
+    runs = []
+    for label, options in latents:
+        runs.append((f"pact relaxed {label}", "pact-resnet20", {"mode": "relaxed", **options}))
+        runs.append((f"pact REINFORCE {label}", "pact-resnet20", {"mode": "discrete", **options}))
+    return runs + [("sact", "sact-resnet20", {})]
+
+
+RUNS = make_runs((4, 2))
 
 
 def main(argv=None):
@@ -48,6 +55,8 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.5)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--eval-every", type=int, default=2, help="cross-mode evaluation every this many epochs")
+    parser.add_argument("--group-sizes", type=int, nargs="*", default=[4, 2],
+                        help="g of the g×g-group runs (default 4 2; none: no group runs)")
     parser.add_argument("--runs", nargs="+", default=None, help="subset of run names (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="runs/pact_cnn")
@@ -59,8 +68,12 @@ def main(argv=None):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = {"settings": {**vars(args), "epochs": epochs, "scale": scale, "image_hw": info["image_hw"]}}
+    runs = make_runs(args.group_sizes)
+    unknown = set(args.runs or ()) - {name for name, _, _ in runs}
+    if unknown:
+        parser.error(f"unknown runs {sorted(unknown)}; the runs are {[name for name, _, _ in runs]}")
     with threadpool_limits(1):
-        for name, model_name, options in RUNS:
+        for name, model_name, options in runs:
             if args.runs and name not in args.runs:
                 continue
             rng = np.random.default_rng(args.seed)
@@ -69,6 +82,9 @@ def main(argv=None):
                               tau=args.tau, **options, **extra)
             optimiser = Adam(net.named_parameters(), lr=args.lr)
             record = {"model": model_name, "options": options, "checkpoints": []}
+            if hasattr(net, "latent_count"):
+                record["latents_per_image"] = net.latent_count(info["image_hw"])
+                print(f"{name}: {record['latents_per_image']} halting latents per image", flush=True)
             started = time.perf_counter()
             for epoch in range(args.eval_every, epochs + 1, args.eval_every):
                 fit(net, optimiser, splits["train"], epochs=args.eval_every, batch_size=64, rng=rng, progress=False)
