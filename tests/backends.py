@@ -13,6 +13,8 @@ every test.
 Use::
 
     from backends import fast_backend   # the fixture; the test takes ``fast_backend``
+
+(``fast_backend_plain`` gives each backend once, with its defaults.)
 """
 
 from __future__ import annotations
@@ -31,15 +33,19 @@ def _make(name):
     return get_backend(name)
 
 
-def backend_params():
-    """One ``pytest.param`` per fast backend configuration; unusable backends are skipped with their reason."""
+def backend_params(variants=True):
+    """One ``pytest.param`` per fast backend configuration; unusable backends are skipped with their reason.
+
+    ``variants=False`` leaves out the extra configurations (``cython-chunked``): for the costly
+    central-difference tests, which check the backward formulas rather than the chunking.
+    """
     params = []
     for name, status in fastpath.available_backends().items():
         marks = [] if status.usable else [pytest.mark.skip(reason=f"{name} backend unavailable: {status.reason}")]
         if name == "opencl":
             marks.append(pytest.mark.opencl)
         params.append(pytest.param(name, marks=marks, id=name))
-        if name == "cython":
+        if name == "cython" and variants:
             params.append(pytest.param("cython-chunked", marks=marks, id="cython-chunked"))
     return params
 
@@ -47,4 +53,10 @@ def backend_params():
 @pytest.fixture(scope="module", params=backend_params())
 def fast_backend(request):
     """A usable fast backend instance (module-scoped: Hypothesis reruns the test body, not the fixture)."""
+    return _make(request.param)
+
+
+@pytest.fixture(scope="module", params=backend_params(variants=False))
+def fast_backend_plain(request):
+    """Like ``fast_backend``, each backend once with its default settings."""
     return _make(request.param)

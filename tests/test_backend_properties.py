@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from backends import fast_backend  # noqa: F401  (the fixture)
+from backends import fast_backend, fast_backend_plain  # noqa: F401  (the fixtures)
 from refimpl.backend import NumpyBackend
 from refimpl.conv import check_conv_args, conv2d_forward, conv_flops
 from refimpl.gradcheck import check_gradients
@@ -180,7 +180,8 @@ def test_implicit_layers_match_reference(fast_backend, problem, rng):
 
 
 # ---------------------------------------------------------------------------------------------
-# The fast backward against central differences (float64, random upstream gradient)
+# The fast backward against central differences (float64, random upstream gradient); each
+# backend once with its defaults (the chunked variant's backward is compared with the reference above)
 # ---------------------------------------------------------------------------------------------
 
 SMALL = {"max_batch": 2, "max_channels": 2, "max_hw": 5, "max_kernel": 3}
@@ -203,32 +204,32 @@ class Recorder:
 
 @pytest.mark.parametrize("output,fill", OUTPUTS, ids=["nearest", "zero", "compact"])
 @given(problem=conv_problems(dtypes=(np.float64,), **SMALL), rng=rngs())
-def test_perforated_conv_gradients_by_central_differences(fast_backend, output, fill, problem, rng):
+def test_perforated_conv_gradients_by_central_differences(fast_backend_plain, output, fill, problem, rng):
     x, w, b, stride, padding, mask = problem
-    if unsupported(fast_backend, x.dtype):
+    if unsupported(fast_backend_plain, x.dtype):
         return
     plan = PerforationPlan(mask)  # once: every difference quotient reuses its index map
     rec = Recorder(lambda x, w, b: perforated_conv2d_forward(x, w, b, plan, stride, padding, fill=fill or "nearest",
-                                                             output=output, backend=fast_backend),
+                                                             output=output, backend=fast_backend_plain),
                    perforated_conv2d_backward, ("x", "w", "b"))
     errors = check_gradients(rec.forward, rec.backward, {"x": x, "w": w, "b": b}, rng)
     assert max(errors.values()) < GRADCHECK_RTOL, errors
 
 
 @given(problem=implicit_problems(dtypes=(np.float64,), max_hw=5), rng=rngs())
-def test_implicit_gradients_by_central_differences(fast_backend, problem, rng):
+def test_implicit_gradients_by_central_differences(fast_backend_plain, problem, rng):
     # compact holds distinct values, so max pooling is differentiable at this point.
     p = problem
-    if unsupported(fast_backend, p.compact.dtype):
+    if unsupported(fast_backend_plain, p.compact.dtype):
         return
     if p.layer == "conv":
         rec = Recorder(lambda compact, w, b: implicit_conv2d_forward(compact, p.plan, w, b, p.stride, p.padding,
-                                                                     backend=fast_backend),
+                                                                     backend=fast_backend_plain),
                        implicit_conv2d_backward, ("compact", "w", "b"))
         inputs = {"compact": p.compact, "w": p.w, "b": p.b}
     else:
         rec = Recorder(lambda compact: implicit_pool2d_forward(compact, p.plan, p.layer, p.size, p.stride, p.padding,
-                                                               backend=fast_backend),
+                                                               backend=fast_backend_plain),
                        implicit_pool2d_backward, ("compact",))
         inputs = {"compact": p.compact}
     errors = check_gradients(rec.forward, rec.backward, inputs, rng, h=1e-6 if p.layer == "conv" else 1e-7)
