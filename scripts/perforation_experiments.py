@@ -94,6 +94,27 @@ def experiment_single_layer(model, splits, settings, rng, layer="conv2"):
     return {"layer": layer, "out_hw": list(info.out_hw), "dense_error": dense, "curves": curves}
 
 
+def experiment_grid_phase(model, splits, layer="conv2"):
+    """Test error of the four regular every-other grids (row and column phase 0 or 1) of one layer.
+
+    The grid mask at rate 0.75 is such a grid with a random phase on each axis; this shows how much
+    the phase alone matters.
+    """
+    from refimpl.greedy import set_group_mask
+    from refimpl.impact import find_perforable_layers
+
+    info = {i.name: i for i in find_perforable_layers(model, splits["test"].images[:2])}[layer]
+    errors = {}
+    for row in (0, 1):
+        for col in (0, 1):
+            mask = np.zeros(info.out_hw, dtype=bool)
+            mask[row::2, col::2] = True
+            set_group_mask(model, info, mask)
+            errors[f"rows from {row}, columns from {col}"] = test_error(model, splits["test"])
+    set_group_mask(model, info, None)
+    return {"layer": layer, "errors": errors}
+
+
 def error_at(points, speedup, key="measured_speedup"):
     """Lowest test error among points at least ``speedup`` times faster (None if none is)."""
     errors = [p["test_error"] for p in points if p[key] >= speedup]
@@ -228,6 +249,10 @@ def main(argv=None):
         results = json.loads((out / "results.json").read_text())
     else:
         results = run_experiments(args, settings, model, splits, backend, backend_label, timer, rng, checkpoint, out)
+    if "grid_phase" not in results:
+        results["grid_phase"] = experiment_grid_phase(model, splits)
+        with open(out / "results.json", "w") as f:
+            json.dump(results, f, indent=1, default=float)
     if settings["finetune_epochs"] and "finetuned" not in results:
         print("== fine-tuning the networks at about 2x measured speedup", flush=True)
         results["finetuned"] = experiment_finetune(checkpoint, backend, splits, results, settings, out, args.seed)
@@ -378,6 +403,10 @@ def print_tables(results):
     print("rate       " + " ".join(f"{r:>8.2f}" for r in rates))
     for kind, curve in single["curves"].items():
         print(f"{kind:10s} " + " ".join(f"{p['error']:8.4f}" for p in curve))
+    if "grid_phase" in results:
+        phase = results["grid_phase"]
+        print(f"regular every-other grids of {phase['layer']}: "
+              + ", ".join(f"{k}: {v:.4f}" for k, v in phase["errors"].items()))
     print("\nExperiment 2 — test error at a measured speedup of at least 2x / 3x")
     for name, row in results["error_at_measured_speedup"].items():
         cells = " ".join("      --" if v is None else f"{v:8.4f}" for v in row.values())
