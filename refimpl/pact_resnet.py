@@ -47,7 +47,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _checks, pact
-from .act import HALTING_BIAS, AdaptiveResNet, adaptive_resnet_builder, unit_flops
+from .act import HALTING_BIAS, AdaptiveResNet, _upsample_nearest, adaptive_resnet_builder, unit_flops
 from .conv_layer import Conv2d
 from .distributions import bernoulli_from_noise, uniform_noise
 from .layers import Layer, global_avg_pool_backward, global_avg_pool_forward
@@ -519,6 +519,24 @@ class PACTResNet(AdaptiveResNet):
         expected = [b.expected_steps if b.expected_steps is not None else b.steps for b in self.stages]
         self.ponder_cost = float(sum(np.mean(e) for e in expected))
         return logits
+
+    def ponder_map(self, in_hw):
+        """Computation-time map (N, H, W) of the last forward, upsampled (nearest) to ``in_hw``.
+
+        Σ_blocks of E_q[n] per latent after a relaxed or discrete-training forward, of the units run
+        per latent after an early-halting evaluation (thresholded, discrete); a per-block latent
+        covers its whole map, a group its positions.
+        """
+        total = 0
+        for block in self.stages:
+            steps = block.expected_steps if block.expected_steps is not None else block.steps
+            if steps is None:
+                raise RuntimeError("ponder_map needs a forward first")
+            steps = np.asarray(steps, dtype=np.float64)
+            if steps.ndim == 1:
+                steps = steps[:, None, None]
+            total = total + _upsample_nearest(steps, tuple(in_hw))
+        return total
 
     def task_loss(self, logits, labels):
         """Mean cross-entropy and its gradient; in discrete mode also the REINFORCE signals per block."""

@@ -269,3 +269,23 @@ def test_train_cli_with_group_latents(tmp_path, capsys):
     capsys.readouterr()
     assert main(["evaluate", "--checkpoint", str(run / "checkpoint.npz"), "--mode", "thresholded"]) == 0
     assert "in thresholded mode" in capsys.readouterr().out
+
+
+def test_ponder_map_sums_the_blocks_per_latent():
+    rng, net, x = tiny_net("group", "relaxed", group_size=2, n=3)
+    for head in (h for b in net.stages for h in b.heads):
+        head.local.params["w"][...] = rng.standard_normal(head.local.params["w"].shape)
+    net.eval()
+    net.set_mode("thresholded")
+    net(x)
+    cmap = net.ponder_map((8, 8))  # stage maps 8×8, 4×4, 2×2: nearest upsampling by 1, 2, 4
+    expected = sum(np.kron(b.steps, np.ones((1, 8 // b.steps.shape[1], 8 // b.steps.shape[2]))) for b in net.stages)
+    np.testing.assert_array_equal(cmap, expected)
+    assert len(np.unique(cmap)) > 1
+    net.set_mode("relaxed")
+    net(x)
+    np.testing.assert_allclose(net.ponder_map((8, 8)).mean(), net.ponder_cost, rtol=1e-12)
+    _, per_block, _ = tiny_net("per-block", "relaxed")
+    per_block(x)
+    np.testing.assert_allclose(per_block.ponder_map((8, 8)),
+                               np.broadcast_to(sum(b.expected_steps for b in per_block.stages)[:, None, None], (3, 8, 8)))
