@@ -401,7 +401,7 @@ def gemm_backward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
     chunks that its thread runs in order; every thread accumulates its own dW and db, summed at the end.
     """
     cdef Py_ssize_t total = sample.shape[0], k_out = wmat.shape[0], ckk = wmat.shape[1]
-    cdef Py_ssize_t width = dout.shape[2], n = start.shape[0] - 1
+    cdef Py_ssize_t width = dout.shape[2]
     if total == 0:
         return
     per_thread = max(1, min(chunk, (total + threads - 1) // threads))
