@@ -216,10 +216,60 @@ def implicit_section(ctx):
     return result
 
 
+def fast_backends_section(ctx):
+    """Every fast backend installed here against the NumPy reference, forward and backward.
+
+    Backends are found by name through the ``ponder.backends`` entry points (refimpl never imports
+    fastpath); one that cannot run here is listed with the reason and the fix.
+    """
+    from refimpl.backend import BackendUnavailableError, known_backends
+    from refimpl.perforation import perforated_conv2d_backward
+
+    result = SectionResult(
+        "Fast backends vs the NumPy reference (same masks, same fills)",
+        ["backend", "mask/fill", "fwd max|err|", "bwd rel err", "time ms", "numpy ms", "status"], [])
+    reference = get_backend("numpy")
+    dout = ctx.rng.standard_normal(ctx.dense.shape).astype(ctx.x.dtype)
+    for name in known_backends():
+        if name == "numpy":
+            continue
+        try:
+            backend = get_backend(name)
+        except BackendUnavailableError as exc:
+            result.rows.append([name, "-", "-", "-", "-", "-", f"skipped: {exc}"])
+            continue
+        if not backend.supports_dtype(ctx.x.dtype):
+            result.rows.append([name, "-", "-", "-", "-", "-", f"skipped: no {ctx.x.dtype} support"])
+            continue
+        for (kind, fill), expected in ctx.outputs.items():
+            plan = PerforationPlan(ctx.masks[kind])
+            _ = plan.index_map
+
+            def forward(on):
+                out, cache = perforated_conv2d_forward(ctx.x, ctx.w, ctx.b, plan, ctx.stride,
+                                                       ctx.padding, fill=fill, backend=on)
+                return on.to_host(out), cache
+
+            (out, cache), seconds = _best_time(lambda: forward(backend))
+            (_, ref_cache), ref_seconds = _best_time(lambda: forward(reference), repeats=1)
+            error = float(np.abs(out - expected).max())
+            grads = [backend.to_host(g) for g in perforated_conv2d_backward(dout, cache)]
+            ref_grads = perforated_conv2d_backward(dout, ref_cache)
+            grad_error = max(float(np.abs(g - r).max() / max(np.abs(r).max(), 1e-30))
+                             for g, r in zip(grads, ref_grads))
+            ok = error <= ctx.tolerance * max(1.0, float(np.abs(expected).max())) and grad_error <= 1e-4
+            result.rows.append([name, f"{kind}/{fill}", error, grad_error, seconds * 1e3,
+                                ref_seconds * 1e3, "agrees" if ok else "DIFFERS"])
+            if not ok:
+                result.failures.append(f"{name} {kind}/{fill}: forward error {error:.3g}, "
+                                       f"backward relative error {grad_error:.3g}")
+    return result
+
+
 #: The demo, in order. A later section may use what an earlier one stored on the context.
 from refimpl.commands.map import sact_demo_section  # noqa: E402  (the SACT section lives with ponder map)
 
-SECTIONS = [perforation_section, implicit_section, sact_demo_section]
+SECTIONS = [perforation_section, implicit_section, fast_backends_section, sact_demo_section]
 
 
 # ---------------------------------------------------------------------------------------------
