@@ -104,10 +104,6 @@ def test_conv_per_call_per_sample_mask_gradients():
 def test_cross_entropy_gradient():
     r = rng(4)
     labels = r.integers(0, 5, size=6)
-
-    def forward(z):
-        return np.array(softmax_cross_entropy_forward(z, labels)[0])
-
     cache = {}
 
     def fwd(z):
