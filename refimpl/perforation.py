@@ -30,7 +30,7 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _checks
-from .conv import ConvGeometry, check_conv_args, conv_flops
+from .conv import ConvGeometry, check_conv_args, conv_flops, im2row, row2im
 
 FILLS = ("nearest", "zero")
 INDEX_DTYPE = np.int32
@@ -281,6 +281,10 @@ def gather_rows(x, plan, geometry):
     row_index : (sample, slot, position)
     """
     sample, slot, position = plan.rows(x.shape[0])
+    if plan.full:
+        # Every position, in (sample, raster) order: exactly the dense im2row, which strided
+        # views build far faster than a fancy-index gather.
+        return im2row(x, geometry), (sample, slot, position)
     ph, pw = geometry.padding
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
     iy, ix = _window_coordinates(position, geometry)
@@ -335,6 +339,9 @@ def compact_conv_backward(dcompact, cache):
     db = dy.sum(axis=0)
     drows = (dy @ cache.w.reshape(k, -1)).reshape(sample.size, *cache.w.shape[1:])  # (T, C, kh, kw)
     n, c, h, wd = cache.x_shape
+    ho, wo = cache.geometry.out_hw
+    if sample.size == n * ho * wo:  # every position computed: the dense adjoint, strided slices
+        return row2im(drows.reshape(sample.size, -1), cache.x_shape, cache.geometry), dw, db
     (kh, kw), (ph, pw) = cache.geometry.kernel, cache.geometry.padding
     dxp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dcompact.dtype)
     iy, ix = _window_coordinates(position, cache.geometry)
