@@ -94,3 +94,17 @@ def test_train_digits_with_nin_zero_epochs_still_writes_a_checkpoint(tmp_path):
     model, meta = load_checkpoint(out / "checkpoint.npz")
     assert meta["model"] == "nin"
     assert model(np.zeros((2, 1, 8, 8), np.float32)).shape == (2, 10)
+
+
+def test_pact_shorthand_flags_become_model_options():
+    from refimpl.cli import build_parser
+    from refimpl.commands.train import pact_options
+
+    parse = lambda *flags: build_parser().parse_args(["train", "--out", "x", *flags])  # noqa: E731
+    assert pact_options(parse()) == {}
+    assert pact_options(parse("--mode", "discrete", "--temperature", "0.3", "--latents", "per-position")) == {
+        "mode": "discrete", "temperature": 0.3, "latents": "per-position"}
+    assert pact_options(parse("--latents", "4x4")) == {"latents": "group", "group_size": 4}
+    for bad in ("3x4", "x", "per-image", "0.5x0.5"):
+        with pytest.raises(ValueError, match="--latents must be"):
+            pact_options(parse("--latents", bad))

@@ -69,10 +69,34 @@ def add_arguments(parser):
                        help="model option, JSON value (repeatable), e.g. tau=0.01 or widths=[8,16,32]")
     model.add_argument("--tau", type=float, default=None,
                        help="ACT/SACT models: ponder-cost weight, same as --option tau=VALUE")
+    model.add_argument("--mode", choices=("relaxed", "discrete", "thresholded"), default=None,
+                       help="PACT models: training mode, same as --option mode=VALUE")
+    model.add_argument("--temperature", type=float, default=None,
+                       help="PACT models, relaxed mode: temperature λ, same as --option temperature=VALUE")
+    model.add_argument("--latents", default=None, metavar="per-block|per-position|GxG",
+                       help="PACT models: one latent per block, per position, or per GxG group (e.g. 4x4)")
     model.add_argument("--perforate", action="append", default=[], metavar="LAYER=MASK:RATE[:FILL]",
                        help=f"perforate a convolution (repeatable), mask in {', '.join(MASK_TYPES[:3])}, "
                             "e.g. stem=grid:0.5")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def pact_options(args):
+    """The PACT shorthand flags as model options: ``--latents 4x4`` → ``latents="group", group_size=4``."""
+    options = {}
+    if args.mode is not None:
+        options["mode"] = args.mode
+    if args.temperature is not None:
+        options["temperature"] = args.temperature
+    if args.latents is not None:
+        side = args.latents.partition("x")
+        if side[1] and side[0] == side[2] and side[0].isdigit():
+            options.update(latents="group", group_size=int(side[0]))
+        elif args.latents in ("per-block", "per-position"):
+            options["latents"] = args.latents
+        else:
+            raise ValueError(f"--latents must be per-block, per-position or GxG (e.g. 4x4), got {args.latents!r}")
+    return options
 
 
 def parse_options(items):
@@ -141,6 +165,7 @@ def run(args):
         options = parse_options(args.option)
         if args.tau is not None:
             options["tau"] = args.tau
+        options.update(pact_options(args))
         perforation = parse_perforation(args.perforate)
     except ValueError as exc:
         raise SystemExit(f"ponder train: {exc}") from None
