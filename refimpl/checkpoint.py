@@ -162,3 +162,33 @@ def load_checkpoint(path, backend=None):
     load_into(model, path)
     return model.eval(), meta
 
+
+
+def load_run(path, backend=None, cifar_dir=None):
+    """A checkpoint written by ``ponder train`` together with the data splits it was trained on.
+
+    ``ponder train`` records its data arguments in the checkpoint, so evaluation and perforation
+    see exactly the same (seeded) train/validation/test split.
+
+    Parameters
+    ----------
+    path : str or Path
+    backend : conv backend for the rebuilt model
+    cifar_dir : str or Path, optional — where the CIFAR-10 batches are now, if they moved
+
+    Returns
+    -------
+    model : Layer (in evaluation mode)
+    meta : dict
+    splits : dict name -> data set, as returned by :func:`refimpl.datasets.load_dataset`
+    """
+    from .datasets import load_dataset
+
+    model, meta = load_checkpoint(path, backend=backend)
+    data = dict(meta.get("extra", {}).get("data") or {})
+    if not data:
+        raise CheckpointError(f"checkpoint {str(path)!r} does not record its data set (it was not written by ponder train)")
+    if cifar_dir is not None:
+        data["cifar_dir"] = str(cifar_dir)
+    splits, _ = load_dataset(data.pop("name"), **data)
+    return model, meta, splits

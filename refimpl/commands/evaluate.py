@@ -28,19 +28,11 @@ def add_arguments(parser):
 
 def run(args):
     from ..backend import BackendUnavailableError
-    from ..checkpoint import CheckpointError, load_checkpoint
-    from ..datasets import load_dataset
+    from ..checkpoint import CheckpointError, load_run
     from ..training import evaluate
 
     try:
-        model, meta = load_checkpoint(args.checkpoint, backend=args.backend)
-        data = dict(meta.get("extra", {}).get("data") or {})
-        if not data:
-            raise CheckpointError(f"checkpoint {str(args.checkpoint)!r} does not record its data set "
-                                  "(it was not written by ponder train)")
-        if args.cifar_dir is not None:
-            data["cifar_dir"] = str(args.cifar_dir)
-        splits, _ = load_dataset(data.pop("name"), **data)
+        model, meta, splits = load_run(args.checkpoint, backend=args.backend, cifar_dir=args.cifar_dir)
         if args.mode is not None:
             if not hasattr(model, "set_mode"):
                 raise ValueError(f"--mode applies to PACT models only, got {meta.get('model')!r}")

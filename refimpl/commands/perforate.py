@@ -86,17 +86,11 @@ def plot_speed_error(profile, baselines, path):
 def run(args):
     from ..backend import BackendUnavailableError
     from ..baselines import resolution_baseline, stride_baseline
-    from ..checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-    from ..datasets import load_dataset
+    from ..checkpoint import CheckpointError, load_run, save_checkpoint
     from ..greedy import apply_step, finetune_step, measure_loss, perforate_network
 
     try:
-        model, meta = load_checkpoint(args.checkpoint, backend=args.backend)
-        data = dict(meta.get("extra", {}).get("data") or {})
-        if not data:
-            raise CheckpointError(f"checkpoint {str(args.checkpoint)!r} does not record its data set "
-                                  "(it was not written by ponder train)")
-        splits, _ = load_dataset(data.pop("name"), **data)
+        model, meta, splits = load_run(args.checkpoint, backend=args.backend)
     except (CheckpointError, FileNotFoundError, ValueError, BackendUnavailableError) as exc:
         raise SystemExit(f"ponder perforate: {exc}") from None
     if min(args.held_out, args.impact_images, args.timing_batch, args.timing_repeats) < 1:
