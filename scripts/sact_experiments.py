@@ -20,6 +20,10 @@ run. ``--out results.json`` writes every number. Example::
     python scripts/sact_experiments.py --out runs/sact_small.json
     PONDER_FULL=1 python scripts/sact_experiments.py --out runs/sact_full.json
     python scripts/sact_experiments.py --kernel-timing 64 32 16   # experiment 2 only, untrained
+
+Any setting can be overridden on the command line (``--canvases 48 --n-train 2000 --epochs 8
+--taus 0.01 0.05 --halting-bias -1 ...``; see ``--help``); the settings used are printed and written
+to the JSON file.
 """
 
 from __future__ import annotations
@@ -157,11 +161,19 @@ def train(name, data, cfg, backend, tau=None, seed=0):
     options = {"widths": cfg["widths"]}
     if tau is not None:
         options["tau"] = tau
+        if cfg.get("halting_bias") is not None:
+            options["halting_bias"] = cfg["halting_bias"]
     model = build_model(name, 10, 1, np.random.default_rng(seed), backend=backend, **options)
     optimizer = Adam(list(model.named_parameters()), lr=cfg["lr"])
+
+    def log_epoch(record):
+        if cfg.get("log_epochs"):
+            print(f"    {name} epoch {record.epoch}: train loss {record.train_loss:.4f}, acc {record.train_accuracy:.3f}, "
+                  f"{record.flops_per_image / 1e6:.2f} MFLOPs/image (last batch), {record.epoch_seconds:.1f}s", flush=True)
+
     start = time.perf_counter()
     fit(model, optimizer, data["train"], epochs=cfg["epochs"], batch_size=cfg["batch_size"],
-        rng=np.random.default_rng(seed + 1), progress=False)
+        rng=np.random.default_rng(seed + 1), progress=False, on_epoch_end=log_epoch)
     seconds = time.perf_counter() - start
     result = evaluate(model, data["test"])
     return model, result, seconds
@@ -285,6 +297,22 @@ def kernel_wall_clock(cfg, backend, canvas, depth, widths, log=print):
     return rows
 
 
+OVERRIDES = (  # (setting, type, nargs) settable from the command line
+    ("canvases", int, "+"), ("n_train", int, None), ("n_test", int, None), ("epochs", int, None),
+    ("batch_size", int, None), ("lr", float, None), ("widths", int, 3), ("plain_depths", int, "+"),
+    ("adaptive_depth", int, None), ("taus", float, "+"), ("halting_bias", float, None),
+    ("timing_batch", int, None), ("timing_repeats", int, None), ("timing_flops_ratios", float, "+"),
+)
+
+
+def write_results(path, results):
+    """Write ``results`` as JSON to ``path`` (creating its folder)."""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    return out
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--full", action="store_true", help="full settings (same as PONDER_FULL=1)")
@@ -292,10 +320,22 @@ def main(argv=None):
     parser.add_argument("--out", default=None, help="write every number to this JSON file")
     parser.add_argument("--kernel-timing", nargs=3, type=int, metavar=("CANVAS", "DEPTH", "WIDTH"), default=None,
                         help="only experiment 2 on an untrained SACT-ResNet-DEPTH with widths (W, 2W, 4W) at CANVAS px")
+    for key, kind, nargs in OVERRIDES:
+        parser.add_argument("--" + key.replace("_", "-"), type=kind, nargs=nargs, default=None,
+                            help=f"override the {key!r} setting" + (
+                                " (initial halting-logit bias of ACT/SACT; default that of refimpl.act)"
+                                if key == "halting_bias" else ""))
+    parser.add_argument("--log-epochs", action="store_true", help="print every training epoch")
     args = parser.parse_args(argv)
     cfg = settings(True if args.full else None)
+    preset = "full" if cfg == FULL else "small"
+    for key, _, nargs in OVERRIDES:
+        value = getattr(args, key)
+        if value is not None:
+            cfg[key] = tuple(value) if nargs else value
+    cfg["log_epochs"] = args.log_epochs
     backend = args.backend or pick_backend()
-    print(f"settings: {'full' if cfg == FULL else 'small'} {cfg}; backend {backend}")
+    print(f"settings: {preset} with overrides {cfg}; backend {backend}", flush=True)
     if args.kernel_timing:
         canvas, depth, width = args.kernel_timing
         rows = kernel_wall_clock(cfg, backend, canvas, depth, (width, 2 * width, 4 * width))
@@ -305,6 +345,8 @@ def main(argv=None):
 
     print("\n== 1. FLOPs–accuracy ==")
     rows, models, datasets = flops_accuracy(cfg, backend)
+    if args.out:  # experiment 1 on disk even if the rest is cut short
+        write_results(args.out, {"settings": cfg, "backend": backend, "flops_accuracy": rows})
 
     print("\n== 2. wall-clock: SACT sparse vs dense execution on the same backend ==")
     timing = []
@@ -339,10 +381,8 @@ def main(argv=None):
             print(f"canvas {canvas:3d}  SACT tau {tau:<6}        AUC {scores['auc']['mean']:.3f} ± {scores['auc']['sem']:.3f}  "
                   f"NSS {scores['nss']['mean']:.3f}  CC {scores['cc']['mean']:.3f}")
     if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps({"settings": cfg, "backend": backend, "flops_accuracy": rows,
-                                   "wall_clock": timing, "maps": maps_rows}, indent=1))
+        out = write_results(args.out, {"settings": cfg, "backend": backend, "flops_accuracy": rows,
+                                       "wall_clock": timing, "maps": maps_rows})
         print(f"\nwrote {out}")
     return 0
 
