@@ -29,10 +29,34 @@ def test_notebook_is_stored_without_outputs(path):
     assert not dirty, f"{path.name}: cells {dirty} hold outputs; clear them before committing"
 
 
+def skip_unless_backends_usable(nb):
+    """Skip (with the backend's own reason) a notebook whose metadata ``ponder.requires`` names a
+    fast backend that cannot run here, e.g. the OpenCL notebook on a machine without a runtime."""
+    required = nb.metadata.get("ponder", {}).get("requires", [])
+    if not required:
+        return
+    import fastpath
+
+    status = fastpath.available_backends()
+    for name in required:
+        if not status[name].usable:
+            pytest.skip(f"needs the {name} backend: {status[name].reason}")
+
+
+def test_backend_requirements_name_known_backends():
+    import fastpath
+
+    known = set(fastpath.available_backends())
+    for path in NOTEBOOKS:
+        required = nbformat.read(path, as_version=4).metadata.get("ponder", {}).get("requires", [])
+        assert set(required) <= known, f"{path.name}: unknown backends in metadata ponder.requires: {required}"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
 def test_notebook_runs(path):
     nb = nbformat.read(path, as_version=4)
+    skip_unless_backends_usable(nb)
     deadline = time.monotonic() + NOTEBOOK_TIMEOUT_S
     # nbclient times cells one by one; giving each cell what is left of the notebook's budget
     # makes the limit apply to the notebook as a whole.
