@@ -52,7 +52,7 @@ from .conv_layer import Conv2d
 from .distributions import bernoulli_from_noise, uniform_noise
 from .layers import Layer, global_avg_pool_backward, global_avg_pool_forward
 from .losses import log_softmax
-from .sact import branch_forward, check_sact_unit
+from .sact import SpatialLogitHead, branch_forward, check_sact_unit
 
 LATENTS = ("per-block", "per-position", "group")
 MODES = pact.MODES
@@ -88,42 +88,6 @@ class LogitHead(Layer):
 
     def __repr__(self):
         return f"LogitHead({self.channels})"
-
-
-class SpatialLogitHead(Layer):
-    """Per-position halting logits: (n, C, H, W) → (n, H, W), a 3×3 conv plus a global term.
-
-    ``active`` (n, H, W), if given, computes the local convolution only there (perforated, zero
-    elsewhere): logits of halted positions are never used.
-    """
-
-    def __init__(self, channels, rng, bias=HALTING_BIAS, backend=None, dtype=np.float32):
-        super().__init__()
-        self.channels = int(channels)
-        self.local = Conv2d(channels, 1, 3, rng, padding=1, bias=True, backend=backend, dtype=dtype)
-        self.local.params["w"][...] = 0.01 * rng.standard_normal(self.local.params["w"].shape)
-        self.local.params["b"][...] = bias
-        self.add_param("w_global", (0.01 * rng.standard_normal(self.channels)).astype(dtype))
-
-    def flops(self, u):
-        return self.local.flops_per_sample + 2 * self.channels
-
-    def forward(self, u, active=None):
-        local = (self.local(u) if active is None else self.local(u, mask=active, fill="zero"))[:, 0]
-        pooled, gap_cache = global_avg_pool_forward(u)
-        self.cache = (pooled, gap_cache)
-        return (local + (pooled @ self.params["w_global"])[:, None, None]).astype(u.dtype, copy=False)
-
-    def backward(self, dlogit):
-        pooled, gap_cache = self.cache
-        du = self.local.backward(np.ascontiguousarray(dlogit[:, None]))
-        dglobal = dlogit.sum(axis=(1, 2))
-        self.accumulate("w_global", pooled.T @ dglobal)
-        return du + global_avg_pool_backward(np.outer(dglobal, self.params["w_global"]).astype(dlogit.dtype),
-                                             gap_cache)
-
-    def __repr__(self):
-        return f"SpatialLogitHead({self.channels})"
 
 
 # ---------------------------------------------------------------------------------------------

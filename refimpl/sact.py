@@ -227,11 +227,14 @@ def branch_backward(unit, dresidual, cache):
 # ---------------------------------------------------------------------------------------------
 
 
-class SpatialHaltingHead(Layer):
-    """SACT halting head: U (n, C, H, W), active (n, H, W) → h (n, H, W), zero where not active.
+class SpatialLogitHead(Layer):
+    """Per-position halting logits: U (n, C, H, W) → (n, H, W), a 3×3 conv plus a global term.
 
     ``local``: a 3×3 convolution to one channel (bias −3); ``w_global`` (C,): the global term
-    ``w_global · gap(U)`` (no bias). Weights start as N(0, 0.01²).
+    ``w_global · gap(U)`` (no bias), broadcast over space. Weights start as N(0, 0.01²).
+    ``active`` (n, H, W), if given, computes the local convolution only there (perforated, zero
+    elsewhere): logits of halted positions are never used. PACT uses the logits directly
+    (:mod:`refimpl.pact_resnet`); SACT takes their sigmoid (:class:`SpatialHaltingHead`).
     """
 
     def __init__(self, channels, rng, bias=HALTING_BIAS, backend=None, dtype=np.float32):
@@ -241,31 +244,47 @@ class SpatialHaltingHead(Layer):
         self.local.params["w"][...] = 0.01 * rng.standard_normal(self.local.params["w"].shape)
         self.local.params["b"][...] = bias
         self.add_param("w_global", (0.01 * rng.standard_normal(self.channels)).astype(dtype))
-        self.flops_per_sample = None
 
-    def forward(self, u, active, execution="sparse"):
-        if execution == "sparse":
-            local = self.local(u, mask=active, fill="zero")[:, 0]
-        else:
-            local = self.local(u)[:, 0]
+    def flops(self, u):
+        """FLOPs per sample of the last forward: the local conv where computed, plus 2C for the global term."""
+        return self.local.flops_per_sample + 2 * self.channels
+
+    def forward(self, u, active=None):
+        local = (self.local(u) if active is None else self.local(u, mask=active, fill="zero"))[:, 0]
         pooled, gap_cache = global_avg_pool_forward(u)
-        logit = local + (pooled @ self.params["w_global"])[:, None, None]
-        h = sigmoid(logit) * active
-        self.cache = (pooled, gap_cache, h, active)
-        self.flops_per_sample = self.local.flops_per_sample + 2 * self.channels
-        return h.astype(u.dtype, copy=False)
+        self.cache = (pooled, gap_cache)
+        return (local + (pooled @ self.params["w_global"])[:, None, None]).astype(u.dtype, copy=False)
 
-    def backward(self, dh):
-        pooled, gap_cache, h, active = self.cache
-        dlogit = dh * h * (1.0 - h) * active
+    def backward(self, dlogit):
+        pooled, gap_cache = self.cache
         du = self.local.backward(np.ascontiguousarray(dlogit[:, None]))
         dglobal = dlogit.sum(axis=(1, 2))
         self.accumulate("w_global", pooled.T @ dglobal)
-        du += global_avg_pool_backward(np.outer(dglobal, self.params["w_global"]).astype(dh.dtype), gap_cache)
-        return du
+        return du + global_avg_pool_backward(np.outer(dglobal, self.params["w_global"]).astype(dlogit.dtype),
+                                             gap_cache)
 
     def __repr__(self):
-        return f"SpatialHaltingHead({self.channels})"
+        return f"{type(self).__name__}({self.channels})"
+
+
+class SpatialHaltingHead(SpatialLogitHead):
+    """SACT halting head: U (n, C, H, W), active (n, H, W) → h = σ(logit) (n, H, W), zero where not active.
+
+    ``execution="dense"`` computes the local convolution everywhere (the dense-masked reference).
+    """
+
+    flops_per_sample = None  # (n,) after a forward
+
+    def forward(self, u, active, execution="sparse"):
+        logit = super().forward(u, active if execution == "sparse" else None)
+        h = sigmoid(logit) * active
+        self.halting_cache = (h, active)
+        self.flops_per_sample = self.flops(u)
+        return h.astype(u.dtype, copy=False)
+
+    def backward(self, dh):
+        h, active = self.halting_cache
+        return super().backward(dh * h * (1.0 - h) * active)
 
 
 class SACTCache(NamedTuple):
