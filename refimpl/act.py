@@ -250,9 +250,13 @@ class AdaptiveResNet(Layer):
             flops += block.flops_per_sample
         logits = self.head(out)
         flops += sum(layer.flops for layer in self.head.layers() if getattr(layer, "flops", 0)) // x.shape[0]
-        self.ponder_cost = float(sum(np.mean(block.rho) for block in self.stages))
+        self.ponder_cost = float(sum(np.mean(cost) for cost in self.block_ponder_costs()))
         self.flops_per_sample = flops
         return logits
+
+    def block_ponder_costs(self):
+        """Each block's ponder cost of the last forward (ρ = N + R; PACT overrides it with E_q[n])."""
+        return [block.rho for block in self.stages]
 
     def extra_loss(self):
         """τ · Σ_blocks mean ρ of the last forward (add it to the task loss)."""

@@ -471,18 +471,9 @@ class PACTResNet(AdaptiveResNet):
         for block in self.stages:
             block.mode = mode
 
-    def forward(self, x):
-        out = self.stem(x)
-        flops = self.stem.flops_per_sample.copy()
-        for block in self.stages:
-            out = block(out)
-            flops += block.flops_per_sample
-        logits = self.head(out)
-        flops += sum(layer.flops for layer in self.head.layers() if getattr(layer, "flops", 0)) // x.shape[0]
-        self.flops_per_sample = flops
-        expected = [b.expected_steps if b.expected_steps is not None else b.steps for b in self.stages]
-        self.ponder_cost = float(sum(np.mean(e) for e in expected))
-        return logits
+    def block_ponder_costs(self):
+        """Each block's E_q[n] of the last forward (the number of units run, in early-halting evaluation)."""
+        return [b.expected_steps if b.expected_steps is not None else b.steps for b in self.stages]
 
     def ponder_map(self, in_hw):
         """Computation-time map (N, H, W) of the last forward, upsampled (nearest) to ``in_hw``.
