@@ -201,7 +201,7 @@ class CythonBackend(ConvBackend):
         xp, wmat = cache.xp, cache.wmat
         dcompact = _float(dcompact, wmat.dtype)
         n, c, h, wd = cache.x_shape
-        (kh, kw), (ph, pw) = cache.geometry.kernel, cache.geometry.padding
+        (_, kw), (ph, pw) = cache.geometry.kernel, cache.geometry.padding
         dxp = np.zeros(xp.shape, dtype=wmat.dtype)
         dwmat = np.zeros(wmat.shape, dtype=wmat.dtype)
         db = np.zeros(wmat.shape[0], dtype=wmat.dtype)

@@ -42,13 +42,11 @@ sub-batches or active positions actually run, heads included).
 from __future__ import annotations
 
 import numbers
-from typing import NamedTuple
 
 import numpy as np
 
 from . import _checks, pact
 from .act import HALTING_BIAS, AdaptiveResNet, _upsample_nearest, adaptive_resnet_builder, unit_flops
-from .conv_layer import Conv2d
 from .distributions import bernoulli_from_noise, uniform_noise
 from .layers import Layer, global_avg_pool_backward, global_avg_pool_forward
 from .losses import log_softmax

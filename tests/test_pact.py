@@ -81,7 +81,6 @@ def block_check(mode, spatial, seed=0, n_units=4):
         _, logits, _ = pact.unroll_forward(units, x)
         margin = noise - (1 - D.sigmoid(logits))
         noise = np.where(np.abs(margin) < 0.02, np.clip(noise + 0.05 * np.sign(margin + 1e-12), 0.01, 0.99), noise)
-    signal = rng.standard_normal(latent)
     inputs = {"x": x}
     for i, u in enumerate(units):
         for k, p in u.params.items():

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from refimpl.gradcheck import check_directional, check_gradients
+from refimpl.gradcheck import check_gradients
 from refimpl.models import build_model
 from refimpl.pact_resnet import (
     GroupLogitHead,
@@ -15,20 +15,9 @@ from refimpl.pact_resnet import (
 )
 from refimpl.sact import branch_forward
 
+from pact_checks import fixed_noise, network_gradient_errors, tiny_net
+
 GRAD_TOL = 1e-6
-
-
-def tiny_net(latents, mode="relaxed", group_size=None, seed=0, halting_bias=0.0, tau=0.1, n=2):
-    rng = np.random.default_rng(seed)
-    net = PACTResNet(n, 3, 2, rng, widths=(4, 6, 8), tau=tau, halting_bias=halting_bias, dtype=np.float64,
-                     latents=latents, mode=mode, group_size=group_size)
-    x = rng.standard_normal((3, 2, 8, 8))  # stage maps 8×8, 4×4, 2×2
-    return rng, net, x
-
-
-def fixed_noise(net, seed=5):
-    for block in net.stages:
-        block.rng = np.random.default_rng(seed)
 
 
 def train_step(net, x, labels):
@@ -90,25 +79,9 @@ def test_group_head_gradients_float64():
 @pytest.mark.parametrize("mode", ["relaxed", "discrete"])
 def test_group_network_gradients_float64_fixed_noise(mode):
     rng, net, x = tiny_net("group", mode, group_size=3)
-
-    def forward(**_):
-        fixed_noise(net)
-        logits = net(x)
-        return np.concatenate([logits.ravel(), [net.extra_loss()]])
-
-    def backward(upstream):
-        net.zero_grad()
-        tau = net.tau
-        net.tau = tau * upstream[-1]  # the ponder term's upstream weight enters through τ
-        dx = net.backward(upstream[:-1].reshape(3, 3))
-        net.tau = tau
-        return {"x": dx, **{name: g.copy() for name, _, g in net.named_parameters()}}
-
-    params = {name: p for name, p, _ in net.named_parameters()}
-    assert check_directional(forward, backward, {"x": x, **params}, rng) < GRAD_TOL
-    heads = {name: p for name, p in params.items() if name.startswith("stages.0.heads.")}
-    errors = check_gradients(forward, backward, heads, rng)
-    assert max(errors.values()) < GRAD_TOL, errors
+    directional, heads = network_gradient_errors(rng, net, x, lambda name: name.startswith("stages.0.heads."))
+    assert directional < GRAD_TOL
+    assert max(heads.values()) < GRAD_TOL, heads
 
 
 @pytest.mark.parametrize("mode", ["relaxed", "discrete"])

@@ -4,50 +4,21 @@ import numpy as np
 import pytest
 
 from refimpl.datasets import Split
-from refimpl.gradcheck import check_directional, check_gradients
+from refimpl.gradcheck import check_gradients
 from refimpl.models import build_model
 from refimpl.optim import SGD
 from refimpl.pact_resnet import LogitHead, PACTResNet, SpatialLogitHead
 from refimpl.sact import branch_forward
+
+from pact_checks import network_gradient_errors, tiny_net
 from refimpl.training import fit
 
 GRAD_TOL = 1e-6
 
 
-def tiny_net(latents, mode, seed=0, halting_bias=0.0, tau=0.1, n=2):
-    rng = np.random.default_rng(seed)
-    net = PACTResNet(n, 3, 2, rng, widths=(4, 6, 8), tau=tau, halting_bias=halting_bias, dtype=np.float64,
-                     latents=latents, mode=mode)
-    x = rng.standard_normal((3, 2, 8, 8))
-    return rng, net, x
-
-
-def fixed_noise(net, seed=5):
-    for block in net.stages:
-        block.rng = np.random.default_rng(seed)
-
-
 def network_check(latents, mode, full_params):
     rng, net, x = tiny_net(latents, mode)
-
-    def forward(**_):  # x and the parameters are changed in place by the checks
-        fixed_noise(net)  # the same relaxed / Bernoulli noise at every evaluation
-        logits = net(x)
-        return np.concatenate([logits.ravel(), [net.extra_loss()]])
-
-    def backward(upstream):
-        net.zero_grad()
-        tau = net.tau
-        net.tau = tau * upstream[-1]  # the ponder term's upstream weight enters through τ
-        dx = net.backward(upstream[:-1].reshape(3, 3))
-        net.tau = tau
-        return {"x": dx, **{name: g.copy() for name, _, g in net.named_parameters()}}
-
-    params = {name: p for name, p, _ in net.named_parameters()}
-    directional = check_directional(forward, backward, {"x": x, **params}, rng)
-    heads = {name: p for name, p in params.items() if ".heads." in name and full_params(name)}
-    per_coordinate = check_gradients(forward, backward, heads, rng) if heads else {}
-    return directional, per_coordinate
+    return network_gradient_errors(rng, net, x, full_params)
 
 
 @pytest.mark.parametrize("latents", ["per-block", "per-position"])
