@@ -150,3 +150,27 @@ def test_code_refers_to_nothing_outside_the_repository():
     files = [(n, t) for n, t in tracked_text_files() if n.endswith(".py")]
     found = outside_references(files)
     assert not found, "references that lead outside the repository:\n" + "\n".join(found)
+
+
+def test_the_act_golden_table_of_the_spec_is_what_the_code_computes():
+    """The page's §7.5 table, parsed, against the halting math: the page cannot drift from the code."""
+    import numpy as np
+
+    from refimpl.halting import halting_forward, ponder_cost_grad
+
+    text = SPEC.read_text(encoding="utf-8")
+    section = text[text.index("(spec-7-5)="):text.index("(spec-8)=")]
+    rows = [line for line in section.splitlines() if re.match(r"\| \d", line)]
+    assert len(rows) == 3, rows
+
+    def numbers(cell):
+        return [float(v.replace("−", "-")) for v in cell.split(",")]
+
+    for row in rows:
+        h, n, remainder, rho, p, drho = [c.strip() for c in row.strip("|").split("|")]
+        result = halting_forward(np.array(numbers(h)), eps=0.01)
+        assert int(result.n_units) == int(n), row
+        np.testing.assert_allclose(result.remainder, float(remainder), atol=1e-12, err_msg=row)
+        np.testing.assert_allclose(result.rho, float(rho), atol=1e-12, err_msg=row)
+        np.testing.assert_allclose(result.p, numbers(p), atol=1e-12, err_msg=row)
+        np.testing.assert_array_equal(ponder_cost_grad(np.array(numbers(h))), numbers(drho))
