@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SPEC = ROOT / "docs" / "spec.md"
+SPEC_PAGE = ROOT / "docs" / "spec.md"
 THIS_FILE = Path(__file__).resolve().relative_to(ROOT).as_posix()
 
 TARGET = re.compile(r"^\((spec-\d+(?:-\d+)*)\)=[ \t]*$", re.M)
@@ -52,7 +52,7 @@ def _section(target):
 
 
 def defined_sections():
-    return {_section(t) for t in TARGET.findall(SPEC.read_text(encoding="utf-8"))}
+    return {_section(t) for t in TARGET.findall(SPEC_PAGE.read_text(encoding="utf-8"))}
 
 
 def tracked_text_files():
@@ -99,7 +99,7 @@ def outside_references(files):
 
 
 def test_every_target_names_the_heading_below_it():
-    text = SPEC.read_text(encoding="utf-8")
+    text = SPEC_PAGE.read_text(encoding="utf-8")
     targets = list(TARGET.finditer(text))
     assert len(targets) >= 10, "docs/spec.md defines too few section targets"
     for match in targets:
@@ -158,7 +158,7 @@ def test_the_act_golden_table_of_the_spec_is_what_the_code_computes():
 
     from refimpl.halting import halting_forward, ponder_cost_grad
 
-    text = SPEC.read_text(encoding="utf-8")
+    text = SPEC_PAGE.read_text(encoding="utf-8")
     section = text[text.index("(spec-7-5)="):text.index("(spec-8)=")]
     rows = [line for line in section.splitlines() if re.match(r"\| \d", line)]
     assert len(rows) == 3, rows
