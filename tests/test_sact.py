@@ -11,14 +11,8 @@ from refimpl.backend import NumpyBackend
 from refimpl.gradcheck import check_gradients, numerical_gradient, relative_error
 from refimpl.layers import batchnorm_forward
 from refimpl.resnet import make_stage
-from refimpl.sact import (
-    SACTBlock,
-    SACTResNet,
-    SpatialHaltingHead,
-    dilate,
-    masked_batchnorm_backward,
-    masked_batchnorm_forward,
-)
+from refimpl.sact import SACTBlock, SACTResNet, SpatialHaltingHead
+from refimpl.sparse_unit import dilate, masked_batchnorm_backward, masked_batchnorm_forward
 from test_act import block_gradient_errors, find_case
 from tolerances import GRADCHECK_RTOL, assert_close
 
@@ -125,9 +119,7 @@ def sact_net(rng, bias=0.3, tau=0.05, n=3, backend=None, local_scale=3.0):
 def run(model, x, g, drho=None):
     model.zero_grad()
     out = model(x)
-    if drho is not None:
-        model.set_ponder_grad(drho)
-    dx = model.backward(g)
+    dx = model.backward(g) if drho is None else model.backward(g, drho)
     return out, dx, {name: grad.copy() for name, _, grad in model.named_parameters()}
 
 
@@ -227,7 +219,7 @@ def test_flops_counted_equal_positions_computed():
     net, x, rng = find_case(lambda r: sact_net(r, backend=backend), (4, 1, 8, 8), margin=1e-6)
     backend.flops = 0
     net(x)
-    head_linear = sum(2 * h.channels * len(b.cache.ran[i]) for b in net.stages for i, h in enumerate(b.heads))
+    head_linear = sum(2 * h.channels * len(b.cache.run.ran[i]) for b in net.stages for i, h in enumerate(b.heads))
     classifier = 2 * WIDTHS[-1] * 4 * x.shape[0]
     assert int(net.flops_per_sample.sum()) == backend.flops + head_linear + classifier
     # and from the masks alone: conv1 on the dilated mask, conv2 and the head conv on the active mask
