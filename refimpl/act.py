@@ -35,10 +35,11 @@ __all__ = ["HALTING_BIAS", "ACTBlock", "ACTResNet", "HaltingHead"]
 
 
 class ACTBlock(PonderCostBlock):
-    """A residual block with adaptive computation time, wrapping a list of units.
+    """A residual block with adaptive computation time, wrapping a list of units: halting per sample.
 
-    Its backward, ``backward(dout, dponder_cost=None)``, takes the gradient w.r.t. ``rho`` as its
-    second argument.
+    After ``forward``: ``rho`` (N,) ponder cost, ``n_units`` (N,) units run per sample,
+    ``flops_per_sample`` (N,) convolution + head FLOPs actually spent. The backward takes the
+    gradient w.r.t. ``rho`` explicitly (:meth:`~refimpl.adaptive_block.PonderCostBlock.backward`).
 
     Parameters
     ----------
@@ -47,9 +48,6 @@ class ACTBlock(PonderCostBlock):
         must keep the shape (the first may downsample). Typically a stage's ``units``.
     heads : list of HaltingHead, one per unit but the last (``len(units) - 1``)
     eps : float, the halting margin ε (0.01)
-
-    After ``forward``: ``rho`` (N,) ponder cost, ``n_units`` (N,) units run per sample,
-    ``flops_per_sample`` (N,) convolution + head FLOPs actually spent.
     """
 
     per_position = False

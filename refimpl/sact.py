@@ -44,21 +44,20 @@ __all__ = ["EXECUTIONS", "SACTBlock", "SACTResNet", "SpatialHaltingHead"]
 
 
 class SACTBlock(PonderCostBlock):
-    """A residual block with spatially adaptive computation time.
+    """A residual block with spatially adaptive computation time: halting per position.
 
-    Its backward, ``backward(dout, dponder_cost=None)``, takes the gradient w.r.t. ``rho`` as its
-    second argument.
+    ``execution`` (a property) switches between "sparse", the point of SACT, and "dense", the
+    masked reference. After ``forward``: ``rho`` (N, H, W) ponder cost map, ``n_units`` (N, H, W),
+    ``active_masks`` (list of (N, H, W): the positions each unit's residual was kept at) and
+    ``flops_per_sample`` (N,); the backward takes the gradient w.r.t. ``rho`` explicitly
+    (:meth:`~refimpl.adaptive_block.PonderCostBlock.backward`).
 
     Parameters
     ----------
     units : list of ResidualUnit; the first may downsample, the others must keep the shape
     heads : list of SpatialHaltingHead, ``len(units) - 1``
     eps : float, halting margin ε
-    execution : "sparse" (the point of SACT) or "dense" (the masked reference)
-
-    After ``forward``: ``rho`` (N, H, W) ponder cost map, ``n_units`` (N, H, W),
-    ``active_masks`` (list of (N, H, W): the positions each unit's residual was kept at),
-    ``flops_per_sample`` (N,).
+    execution : "sparse" or "dense"
     """
 
     per_position = True
