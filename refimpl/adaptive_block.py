@@ -210,19 +210,19 @@ def run_units_backward(units, heads, run, step, dunits, dheads):
 class CumulativeHalting:
     r"""ACT's policy: a latent keeps running while :math:`\sum_{i \le l} h_i < 1 - \varepsilon`.
 
-    Records the halting probabilities (zero where a latent was not active) as ``scores`` (N, S..., L-1).
+    Records the halting probabilities (zero where a latent was not active) as ``halting_proba`` (N, S..., L-1).
     """
 
     def __init__(self, eps, n_heads, dtype):
         self.eps, self.n_heads, self.dtype = eps, n_heads, dtype
-        self.cumulative = self.scores = None
+        self.cumulative = self.halting_proba = None
 
     def __call__(self, index, rows, halting_proba, active):
-        if self.scores is None:  # the latent shape is known once the first unit has run
+        if self.halting_proba is None:  # the latent shape is known once the first unit has run
             self.cumulative = np.zeros(active.shape, dtype=self.dtype)
-            self.scores = np.zeros((*active.shape, self.n_heads), dtype=self.dtype)
-        self.scores[rows, ..., index] = halting_proba * active[rows]
-        self.cumulative += self.scores[..., index]
+            self.halting_proba = np.zeros((*active.shape, self.n_heads), dtype=self.dtype)
+        self.halting_proba[rows, ..., index] = halting_proba * active[rows]
+        self.cumulative += self.halting_proba[..., index]
         return halting.still_running(self.cumulative, self.eps)
 
 
@@ -273,8 +273,10 @@ class PonderCostBlock(Layer):
         step = self.step()
         policy = CumulativeHalting(self.eps, len(self.heads), x.dtype)
         run = run_units(self.units, self.heads, x, step, policy, self.per_position)
-        scores = policy.scores if policy.scores is not None else np.zeros((*run.active[0].shape, 0), x.dtype)
-        result = halting.halting_forward(scores, self.eps)
+        halting_proba = policy.halting_proba
+        if halting_proba is None:  # a single unit: no head ran
+            halting_proba = np.zeros((*run.active[0].shape, 0), x.dtype)
+        result = halting.halting_forward(halting_proba, self.eps)
         self.cache = PonderCache(run, step, result)
         self.rho, self.remainder, self.n_units = result.rho, result.remainder, result.n_units
         self.active_masks, self.flops_per_sample = run.active, run.flops_per_sample
@@ -291,6 +293,6 @@ class PonderCostBlock(Layer):
         """
         run, step, result = self.cache
         dp, dunits = weighted_sum_backward(dout, result.p, run.outputs)
-        dscores = halting.halting_backward(dp, dponder_cost, result.cache).astype(dout.dtype, copy=False)
-        dheads = [dscores[..., l] * run.active[l] for l in range(len(self.heads))]
+        dhalting_proba = halting.halting_backward(dp, dponder_cost, result.cache).astype(dout.dtype, copy=False)
+        dheads = [dhalting_proba[..., l] * run.active[l] for l in range(len(self.heads))]
         return run_units_backward(self.units, self.heads, run, step, dunits, dheads).astype(dout.dtype, copy=False)
