@@ -24,8 +24,6 @@ hands each block that term's gradient explicitly, ``block.backward(dout, dponder
 
 from __future__ import annotations
 
-import numpy as np
-
 from . import halting
 from .adaptive_block import PonderCostBlock, WholeUnitStep
 from .adaptive_resnet import DEPTHS, AdaptiveResNet, adaptive_resnet_builder

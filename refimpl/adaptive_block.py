@@ -160,9 +160,9 @@ def run_units(units, heads, x, step, policy, per_position, keep_outputs=True):
     run = UnitRun([current], [rows], [None], [active], flops)
     for index in range(1, len(units)):
         head = heads[index - 1]
-        signal = head(current[rows], step.head_mask(active[rows]))
+        head_output = head(current[rows], step.head_mask(active[rows]))  # halting_proba or halting_logit
         flops[rows] += head.flops_per_sample
-        active = policy(index - 1, rows, signal, active)
+        active = policy(index - 1, rows, head_output, active)
         rows = step.running_rows(active)
         if rows.size == 0:
             for entries, value in zip(run[:4], (current, rows, None, active)):
@@ -199,7 +199,6 @@ def run_units_backward(units, heads, run, step, dunits, dheads):
         carry = grad  # unit l did not run elsewhere: U_l = U_{l-1} passes the gradient straight through
         if rows.size:
             carry[rows] = step.backward(units[index], grad[rows], run.step_caches[index])
-    return carry
 
 
 # ---------------------------------------------------------------------------------------------
