@@ -173,3 +173,14 @@ def test_train_and_evaluate_cli_in_every_mode(tmp_path, capsys):
     for mode in ("thresholded", "discrete", "relaxed"):
         assert main(["evaluate", "--checkpoint", str(run / "checkpoint.npz"), "--mode", mode]) == 0
         assert f"in {mode} mode" in capsys.readouterr().out
+
+
+def test_reinforce_inputs_are_refused_where_no_estimator_uses_them():
+    rng, net, x = tiny_net("per-block", "relaxed")
+    net(x)
+    with pytest.raises(ValueError, match="per_example_loss"):
+        net.backward(np.zeros((3, 3)), np.ones(3))
+    block = net.stages[0]
+    out = block(net.stem(x))
+    with pytest.raises(ValueError, match="learning_signal"):
+        block.backward(np.zeros_like(out), None, np.ones(3))
