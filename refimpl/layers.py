@@ -475,9 +475,10 @@ class BatchNorm(Layer):
 def update_running_statistics(layer, mean, var, count):
     r"""Fold batch statistics over ``count`` values per channel into a batch-norm layer's running ones.
 
-    ``running = (1 - momentum) · running + momentum · batch``; the variance enters unbiased,
-    :math:`\frac{m}{m - 1}\sigma^2_\text{biased}` (as PyTorch does), and as it is when ``m = 1``
-    (a single value has no unbiased variance).
+    ``running = (1 - momentum) · running + momentum · batch``; with :math:`m` = ``count`` the
+    variance enters unbiased, :math:`\frac{m}{m - 1}\sigma^2_\text{biased}` (as PyTorch does), and
+    as it is when :math:`m = 1` (a single value has no unbiased variance). The one place both batch
+    norms (:class:`BatchNorm` and the masked one of :mod:`refimpl.sparse_unit`) update them.
     """
     rm, rv = layer.buffers["running_mean"], layer.buffers["running_var"]
     rm *= 1 - layer.momentum
