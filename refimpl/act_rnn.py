@@ -189,7 +189,7 @@ class ObjectiveCache(NamedTuple):
 class ObjectiveResult(NamedTuple):
     loss: np.ndarray  # (N,) per-example objective (to minimise)
     task_loss: np.ndarray  # (N,) the data term alone
-    ponder: np.ndarray  # (N, T) ρ (act) or E_q[n] (pact, pondernet)
+    ponder_cost: np.ndarray  # (N, T) ρ (act) or E_q[n] (pact, pondernet)
     noise: np.ndarray | None  # (T, N, M-1) relaxed-Bernoulli noise used (pact)
 
 
@@ -224,7 +224,7 @@ def objective_forward(rnn, x, y, objective, tau=0.01, temperature=0.5, beta=0.01
     state = np.zeros((n, rnn.hidden_size), rnn.dtype)
     loss = np.zeros(n, rnn.dtype)
     task = np.zeros(n, rnn.dtype)
-    ponder = np.zeros((n, t_len), rnn.dtype)
+    ponder_cost = np.zeros((n, t_len), rnn.dtype)
     caches, used_noise = [], []
     log_prior = truncated_geometric_log_prob(settings.prior_rate, rnn.max_steps) if objective == "pondernet" else None
     for t in range(t_len):
@@ -236,7 +236,7 @@ def objective_forward(rnn, x, y, objective, tau=0.01, temperature=0.5, beta=0.01
             state = halting.weighted_output_forward(halt.p, np.stack(states))
             step_loss, dlogit = logistic_loss(rnn.readout(state), target)
             loss += step_loss + settings.tau * halt.rho
-            ponder[:, t] = halt.rho
+            ponder_cost[:, t] = halt.rho
             cache = TimestepCache((unroll, states, logits, halt), state, (dlogit,))
         elif objective == "pact":
             step_noise = noise if isinstance(noise, np.random.Generator) else noise[t]
@@ -245,7 +245,7 @@ def objective_forward(rnn, x, y, objective, tau=0.01, temperature=0.5, beta=0.01
             state = result.output
             step_loss, dlogit = logistic_loss(rnn.readout(state), target)
             loss += step_loss + settings.tau * result.expected_steps
-            ponder[:, t] = result.expected_steps
+            ponder_cost[:, t] = result.expected_steps
             cache = TimestepCache(block, state, (dlogit,))
         else:
             states, logits, unroll = pact.unroll_forward(units, state)
@@ -256,12 +256,12 @@ def objective_forward(rnn, x, y, objective, tau=0.01, temperature=0.5, beta=0.01
             kl, kl_cache = kl_to_prior_forward(log_q, log_prior)
             step_loss = np.sum(q.T * step_losses, axis=0)
             loss += step_loss + settings.beta * kl
-            ponder[:, t] = q @ np.arange(1, rnn.max_steps + 1)
+            ponder_cost[:, t] = q @ np.arange(1, rnn.max_steps + 1)
             state = halting.weighted_output_forward(q, stacked)
             cache = TimestepCache((unroll, stacked, log_q_cache, kl_cache, q), state, (step_losses, dlogits))
         task += step_loss
         caches.append(cache)
-    result = ObjectiveResult(loss, task, ponder, np.stack(used_noise) if used_noise else None)
+    result = ObjectiveResult(loss, task, ponder_cost, np.stack(used_noise) if used_noise else None)
     return result, ObjectiveCache(settings, caches, y)
 
 

@@ -12,8 +12,8 @@ mask is built at the first forward pass, when (Ho, Wo) is known, from the layer'
 accepts ``perforation={layer name: spec}`` so it can be perforated without rewriting it.
 A per-call ``mask=`` (shared or per-sample, e.g. SACT's active positions) overrides both.
 
-FLOPs (SPEC §1): ``2 · C · kh · kw · K`` per computed output position, recorded after every
-forward in ``flops`` (batch total) and ``flops_per_sample``.
+FLOPs (SPEC §1): :func:`~refimpl.conv.conv_flops` per computed output position, recorded after
+every forward in ``flops_per_sample`` (the layer protocol's form, :mod:`refimpl.layers`).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 from . import _checks
 from . import init as _init
 from .backend import get_backend
-from .conv import ConvGeometry, conv_output_shape
+from .conv import ConvGeometry, conv_flops, conv_output_shape
 from .layers import Layer
 from .masks import MASK_TYPES, make_mask
 from .perforation import FILLS, PerforatedConvCache, PerforationPlan, as_plan
@@ -107,8 +107,6 @@ class Conv2d(Layer):
         self.mask_rng = None if mask_rng is None else _checks.generator(mask_rng, "mask_rng")
         self._explicit_mask = None
         self._plans = {}  # out_hw -> PerforationPlan, built at first use
-        self.flops = 0
-        self.flops_per_sample = np.zeros(0, dtype=np.int64)
 
     # --- perforation ----------------------------------------------------------------------
     def set_perforation(self, perforation, mask_rng=None):
@@ -190,10 +188,9 @@ class Conv2d(Layer):
         else:
             out = self.backend.fill_forward(compact, plan, fill)
         self.cache = PerforatedConvCache(self.backend, conv_cache, plan, fill)
-        per_position = 2 * self.in_channels * self.kernel[0] * self.kernel[1] * self.out_channels
         counts = np.broadcast_to(plan.counts.astype(np.int64), (n,)) if plan.shared else plan.counts.astype(np.int64)
-        self.flops_per_sample = per_position * counts
-        self.flops = int(self.flops_per_sample.sum())
+        self.flops_per_sample = conv_flops(1, self.in_channels, self.out_channels, self.kernel) * counts
+        self.dense_flops_per_sample = conv_flops(out_hw[0] * out_hw[1], self.in_channels, self.out_channels, self.kernel)
         return out
 
     def backward(self, dout):

@@ -15,6 +15,18 @@ and two methods, ``forward(x) -> y`` and ``backward(dy) -> dx``. What backward n
 ``thing_backward(dout, cache)`` turns it into gradients. The pure pairs are what a student reads
 and what the gradient checks call directly; the classes only hold parameters and caches.
 
+**FLOPs.** After a forward every layer reports ``flops_per_sample``, an int64 array (N,): the
+FLOPs each sample spent in the layer and everything inside it (:mod:`refimpl.flops` states the
+counting convention). A layer that computes counted arithmetic (convolution, linear map, halting
+head) or decides per sample what runs (an adaptive block) sets it in ``forward``; any other layer
+reports the sum over its children (zero for a leaf such as ReLU). ``flops`` is the batch total.
+
+**Training objective.** A model trained by :mod:`refimpl.training` minimises the softmax
+cross-entropy of its logits plus :meth:`Layer.extra_loss` (0 unless the model adds a term, such as
+an adaptive network's ponder cost); its ``backward(dlogits)`` differentiates both, and
+:meth:`Layer.objective_backward` hands it the per-example task losses too (what a REINFORCE
+learning signal is made of).
+
 Composite layers (:class:`Sequential`, residual units, networks) hold their children as plain
 attributes (a layer, or a list of layers); :meth:`Layer.named_layers` finds them, which gives every
 parameter a dotted name such as ``stages.1.units.0.conv1.w`` for optimisers and checkpoints.
@@ -59,6 +71,9 @@ class Layer:
         self.buffers = {}
         self.training = True
         self.cache = None
+        self._flops_per_sample = None  # set by layers that count their own FLOPs
+        self._dense_flops_per_sample = None  # likewise, with every convolution dense
+        self._batch_size = 0  # of the last call, for layers that spend no counted FLOPs
         self._finite_check_name = None  # set by :func:`trace_non_finite`
 
     # --- the two methods every layer implements -------------------------------------------
@@ -69,6 +84,7 @@ class Layer:
         raise NotImplementedError(f"{type(self).__name__} does not implement backward")
 
     def __call__(self, x, *args, **kwargs):
+        self._batch_size = len(x)
         out = self.forward(x, *args, **kwargs)
         if self._finite_check_name is not None and not np.all(np.isfinite(out)):
             name = self._finite_check_name or "<model>"
@@ -79,7 +95,54 @@ class Layer:
             )
         return out
 
+    # --- FLOPs ----------------------------------------------------------------------------
+    @property
+    def flops_per_sample(self):
+        """FLOPs per sample of the last forward, (N,) int64: this layer's own, else its children's sum."""
+        if self._flops_per_sample is not None:
+            return self._flops_per_sample
+        parts = [child.flops_per_sample for _, child in self.children()]
+        return np.sum(parts, axis=0, dtype=np.int64) if parts else np.zeros(self._batch_size, dtype=np.int64)
+
+    @flops_per_sample.setter
+    def flops_per_sample(self, per_sample):
+        self._flops_per_sample = np.asarray(per_sample, dtype=np.int64)
+
+    @property
+    def dense_flops_per_sample(self):
+        """FLOPs per sample (an int) of the last forward's geometry with every convolution dense."""
+        if self._dense_flops_per_sample is not None:
+            return self._dense_flops_per_sample
+        return sum(child.dense_flops_per_sample for _, child in self.children())
+
+    @dense_flops_per_sample.setter
+    def dense_flops_per_sample(self, value):
+        self._dense_flops_per_sample = int(value)
+
+    @property
+    def flops(self):
+        """FLOPs of the last forward summed over the batch (a Python int)."""
+        return int(self.flops_per_sample.sum())
+
+    # --- training objective ---------------------------------------------------------------
+    def extra_loss(self):
+        """Term the model adds to the task loss of its last forward (0 here); ``backward`` differentiates it."""
+        return 0.0
+
+    def objective_backward(self, dlogits, per_example_loss):
+        """Backward of task loss + :meth:`extra_loss`, given ``dlogits`` and the per-example task losses (N,).
+
+        Most models need only ``dlogits``; a model whose gradient estimator uses the loss values
+        (REINFORCE) overrides this.
+        """
+        return self.backward(dlogits)
+
     # --- parameters -----------------------------------------------------------------------
+    @property
+    def param_dtype(self):
+        """dtype of the model's parameters (float32 for a layer without any)."""
+        return next((p.dtype for _, p, _ in self.named_parameters()), np.dtype(np.float32))
+
     def add_param(self, name, value):
         """Register a trainable array and its zero gradient."""
         self.params[name] = value
@@ -229,14 +292,14 @@ class Linear(Layer):
         self.has_bias = bool(bias)
         if self.has_bias:
             self.add_param("b", np.zeros(self.out_features, dtype=dtype))
-        self.flops = 0
 
     def forward(self, x):
         if x.ndim != 2 or x.shape[1] != self.in_features:
             raise ValueError(f"x must have shape (N, {self.in_features}), got {x.shape}")
         b = self.params["b"] if self.has_bias else np.zeros(self.out_features, dtype=x.dtype)
         out, self.cache = linear_forward(x, self.params["w"], b)
-        self.flops = 2 * x.shape[0] * self.in_features * self.out_features
+        self.dense_flops_per_sample = 2 * self.in_features * self.out_features
+        self.flops_per_sample = np.full(x.shape[0], self.dense_flops_per_sample)
         return out
 
     def backward(self, dout):
@@ -392,11 +455,7 @@ class BatchNorm(Layer):
             if m < 2:
                 raise ValueError(f"batch norm in training needs at least 2 values per channel, got input {x.shape}")
             mean, var = x.mean(axis=axes), x.var(axis=axes)
-            rm, rv = self.buffers["running_mean"], self.buffers["running_var"]
-            rm *= 1 - self.momentum
-            rm += self.momentum * mean
-            rv *= 1 - self.momentum
-            rv += self.momentum * var * (m / (m - 1))
+            update_running_statistics(self, mean, var, m)
         else:
             mean, var = self.buffers["running_mean"], self.buffers["running_var"]
         out, self.cache = batchnorm_forward(x, self.params["gamma"], self.params["beta"], mean, var,
@@ -411,6 +470,21 @@ class BatchNorm(Layer):
 
     def __repr__(self):
         return f"{type(self).__name__}({self.channels})"
+
+
+def update_running_statistics(layer, mean, var, count):
+    r"""Fold batch statistics over ``count`` values per channel into a batch-norm layer's running ones.
+
+    ``running = (1 - momentum) · running + momentum · batch``; with :math:`m` = ``count`` the
+    variance enters unbiased, :math:`\frac{m}{m - 1}\sigma^2_\text{biased}` (as PyTorch does), and
+    as it is when :math:`m = 1` (a single value has no unbiased variance). The one place both batch
+    norms (:class:`BatchNorm` and the masked one of :mod:`refimpl.sparse_unit`) update them.
+    """
+    rm, rv = layer.buffers["running_mean"], layer.buffers["running_var"]
+    rm *= 1 - layer.momentum
+    rm += layer.momentum * mean
+    rv *= 1 - layer.momentum
+    rv += layer.momentum * var * (count / max(count - 1, 1))
 
 
 class BatchNorm1d(BatchNorm):

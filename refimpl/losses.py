@@ -21,6 +21,7 @@ import numpy as np
 class CrossEntropyCache(NamedTuple):
     probs: np.ndarray  # (N, M) softmax
     labels: np.ndarray  # (N,)
+    per_example: np.ndarray  # (N,) the loss of each example (its mean is the loss)
 
 
 def log_softmax(logits):
@@ -44,8 +45,8 @@ def softmax_cross_entropy_forward(logits, labels):
         raise ValueError(f"logits must be a 2-D array (N, M), got {getattr(logits, 'shape', type(logits))}")
     labels = check_labels(labels, logits.shape[0], logits.shape[1])
     logp = log_softmax(logits)
-    loss = -logp[np.arange(logits.shape[0]), labels].mean()
-    return float(loss), CrossEntropyCache(np.exp(logp), labels)
+    per_example = -logp[np.arange(logits.shape[0]), labels]
+    return float(per_example.mean()), CrossEntropyCache(np.exp(logp), labels, per_example)
 
 
 def softmax_cross_entropy_backward(dloss, cache):

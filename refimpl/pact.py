@@ -54,6 +54,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import _checks
+from .adaptive_block import expand_latent, weighted_sum_backward, weighted_sum_forward
 from .distributions import (
     bernoulli_from_noise,
     expected_steps_backward,
@@ -134,12 +135,6 @@ def unroll_backward(dstates, dlogits, cache):
     return dflow
 
 
-def _expand(latent, state):
-    """(N, S...) latent-shaped array → broadcastable against a state (N, F..., S...)."""
-    extra = state.ndim - latent.ndim
-    return latent.reshape(latent.shape[:1] + (1,) * extra + latent.shape[1:])
-
-
 def _noise(noise, shape, dtype, name="noise"):
     """Accept fixed noise (an array of ``shape``) or draw it from a Generator."""
     if isinstance(noise, np.random.Generator):
@@ -193,7 +188,7 @@ def relaxed_forward(units, state, temperature, noise):
     z, relaxed = relaxed_bernoulli_forward(logits, temperature, u)
     weights, stick = stick_breaking_forward(z)
     expected, expected_cache = expected_steps_forward(sigmoid(logits))
-    output = sum(_expand(weights[..., l], s) * s for l, s in enumerate(states))
+    output = weighted_sum_forward(weights, states)
     cache = RelaxedCache(unroll, states, relaxed, stick, expected_cache, weights, logits)
     return BlockResult(output, expected, None, u), cache
 
@@ -211,10 +206,7 @@ def relaxed_backward(doutput, dexpected_steps, cache):
     -------
     dstate : ndarray (N, F..., S...)
     """
-    states, weights = cache.states, cache.weights
-    reduce_axes = tuple(range(1, 1 + doutput.ndim - (weights.ndim - 1)))  # the feature axes F...
-    dweights = np.stack([np.sum(doutput * s, axis=reduce_axes) for s in states], axis=-1)
-    dstates = [_expand(weights[..., l], s) * doutput for l, s in enumerate(states)]
+    dweights, dstates = weighted_sum_backward(doutput, cache.weights, cache.states)
     dlogits = relaxed_bernoulli_backward(stick_breaking_backward(dweights, cache.stick), cache.relaxed)
     dlogits = dlogits + _expected_steps_logit_grad(dexpected_steps, cache.expected, cache.logits)
     return unroll_backward(dstates, dlogits, cache.unroll)
@@ -257,7 +249,7 @@ def discrete_forward(units, state, noise):
     u = _noise(noise, logits.shape, logits.dtype)
     steps = first_halt(bernoulli_from_noise(logits, u))
     chosen = (np.arange(1, len(states) + 1) == steps[..., None]).astype(state.dtype)
-    output = sum(_expand(chosen[..., l], s) * s for l, s in enumerate(states))
+    output = weighted_sum_forward(chosen, states)
     expected, expected_cache = expected_steps_forward(sigmoid(logits))
     cache = DiscreteCache(unroll, states, chosen, steps, expected_cache, logits)
     return BlockResult(output, expected, steps, u), cache
@@ -282,7 +274,7 @@ def discrete_backward(doutput, dexpected_steps, learning_signal, cache):
     -------
     dstate : ndarray (N, F..., S...)
     """
-    dstates = [_expand(cache.chosen[..., l], s) * doutput for l, s in enumerate(cache.states)]
+    dstates = [expand_latent(cache.chosen[..., l], s) * doutput for l, s in enumerate(cache.states)]
     dlogits = _expected_steps_logit_grad(dexpected_steps, cache.expected, cache.logits)
     if learning_signal is not None and cache.logits.shape[-1] > 0:
         score = log_halting_probability_grad(cache.logits, cache.steps)
@@ -372,7 +364,7 @@ def halt_early_forward(units, state, rule="threshold", rng=None):
             halts = bernoulli_from_noise(a, uniform_noise(np.shape(a), rng, state.dtype))
         running = steps[rows] == 0
         newly = halts & running
-        output[rows] = np.where(_expand(newly, state), state, output[rows])
+        output[rows] = np.where(expand_latent(newly, state), state, output[rows])
         steps[rows] = np.where(newly, l, steps[rows])
         still = (running & ~newly).reshape(len(rows), -1).any(axis=1)
         rows, state = rows[still], state[still]

@@ -24,14 +24,14 @@ Modes (:attr:`PACTBlock.mode`, switched for the whole network by :meth:`PACTResN
   relaxed halting indicators (temperature λ); trained by reparameterisation.
 * ``discrete`` — every unit runs everywhere in training (the exact gradient of
   :math:`\mathbb{E}_q[n]` needs every :math:`h_l`); output :math:`U_n` for sampled ``n``;
-  trained with REINFORCE: the network's :meth:`PACTResNet.task_loss` hands each block the
-  per-example learning signal (loss minus a moving-average baseline, one per block). In
+  trained with REINFORCE: :meth:`PACTResNet.backward` takes the per-example task losses and hands
+  each block its learning signal (loss minus a moving-average baseline, one per block). In
   evaluation, sampling happens as the units run and only the needed work is done.
 * ``thresholded`` — evaluation only: a latent halts at the first :math:`h_l > 1/2`. Per-block
   latents: units run on the sub-batch of images still running. Per-position latents: residual
-  branches run **only at active positions** through the perforated convolution, exactly like SACT
-  (:func:`refimpl.sact.branch_forward`), and halted positions keep their value. Group latents run
-  the same way: a group's positions are active together.
+  branches run **only at active positions**, through the same sparse residual unit and block loop
+  as SACT (:mod:`refimpl.sparse_unit`, :mod:`refimpl.adaptive_block`), and halted positions keep
+  their value. Group latents run the same way: a group's positions are active together.
 
 Loss: cross-entropy of the block outputs' logits plus
 :math:`\tau \sum_\text{blocks} \operatorname{mean}_{\text{batch}, \text{latents}} \mathbb{E}_q[n]`.
@@ -46,46 +46,14 @@ import numbers
 import numpy as np
 
 from . import _checks, pact
-from .act import HALTING_BIAS, AdaptiveResNet, _upsample_nearest, adaptive_resnet_builder, unit_flops
+from .adaptive_block import SparseUnitStep, WholeUnitStep, check_units_and_heads, run_units
+from .adaptive_resnet import DEPTHS, AdaptiveResNet, adaptive_resnet_builder
 from .distributions import bernoulli_from_noise, uniform_noise
-from .layers import Layer, global_avg_pool_backward, global_avg_pool_forward
-from .losses import log_softmax
-from .sact import SpatialLogitHead, branch_forward, check_sact_unit
+from .halting_heads import HALTING_BIAS, LogitHead, SpatialLogitHead
+from .layers import Layer
 
 LATENTS = ("per-block", "per-position", "group")
 MODES = pact.MODES
-
-
-# ---------------------------------------------------------------------------------------------
-# Halting heads that return logits
-# ---------------------------------------------------------------------------------------------
-
-
-class LogitHead(Layer):
-    """Per-image halting logit: (n, C, H, W) → (n,), ``w · gap(U) + b``."""
-
-    def __init__(self, channels, rng, bias=HALTING_BIAS, dtype=np.float32):
-        super().__init__()
-        self.channels = int(channels)
-        self.add_param("w", (0.01 * rng.standard_normal(self.channels)).astype(dtype))
-        self.add_param("b", np.full(1, bias, dtype=dtype))
-
-    def flops(self, u):
-        return np.full(u.shape[0], 2 * self.channels, dtype=np.int64)
-
-    def forward(self, u, active=None):
-        pooled, gap_cache = global_avg_pool_forward(u)
-        self.cache = (pooled, gap_cache)
-        return (pooled @ self.params["w"] + self.params["b"][0]).astype(u.dtype, copy=False)
-
-    def backward(self, dlogit):
-        pooled, gap_cache = self.cache
-        self.accumulate("w", pooled.T @ dlogit)
-        self.accumulate("b", np.array([dlogit.sum()], dtype=self.params["b"].dtype))
-        return global_avg_pool_backward(np.outer(dlogit, self.params["w"]).astype(dlogit.dtype), gap_cache)
-
-    def __repr__(self):
-        return f"LogitHead({self.channels})"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -149,7 +117,7 @@ class GroupLogitHead(SpatialLogitHead):
     evidence; the group sees all its positions (a strided 3×3 head would skip most of them for
     ``g > 3``); and groups halt as wholes, so the perforated local convolution is still only
     computed at active positions. The cost is the local 3×3 convolution at every active position
-    instead of once per group — ``1/(2C)`` of a residual unit's FLOPs, counted in :meth:`flops`.
+    instead of once per group — ``1/(2C)`` of a residual unit's FLOPs, counted in ``flops_per_sample``.
 
     The returned map repeats the group's logit at each of its positions; the backward sums the
     positions' gradients per group, then spreads them over the group's local terms (mean pooling).
@@ -160,21 +128,15 @@ class GroupLogitHead(SpatialLogitHead):
         self.group_size = _group_size(group_size)
 
     def forward(self, u, active=None):
-        local = (self.local(u) if active is None else self.local(u, mask=active, fill="zero"))[:, 0]
-        pooled, gap_cache = global_avg_pool_forward(u)
-        self.cache = (pooled, gap_cache)
-        grouped = group_mean_forward(local, self.group_size) + (pooled @ self.params["w_global"])[:, None, None]
+        local = group_mean_forward(self.local_logits(u, active), self.group_size)
+        grouped = local + self.global_logits_forward(u)[:, None, None]
         return group_broadcast(grouped.astype(u.dtype, copy=False), self.group_size, u.shape[2:])
 
     def backward(self, dlogit):
-        pooled, gap_cache = self.cache
         dgroup = group_sum(dlogit, self.group_size)
         dlocal = group_mean_backward(dgroup, self.group_size, dlogit.shape[1:])
         du = self.local.backward(np.ascontiguousarray(dlocal[:, None]))
-        dglobal = dgroup.sum(axis=(1, 2))
-        self.accumulate("w_global", pooled.T @ dglobal)
-        return du + global_avg_pool_backward(np.outer(dglobal, self.params["w_global"]).astype(dlogit.dtype),
-                                             gap_cache)
+        return du + self.global_logits_backward(dgroup.sum(axis=(1, 2)))
 
     def __repr__(self):
         return f"GroupLogitHead({self.channels}, group_size={self.group_size})"
@@ -224,9 +186,12 @@ class PACTBlock(Layer):
     """A stage of residual units as a PACT adaptive computation block.
 
     After ``forward`` it holds ``expected_steps`` (N,) or (N, H, W) (E_q[n], training modes),
-    ``steps`` (units run per latent: early-halting evaluation and discrete mode) and
+    ``steps`` (units run per latent: early-halting evaluation and discrete mode), ``ponder_cost``
+    (``expected_steps`` after a training forward, ``steps`` after an early-halting one) and
     ``flops_per_sample`` (N,). Group latents keep these per position (each position carries its
     group's value), so maps and means over positions read the same for every kind of latent.
+    ``backward(dout, dexpected_steps=None, learning_signal=None)`` takes the penalty's gradient
+    and, in discrete mode, the REINFORCE learning signal as arguments.
 
     Parameters
     ----------
@@ -242,19 +207,15 @@ class PACTBlock(Layer):
     def __init__(self, units, heads, latents="per-block", mode="relaxed", temperature=0.5, rng=None,
                  group_size=None):
         super().__init__()
-        if len(heads) != len(units) - 1:
-            raise ValueError(f"heads must hold len(units) - 1 = {len(units) - 1} halting heads, got {len(heads)}")
+        check_units_and_heads(units, heads)
         self.latents = _checks.choice(latents, "latents", set(LATENTS))
         self.group_size = _latent_group_size(latents, group_size)
-        if latents != "per-block":
-            for unit in units[1:]:
-                check_sact_unit(unit)
         self.units, self.heads = list(units), list(heads)
+        self.early_step().check(self.units)
         self.mode = mode
         self.temperature = _positive(temperature, "temperature")
         self.rng = _checks.generator(rng)
-        self.expected_steps = self.steps = self.flops_per_sample = None
-        self._dexpected = self._signal = None
+        self.expected_steps = self.steps = None
 
     @property
     def mode(self):
@@ -264,13 +225,30 @@ class PACTBlock(Layer):
     def mode(self, value):
         self._mode = _checks.choice(value, "mode", set(MODES))
 
+    @property
+    def per_position(self):
+        return self.latents != "per-block"
+
+    def early_step(self):
+        """The unit step of early-halting evaluation: whole units per image, or sparse units per position."""
+        return SparseUnitStep("sparse") if self.per_position else WholeUnitStep()
+
     def _steps(self):
         return [ResidualStep(u, self.heads[i] if i < len(self.heads) else None, self.latents)
                 for i, u in enumerate(self.units)]
 
-    def set_gradients(self, dexpected_steps, learning_signal=None):
-        """Gradient w.r.t. ``expected_steps`` and the REINFORCE signal (discrete) for the next backward."""
-        self._dexpected, self._signal = dexpected_steps, learning_signal
+    @property
+    def ponder_cost(self):
+        """E_q[n] per latent after a training forward; the units run per latent after an early-halting one."""
+        return self.expected_steps if self.expected_steps is not None else self.steps
+
+    def ponder_cost_map(self):
+        """:attr:`ponder_cost` as a float map (N, h, w) over this block's positions."""
+        cost = self.ponder_cost
+        if cost is None:
+            raise RuntimeError("ponder_cost_map needs a forward first")
+        cost = np.asarray(cost, dtype=np.float64)
+        return cost if self.per_position else cost[:, None, None]
 
     def latent_signal(self, signal):
         r"""Spread a per-example learning signal ``f - b`` (N,) over this block's latents.
@@ -296,7 +274,7 @@ class PACTBlock(Layer):
         return int(grid[0] * grid[1])
 
     def _noise(self, shape, dtype):
-        """Uniform noise for per-position logits ``shape`` (n, H, W, ...), drawn once per latent.
+        """Uniform noise for logits of ``shape`` (n, ...), drawn once per latent.
 
         Per group: one draw per group, repeated at its positions (every position of a group then
         takes the same relaxed / Bernoulli sample, so the group halts as one).
@@ -322,78 +300,61 @@ class PACTBlock(Layer):
             result, cache = pact.discrete_forward(self._steps(), x, noise)
         self.cache = cache
         self.expected_steps, self.steps = result.expected_steps, result.steps
-        n = x.shape[0]  # every unit and head ran on the whole batch
-        self.flops_per_sample = sum(unit_flops(u, n) for u in self.units) + sum(h.flops(x) for h in self.heads)
+        # every unit and head ran on the whole batch
+        self.flops_per_sample = sum(layer.flops_per_sample for layer in self.units + self.heads)
         return result.output
 
-    def backward(self, dout):
+    def backward(self, dout, dexpected_steps=None, learning_signal=None):
+        """Gradient w.r.t. the block input after a training-mode forward.
+
+        Parameters
+        ----------
+        dout : ndarray, gradient w.r.t. the block output
+        dexpected_steps : ndarray shaped like ``expected_steps``, or None (no ponder penalty)
+        learning_signal : ndarray shaped like ``expected_steps`` or None — discrete mode only: the
+            loss of the sampled ``n`` minus a baseline, per latent (:meth:`latent_signal`)
+        """
         if self.cache is None or not isinstance(self.cache, (pact.RelaxedCache, pact.DiscreteCache)):
             raise RuntimeError("backward needs a training-mode forward (relaxed or discrete) first")
-        dexpected, signal = self._dexpected, self._signal
-        self._dexpected = self._signal = None
         if isinstance(self.cache, pact.RelaxedCache):
-            return pact.relaxed_backward(dout, dexpected, self.cache)
-        return pact.discrete_backward(dout, dexpected, signal, self.cache)
+            if learning_signal is not None:
+                raise ValueError("learning_signal is for the discrete mode; the relaxed mode is reparameterised")
+            return pact.relaxed_backward(dout, dexpected_steps, self.cache)
+        return pact.discrete_backward(dout, dexpected_steps, learning_signal, self.cache)
 
     def _early_halting_forward(self, x, rule):
-        """Evaluation: stop each latent by ``rule``; run only what is needed."""
+        """Evaluation: stop each latent by ``rule``; run only what is needed (the shared block loop)."""
         self.cache, self.expected_steps = None, None
-        if self.latents == "per-block":
-            steps = self._steps()
-            result = pact.halt_early_forward(steps, x, rule, self.rng if rule == "sample" else None)
-            self.steps = result.steps
-            self.flops_per_sample = self._per_block_flops(x, result.units_run)
-            return result.output
-        return self._sparse_forward(x, rule)
-
-    def _per_block_flops(self, x, units_run):
-        """FLOPs per image when image i ran units 1..units_run[i] (and the heads after them)."""
-        flops = np.zeros(x.shape[0], np.int64)
-        for index, unit in enumerate(self.units):
-            ran = units_run > index  # the images unit `index` ran on, in its last forward
-            if not ran.any():
-                break
-            cost = int(unit_flops(unit, int(ran.sum()))[0])  # the same for every image of the sub-batch
-            if index < len(self.heads):
-                cost += 2 * self.heads[index].channels
-            flops += cost * ran
-        return flops
-
-    def _sparse_forward(self, x, rule):
-        """Per-position early halting with residual branches at active positions only (as SACT)."""
-        n = x.shape[0]
-        current = self.units[0](x)  # the first unit runs densely (and may downsample)
-        flops = unit_flops(self.units[0], n)
-        active = np.ones((n, *current.shape[2:]), dtype=bool)
-        steps = np.ones(active.shape, dtype=np.int64)
-        for index in range(1, len(self.units)):
-            running = np.flatnonzero(active.any(axis=(1, 2)))
-            if running.size == 0:
-                break
-            head = self.heads[index - 1]
-            logits = head(current[running], active[running])
-            flops[running] += head.flops(current[running])
-            if rule == "threshold":
-                halts = logits > 0
-            else:
-                halts = bernoulli_from_noise(logits, self._noise(logits.shape, logits.dtype))
-            still = active[running] & ~halts
-            active = active.copy()
-            active[running] = still
-            running = running[still.any(axis=(1, 2))]
-            if running.size == 0:
-                break
-            residual, _, branch_flops = branch_forward(self.units[index], current[running], active[running], "sparse")
-            flops[running] += branch_flops
-            current = current.copy()
-            current[running] += residual
-            steps[running] += active[running]
-        self.steps, self.flops_per_sample = steps, flops
-        return current
+        policy = EarlyHalting(None if rule == "threshold" else self._noise)
+        run = run_units(self.units, self.heads, x, self.early_step(), policy, self.per_position, keep_outputs=False)
+        self.steps = 1 + sum(active.astype(np.int64) for active in run.active[1:])
+        self.flops_per_sample = run.flops_per_sample
+        return run.outputs[-1]
 
     def __repr__(self):
         group = f", group_size={self.group_size}" if self.latents == "group" else ""
         return f"PACTBlock({len(self.units)} units, latents={self.latents!r}{group}, mode={self.mode!r})"
+
+
+class EarlyHalting:
+    r"""PACT's test-time halting policies for the block loop of :mod:`refimpl.adaptive_block`.
+
+    Thresholded (``noise=None``): a latent halts at the first unit whose logit is positive
+    (:math:`h > 1/2`). Sampled: it halts with probability :math:`h = \sigma(a)`, drawn from
+    ``noise(shape, dtype)`` when the unit has run.
+    """
+
+    def __init__(self, noise=None):
+        self.noise = noise
+
+    def __call__(self, index, rows, logits, active):
+        if self.noise is None:
+            halts = logits > 0
+        else:
+            halts = bernoulli_from_noise(logits, self.noise(logits.shape, logits.dtype))
+        active = active.copy()
+        active[rows] &= ~halts
+        return active
 
 
 def _latent_group_size(latents, group_size):
@@ -430,20 +391,19 @@ class PACTResNet(AdaptiveResNet):
     kind = "pact"
 
     def __init__(self, n, num_classes, in_channels, rng, widths=(16, 32, 64), backend=None, tau=0.01,
-                 halting_bias=HALTING_BIAS, eps=0.01, dtype=np.float32, latents="per-block", mode="relaxed",
+                 halting_bias=HALTING_BIAS, dtype=np.float32, latents="per-block", mode="relaxed",
                  temperature=0.5, baseline_decay=0.9, group_size=None):
         rng = _checks.generator(rng)
         _checks.choice(latents, "latents", set(LATENTS))
         _latent_group_size(latents, group_size)  # before any weight is drawn
         self._noise_rng = np.random.default_rng(rng.integers(2**63))
-        super().__init__(n, num_classes, in_channels, rng, widths=widths, backend=backend, tau=tau,
-                         halting_bias=halting_bias, eps=eps, dtype=dtype, latents=latents, mode=mode,
-                         temperature=temperature, group_size=group_size)
+        super().__init__(n, num_classes, in_channels, rng, widths=widths, backend=backend, tau=tau, dtype=dtype,
+                         halting_bias=halting_bias, latents=latents, mode=mode, temperature=temperature,
+                         group_size=group_size)
         self.baselines = [pact.MovingAverageBaseline(baseline_decay) for _ in self.stages]
-        self._signal = None
 
-    def _make_block(self, units, rng, halting_bias, eps, backend, dtype, latents="per-block", mode="relaxed",
-                    temperature=0.5, group_size=None):
+    def make_block(self, units, rng, backend, dtype, halting_bias=HALTING_BIAS, latents="per-block", mode="relaxed",
+                   temperature=0.5, group_size=None):
         if latents == "per-block":
             heads = [LogitHead(u.out_channels, rng, halting_bias, dtype) for u in units[:-1]]
         elif latents == "per-position":
@@ -469,51 +429,36 @@ class PACTResNet(AdaptiveResNet):
         for block in self.stages:
             block.mode = mode
 
-    def block_ponder_costs(self):
-        """Each block's E_q[n] of the last forward (the number of units run, in early-halting evaluation)."""
-        return [b.expected_steps if b.expected_steps is not None else b.steps for b in self.stages]
+    def learning_signals(self, per_example_loss):
+        """Per block, the REINFORCE learning signal ``(f - b) / N`` of per-example losses ``f`` (N,).
 
-    def ponder_map(self, in_hw):
-        """Computation-time map (N, H, W) of the last forward, upsampled (nearest) to ``in_hw``.
-
-        Σ_blocks of E_q[n] per latent after a relaxed or discrete-training forward, of the units run
-        per latent after an early-halting evaluation (thresholded, discrete); a per-block latent
-        covers its whole map, a group its positions.
+        ``b`` is the block's moving-average baseline before this batch; the baselines then fold the
+        batch in. Only the discrete mode in training uses a learning signal.
         """
-        total = 0
-        for block in self.stages:
-            steps = block.expected_steps if block.expected_steps is not None else block.steps
-            if steps is None:
-                raise RuntimeError("ponder_map needs a forward first")
-            steps = np.asarray(steps, dtype=np.float64)
-            if steps.ndim == 1:
-                steps = steps[:, None, None]
-            total = total + _upsample_nearest(steps, tuple(in_hw))
-        return total
+        n = len(per_example_loss)
+        signals = [baseline.subtract(per_example_loss) / n for baseline in self.baselines]
+        for baseline in self.baselines:
+            baseline.update(per_example_loss)
+        return signals
 
-    def task_loss(self, logits, labels):
-        """Mean cross-entropy and its gradient; in discrete mode also the REINFORCE signals per block."""
-        logp = log_softmax(logits.astype(np.float64))
-        per_example = -logp[np.arange(len(labels)), labels]
-        dlogits = np.exp(logp)
-        dlogits[np.arange(len(labels)), labels] -= 1.0
-        n = len(labels)
-        if self.training and self.stages[0].mode == "discrete":
-            self._signal = [b.subtract(per_example) / n for b in self.baselines]
-            for b in self.baselines:
-                b.update(per_example)
-        return float(per_example.mean()), (dlogits / n).astype(logits.dtype)
+    def backward(self, dout, per_example_loss=None):
+        """Gradient of the logits (upstream ``dout``) and of :meth:`extra_loss` w.r.t. the input.
 
-    def backward(self, dout):
-        d = self.head.backward(dout)
-        signals = self._signal or [None] * len(self.stages)
-        self._signal = None
-        for block, signal in zip(reversed(self.stages), reversed(signals)):
-            e = block.expected_steps
-            dexpected = np.full(e.shape, self.tau / e.size, dtype=e.dtype)
-            block.set_gradients(dexpected, None if signal is None else block.latent_signal(signal))
-            d = block.backward(d)
-        return self.stem.backward(d)
+        ``per_example_loss`` (N,), the task loss of each example, makes the REINFORCE learning
+        signal of discrete training (without it only the pathwise and penalty gradients flow); the
+        other modes refuse it.
+        """
+        if per_example_loss is None:
+            return super().backward(dout)
+        if not (self.training and self.stages[0].mode == "discrete"):
+            raise ValueError(f"per_example_loss is for training in discrete mode, not mode {self.stages[0].mode!r}")
+        signals = self.learning_signals(np.asarray(per_example_loss, dtype=np.float64))
+        return self.blocks_backward(dout, [{"learning_signal": block.latent_signal(signal)}
+                                           for block, signal in zip(self.stages, signals)])
+
+    def objective_backward(self, dlogits, per_example_loss):
+        discrete = self.training and self.stages[0].mode == "discrete"
+        return self.backward(dlogits, per_example_loss if discrete else None)
 
     def __repr__(self):
         b = self.stages[0]
@@ -521,15 +466,6 @@ class PACTResNet(AdaptiveResNet):
         return f"PACTResNet-{self.depth}(latents={b.latents!r}{group}, mode={b.mode!r}, tau={self.tau})"
 
 
-def _builder(depth):
-    build = adaptive_resnet_builder(PACTResNet, depth)
-    build.__doc__ = (f"PACTResNet of depth {depth}; options: tau, latents, group_size, mode, temperature, "
-                     "baseline_decay, halting_bias, widths.")
-    return build
-
-
-build_pact_resnet8 = _builder(8)
-build_pact_resnet14 = _builder(14)
-build_pact_resnet20 = _builder(20)
-build_pact_resnet32 = _builder(32)
-build_pact_resnet110 = _builder(110)
+OPTIONS = "tau, latents, group_size, mode, temperature, baseline_decay, halting_bias, widths"
+build_pact_resnet8, build_pact_resnet14, build_pact_resnet20, build_pact_resnet32, build_pact_resnet110 = (
+    adaptive_resnet_builder(PACTResNet, depth, OPTIONS) for depth in DEPTHS)

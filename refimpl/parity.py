@@ -92,7 +92,7 @@ def train_parity(objective, size=64, steps=2000, batch_size=128, hidden_size=128
                                           beta=beta, prior_rate=prior_rate, noise=rng)
         objective_backward(np.full(batch_size, 1.0 / batch_size), cache, rnn)
         optimiser.step()
-        sums += [result.loss.mean(), result.task_loss.mean(), result.ponder.mean()]
+        sums += [result.loss.mean(), result.task_loss.mean(), result.ponder_cost.mean()]
         if step % log_every == 0 or step == steps:
             count = log_every if step % log_every == 0 else step % log_every
             for column, value in zip((log.loss, log.task_loss, log.ponder), sums / count):

@@ -4,13 +4,11 @@ One step is forward → loss → backward → optimiser update:
 
 .. math:: \theta \leftarrow \theta - \eta\, \nabla_\theta \big(L_\text{task}(f_\theta(x), y) + L_\text{extra}\big).
 
-The task loss is softmax cross-entropy (:mod:`refimpl.losses`). Two optional hooks let adaptive
-models join in without changing this loop:
-
-* ``model.extra_loss()`` — a float added to the reported loss after each forward (ACT/SACT:
-  τ · Σ_blocks mean ρ). The model's own ``backward`` is responsible for its gradient.
-* ``model.task_loss(logits, labels) -> (loss, dlogits)`` — replaces cross-entropy (e.g. a model
-  that needs the per-example loss as a REINFORCE learning signal).
+The task loss is softmax cross-entropy (:mod:`refimpl.losses`). Every model follows the training
+protocol of :class:`refimpl.layers.Layer`: ``model.extra_loss()`` is added to it (0 for a plain
+network; τ · ponder cost for an adaptive one), and ``model.objective_backward(dlogits,
+per_example_loss)`` differentiates the sum (a REINFORCE-trained model makes its learning signal
+from the per-example losses).
 
 ``fit`` records per epoch the training loss and accuracy, validation loss and accuracy, FLOPs
 per image (:mod:`refimpl.flops`: at the positions actually computed), learning rate and time. If
@@ -29,7 +27,6 @@ import numpy as np
 
 from . import _checks
 from .datasets import iterate_batches
-from .flops import last_flops_per_image
 from .layers import NonFiniteError, trace_non_finite
 from .losses import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 
@@ -80,15 +77,14 @@ class History:
 
 
 def compute_loss(model, logits, labels):
-    """``(loss, dlogits)``: the model's ``task_loss`` hook or cross-entropy, plus ``extra_loss()``."""
-    if hasattr(model, "task_loss"):
-        loss, dlogits = model.task_loss(logits, labels)
-    else:
-        loss, cache = softmax_cross_entropy_forward(logits, labels)
-        dlogits = softmax_cross_entropy_backward(1.0, cache)
-    if hasattr(model, "extra_loss"):
-        loss = loss + float(model.extra_loss())
-    return float(loss), dlogits
+    """``(loss, dlogits, per_example_loss)``: cross-entropy plus ``model.extra_loss()``.
+
+    ``dlogits`` is the gradient of the mean cross-entropy; ``per_example_loss`` (N,) the
+    cross-entropy of each example (for :meth:`~refimpl.layers.Layer.objective_backward`).
+    """
+    loss, cache = softmax_cross_entropy_forward(logits, labels)
+    dlogits = softmax_cross_entropy_backward(1.0, cache)
+    return float(loss + model.extra_loss()), dlogits, cache.per_example
 
 
 def _diverged(model, x, loss, where):
@@ -110,10 +106,10 @@ def train_step(model, x, y, optimizer):
     """
     model.zero_grad()
     logits = model(x)
-    loss, dlogits = compute_loss(model, logits, y)
+    loss, dlogits, per_example_loss = compute_loss(model, logits, y)
     if not np.isfinite(loss):
         raise _diverged(model, x, loss, f"optimiser step {optimizer.steps + 1}")
-    model.backward(dlogits.astype(logits.dtype, copy=False))
+    model.objective_backward(dlogits.astype(logits.dtype, copy=False), per_example_loss)
     optimizer.step()
     return loss, int(np.sum(np.argmax(logits, axis=1) == y)), logits
 
@@ -133,11 +129,11 @@ def evaluate(model, split, batch_size=256, progress=False):
     try:
         batches = iterate_batches(split.images, split.labels, batch_size)
         for x, y in _progress(batches, _n_batches(len(split), batch_size), "evaluate", progress):
-            logits = model(x.astype(_param_dtype(model), copy=False))
-            loss, _ = compute_loss(model, logits, y)
+            logits = model(x.astype(model.param_dtype, copy=False))
+            loss, _, _ = compute_loss(model, logits, y)
             total_loss += loss * len(y)
             predictions.append(np.argmax(logits, axis=1))
-            flops.append(last_flops_per_image(model, len(y)))
+            flops.append(model.flops_per_sample)
     finally:
         model.train(was_training)
     seconds = time.perf_counter() - start
@@ -173,7 +169,7 @@ def fit(model, optimizer, train, val=None, epochs=1, batch_size=64, rng=None, sc
         raise ValueError(f"epochs must be a non-negative int, got {epochs!r}")
     if len(train) == 0:
         raise ValueError("train must hold at least one example")
-    dtype = _param_dtype(model)
+    dtype = model.param_dtype
     history, elapsed = History(), 0.0
     for epoch in range(1, epochs + 1):
         model.train()
@@ -195,7 +191,7 @@ def fit(model, optimizer, train, val=None, epochs=1, batch_size=64, rng=None, sc
                 bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", lr=f"{optimizer.lr:.3g}")
         seconds = time.perf_counter() - start
         elapsed += seconds
-        flops = last_flops_per_image(model, len(y)).mean()
+        flops = model.flops_per_sample.mean()
         val_loss = val_accuracy = None
         if val is not None and len(val):
             result = evaluate(model, val, batch_size=max(batch_size, 128))
@@ -237,12 +233,6 @@ def plot_history(history, path=None):
         fig.savefig(path, dpi=100)
         plt.close(fig)
     return fig
-
-
-def _param_dtype(model):
-    for _, p, _ in model.named_parameters():
-        return p.dtype
-    return np.dtype(np.float32)
 
 
 def _n_batches(n, batch_size):

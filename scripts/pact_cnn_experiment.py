@@ -82,13 +82,13 @@ def main(argv=None):
                               tau=args.tau, **options, **extra)
             optimiser = Adam(net.named_parameters(), lr=args.lr)
             record = {"model": model_name, "options": options, "checkpoints": []}
-            if hasattr(net, "latent_count"):
+            if model_name.startswith("pact"):
                 record["latents_per_image"] = net.latent_count(info["image_hw"])
                 print(f"{name}: {record['latents_per_image']} halting latents per image", flush=True)
             started = time.perf_counter()
             for epoch in range(args.eval_every, epochs + 1, args.eval_every):
                 fit(net, optimiser, splits["train"], epochs=args.eval_every, batch_size=64, rng=rng, progress=False)
-                record["checkpoints"].append({"epoch": epoch, "evaluation": _evaluate(net, splits["test"], options)})
+                record["checkpoints"].append({"epoch": epoch, "evaluation": _evaluate(net, splits["test"], options, model_name)})
                 _print(name, epoch, record["checkpoints"][-1]["evaluation"])
             record["train_seconds"] = time.perf_counter() - started
             results[name] = record
@@ -96,9 +96,10 @@ def main(argv=None):
     print(f"wrote {out / 'pact_cnn.json'}")
 
 
-def _evaluate(net, split, options):
+def _evaluate(net, split, options, model_name):
     """Test loss / accuracy / FLOPs in every mode the model has (PACT: relaxed, discrete, thresholded)."""
-    modes = ["relaxed", "discrete", "thresholded"] if hasattr(net, "set_mode") else [None]
+    is_pact = model_name.startswith("pact")
+    modes = ["relaxed", "discrete", "thresholded"] if is_pact else [None]
     out = {}
     for mode in modes:
         if mode is not None:
@@ -106,7 +107,7 @@ def _evaluate(net, split, options):
         r = evaluate(net, split)
         out[mode or "act"] = {"loss": r["loss"], "accuracy": r["accuracy"], "mflops": r["flops_per_image"] / 1e6,
                               "mflops_std": r["flops_std"] / 1e6}
-    if hasattr(net, "set_mode"):
+    if is_pact:
         net.set_mode(options["mode"])
     return out
 

@@ -91,7 +91,7 @@ def test_act_objective_matches_halting_math_by_hand():
     state = sum(halt.p[:, n, None] * states[n] for n in range(3))
     task, _ = logistic_loss(rnn.readout(state), y1[:, 0])
     np.testing.assert_allclose(result.loss, task + 0.1 * halt.rho, rtol=1e-12)
-    np.testing.assert_allclose(result.ponder[:, 0], halt.rho)
+    np.testing.assert_allclose(result.ponder_cost[:, 0], halt.rho)
 
 
 def test_pondernet_objective_uses_kl_of_halting_distribution_to_prior():

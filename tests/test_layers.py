@@ -12,7 +12,8 @@ from refimpl.conv import conv2d_forward
 from refimpl.conv_layer import Conv2d, PerforationSpec, apply_perforation, as_perforation_spec
 from refimpl.gradcheck import check_gradients
 from refimpl.layers import (AvgPool2d, BatchNorm1d, BatchNorm2d, Dropout, Flatten, GlobalAvgPool2d, LeakyReLU, Linear,
-                            MaxPool2d, NonFiniteError, ReLU, Sequential, trace_non_finite)
+                            MaxPool2d, NonFiniteError, ReLU, Sequential, trace_non_finite, update_running_statistics)
+from refimpl.resnet import resnet
 from refimpl.losses import softmax_cross_entropy_backward, softmax_cross_entropy_forward
 from refimpl.masks import grid_mask
 from refimpl.perforation import fill_forward, PerforationPlan
@@ -299,3 +300,28 @@ def test_set_mask_none_returns_to_dense():
     assert not layer.is_perforated
     layer.forward(np.ones((1, 1, 4, 4), np.float32))
     assert layer.cache.plan.full
+
+
+# --- the FLOPs form and the running statistics ---------------------------------------------------
+
+
+def test_every_layer_reports_flops_per_sample_and_composites_add_their_children():
+    model = resnet(8, 10, 1, np.random.default_rng(0), widths=(2, 3, 4))
+    model(np.zeros((3, 1, 8, 8), np.float32))
+    for name, layer in model.named_layers():
+        assert layer.flops_per_sample.shape == (3,) and layer.flops_per_sample.dtype == np.int64, name
+        children = layer.children()
+        if children:
+            np.testing.assert_array_equal(layer.flops_per_sample, sum(c.flops_per_sample for _, c in children))
+        assert layer.flops == int(layer.flops_per_sample.sum())
+    assert model.stages[0].units[0].relu1.flops == 0
+    assert model.stem.flops_per_sample[0] == 2 * 1 * 9 * 2 * 64  # C kh kw K per position, 8x8 positions
+    assert model.head[3].flops_per_sample[0] == 2 * 4 * 10
+
+
+@pytest.mark.parametrize("count, factor", [(4, 4 / 3), (1, 1.0)])
+def test_running_variance_enters_unbiased_except_for_a_single_value(count, factor):
+    bn = BatchNorm2d(2, momentum=0.5, dtype=F64)
+    update_running_statistics(bn, np.array([2.0, 4.0]), np.array([3.0, 6.0]), count)
+    np.testing.assert_allclose(bn.buffers["running_mean"], [1.0, 2.0])
+    np.testing.assert_allclose(bn.buffers["running_var"], [0.5 + 1.5 * factor, 0.5 + 3.0 * factor])

@@ -5,6 +5,7 @@ import pytest
 
 from refimpl.gradcheck import check_gradients
 from refimpl.models import build_model
+from refimpl.training import compute_loss
 from refimpl.pact_resnet import (
     GroupLogitHead,
     PACTResNet,
@@ -13,7 +14,7 @@ from refimpl.pact_resnet import (
     group_mean_forward,
     group_sum,
 )
-from refimpl.sact import branch_forward
+from refimpl.sparse_unit import branch_forward
 
 from pact_checks import fixed_noise, network_gradient_errors, tiny_net
 
@@ -24,8 +25,8 @@ def train_step(net, x, labels):
     """Forward, cross-entropy (+ REINFORCE signals in discrete mode), backward; the gradients by name."""
     net.zero_grad()
     logits = net(x)
-    _, dlogits = net.task_loss(logits, labels)
-    dx = net.backward(dlogits)
+    _, dlogits, per_example_loss = compute_loss(net, logits, labels)
+    dx = net.objective_backward(dlogits, per_example_loss)
     return logits, dx, {name: g.copy() for name, _, g in net.named_parameters()}
 
 

@@ -8,10 +8,10 @@ from refimpl.gradcheck import check_gradients
 from refimpl.models import build_model
 from refimpl.optim import SGD
 from refimpl.pact_resnet import LogitHead, PACTResNet, SpatialLogitHead
-from refimpl.sact import branch_forward
+from refimpl.sparse_unit import branch_forward
 
 from pact_checks import network_gradient_errors, tiny_net
-from refimpl.training import fit
+from refimpl.training import compute_loss, fit
 
 GRAD_TOL = 1e-6
 
@@ -37,8 +37,11 @@ def test_discrete_heads_learn_only_through_reinforce_when_tau_is_zero():
     for with_signal in (False, True):
         net.zero_grad()
         logits = net(x)
-        _, dlogits = net.task_loss(logits, labels) if with_signal else (None, np.full((3, 3), 0.1))
-        net.backward(dlogits)
+        if with_signal:
+            _, dlogits, per_example_loss = compute_loss(net, logits, labels)
+            net.objective_backward(dlogits, per_example_loss)
+        else:
+            net.backward(np.full((3, 3), 0.1))
         head_grads.append(sum(float(np.abs(g).sum()) for name, _, g in net.named_parameters() if ".heads." in name))
     assert head_grads[0] == 0.0  # the output U_n does not depend on the heads: no pathwise gradient
     assert head_grads[1] > 0.0  # the score-function term reaches them
@@ -170,3 +173,14 @@ def test_train_and_evaluate_cli_in_every_mode(tmp_path, capsys):
     for mode in ("thresholded", "discrete", "relaxed"):
         assert main(["evaluate", "--checkpoint", str(run / "checkpoint.npz"), "--mode", mode]) == 0
         assert f"in {mode} mode" in capsys.readouterr().out
+
+
+def test_reinforce_inputs_are_refused_where_no_estimator_uses_them():
+    rng, net, x = tiny_net("per-block", "relaxed")
+    net(x)
+    with pytest.raises(ValueError, match="per_example_loss"):
+        net.backward(np.zeros((3, 3)), np.ones(3))
+    block = net.stages[0]
+    out = block(net.stem(x))
+    with pytest.raises(ValueError, match="learning_signal"):
+        block.backward(np.zeros_like(out), None, np.ones(3))

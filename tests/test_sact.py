@@ -11,14 +11,9 @@ from refimpl.backend import NumpyBackend
 from refimpl.gradcheck import check_gradients, numerical_gradient, relative_error
 from refimpl.layers import batchnorm_forward
 from refimpl.resnet import make_stage
-from refimpl.sact import (
-    SACTBlock,
-    SACTResNet,
-    SpatialHaltingHead,
-    dilate,
-    masked_batchnorm_backward,
-    masked_batchnorm_forward,
-)
+from refimpl.sact import SACTBlock, SACTResNet, SpatialHaltingHead
+from refimpl.sparse_unit import (dilate, masked_batchnorm_backward, masked_batchnorm_forward, sparse_unit_backward,
+                                 sparse_unit_forward)
 from test_act import block_gradient_errors, find_case
 from tolerances import GRADCHECK_RTOL, assert_close
 
@@ -86,6 +81,50 @@ def test_masked_batchnorm_gradients():
     assert max(errors.values()) < GRADCHECK_RTOL, errors
 
 
+def unit_with_statistics(rng, training):
+    """A float64 residual unit (3 channels); in evaluation, with running statistics from one batch."""
+    unit = make_stage(3, 3, 1, 1, rng, dtype=np.float64).units[0]
+    if not training:
+        unit(rng.standard_normal((4, 3, 5, 5)))
+        unit.eval()
+    return unit
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_sparse_unit_gradients_float64(training):
+    rng = np.random.default_rng(11)
+    unit = unit_with_statistics(rng, training)
+    active = rng.random((2, 5, 5)) < 0.4
+    active[:, 2, 2] = True
+    inputs = {"x": rng.standard_normal((2, 3, 5, 5)), **{name: p for name, p, _ in unit.named_parameters()}}
+    state = {}
+
+    def forward(x, **_):  # the parameters are changed in place by the check
+        out, state["cache"], _ = sparse_unit_forward(unit, x, active)
+        return out
+
+    def backward(dout):
+        unit.zero_grad()
+        dx = sparse_unit_backward(unit, dout, state["cache"])
+        return {"x": dx, **{name: g.copy() for name, _, g in unit.named_parameters()}}
+
+    errors = check_gradients(forward, backward, inputs, rng)
+    assert len(errors) == 1 + 6  # x, bn1.gamma/beta, conv1.w, bn2.gamma/beta, conv2.w
+    assert max(errors.values()) < GRADCHECK_RTOL, errors
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_sparse_unit_with_every_position_active_is_the_unit(training):
+    rng = np.random.default_rng(12)
+    unit = unit_with_statistics(rng, training)
+    x = rng.standard_normal((2, 3, 5, 5))
+    out, cache, flops = sparse_unit_forward(unit, x, np.ones((2, 5, 5), dtype=bool))
+    assert_close(out, unit(x))
+    np.testing.assert_array_equal(flops, unit.flops_per_sample)
+    dout = rng.standard_normal(out.shape)
+    assert_close(sparse_unit_backward(unit, dout, cache), unit.backward(dout))
+
+
 def test_spatial_head_is_zero_where_inactive_and_sparse_equals_dense():
     rng = np.random.default_rng(4)
     head = SpatialHaltingHead(3, rng, dtype=np.float64)
@@ -125,9 +164,7 @@ def sact_net(rng, bias=0.3, tau=0.05, n=3, backend=None, local_scale=3.0):
 def run(model, x, g, drho=None):
     model.zero_grad()
     out = model(x)
-    if drho is not None:
-        model.set_ponder_grad(drho)
-    dx = model.backward(g)
+    dx = model.backward(g) if drho is None else model.backward(g, drho)
     return out, dx, {name: grad.copy() for name, _, grad in model.named_parameters()}
 
 
@@ -227,7 +264,7 @@ def test_flops_counted_equal_positions_computed():
     net, x, rng = find_case(lambda r: sact_net(r, backend=backend), (4, 1, 8, 8), margin=1e-6)
     backend.flops = 0
     net(x)
-    head_linear = sum(2 * h.channels * len(b.cache.ran[i]) for b in net.stages for i, h in enumerate(b.heads))
+    head_linear = sum(2 * h.channels * len(b.cache.run.ran[i]) for b in net.stages for i, h in enumerate(b.heads))
     classifier = 2 * WIDTHS[-1] * 4 * x.shape[0]
     assert int(net.flops_per_sample.sum()) == backend.flops + head_linear + classifier
     # and from the masks alone: conv1 on the dilated mask, conv2 and the head conv on the active mask

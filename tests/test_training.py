@@ -262,3 +262,13 @@ def test_resnet8_overfits_64_cluttered_digits():
     assert history.epochs[0].train_accuracy < 0.3  # it did not start out knowing the answer
     assert evaluate(model, data)["accuracy"] == 1.0
     assert math.isfinite(history.epochs[-1].train_loss) and history.epochs[-1].train_loss < 0.05
+
+
+def test_training_protocol_of_a_plain_model():
+    model = Sequential(Linear(2, 3, rng(), dtype=np.float64))
+    assert model.extra_loss() == 0.0 and model.param_dtype == np.float64
+    x = rng().standard_normal((4, 2))
+    model(x)
+    d = rng(1).standard_normal((4, 3))
+    np.testing.assert_array_equal(model.objective_backward(d, np.ones(4)), model.backward(d))
+    assert Sequential(ReLU()).param_dtype == np.float32  # no parameters
