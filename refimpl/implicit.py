@@ -32,7 +32,7 @@ import numpy as np
 
 from . import _checks
 from .conv import conv_output_shape
-from .perforation import INDEX_DTYPE, PerforationPlan
+from .perforation import INDEX_DTYPE, PerforationPlan, frozen_copy
 
 POOL_MODES = ("max", "avg")
 
@@ -52,7 +52,7 @@ def compose_index_table(index_map, kernel, stride=1, padding=0, out_positions=No
     Returns
     -------
     table : ndarray of int32 (B, R, kh*kw)
-        Source index read by tap ``t = i * kw + j`` of output ``o``; -1 for padding.
+        Source index read by tap ``t = i * kw + j`` of output ``o``; -1 for padding. Read-only.
     """
     if not isinstance(index_map, np.ndarray) or not np.issubdtype(index_map.dtype, np.integer):
         raise TypeError(f"index_map must be an integer numpy array, got {getattr(index_map, 'dtype', type(index_map).__name__)}")
@@ -83,13 +83,14 @@ def compose_index_table(index_map, kernel, stride=1, padding=0, out_positions=No
     inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
     table = index_map[:, np.clip(iy, 0, h - 1), np.clip(ix, 0, w - 1)]  # (B, R, kh, kw)
     table = np.where(inside[None], table, -1)
-    return table.reshape(b, len(out_positions), kh * kw).astype(INDEX_DTYPE)
+    # Read-only over immutable memory: backends may cache it by identity and read it as offsets.
+    return frozen_copy(table.reshape(b, len(out_positions), kh * kw).astype(INDEX_DTYPE))
 
 
 def dense_index_map(in_hw):
     """The identity index map of an unperforated input: position (y, x) lives at ``y * W + x``."""
     h, w = in_hw
-    return np.arange(h * w, dtype=INDEX_DTYPE).reshape(1, h, w)
+    return frozen_copy(np.arange(h * w, dtype=INDEX_DTYPE).reshape(1, h, w))
 
 
 def _gather(src, table):

@@ -24,7 +24,7 @@ identically.
 
 from __future__ import annotations
 
-from functools import cached_property
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -129,8 +129,37 @@ def _check_mask_type(mask, ndims):
         raise ValueError(f"mask must have shape {shapes}, got shape {mask.shape}")
 
 
+def frozen_copy(array):
+    """A read-only copy of ``array`` whose memory is an immutable ``bytes`` object.
+
+    ``flags.writeable = False`` alone can be switched back on by anyone holding the array; an
+    array over ``bytes`` cannot (nor can any view of it), so data derived from it stays valid.
+    """
+    array = np.ascontiguousarray(array)
+    if array.size == 0:
+        frozen = array.copy()
+        frozen.flags.writeable = False
+        return frozen
+    return np.frombuffer(array.tobytes(), dtype=array.dtype).reshape(array.shape)
+
+
+def is_frozen(array):
+    """Whether ``array`` was made by :func:`frozen_copy` (its memory chain ends in ``bytes``)."""
+    base = array
+    while isinstance(base, np.ndarray):
+        if base.flags.writeable:
+            return False
+        base = base.base
+    return isinstance(base, bytes)
+
+
 class PerforationPlan:
     """A mask turned into the integer arrays that every convolution backend consumes.
+
+    A plan is immutable: it keeps its own copy of the mask, every array it holds is read-only
+    (over immutable memory, see :func:`frozen_copy`) and attributes cannot be reassigned, so the
+    positions, counts and index map always describe the same mask. Backends rely on this: they
+    read ``positions`` and ``index_map`` as memory offsets.
 
     Parameters
     ----------
@@ -149,41 +178,69 @@ class PerforationPlan:
     counts : ndarray of int32 (B,)
         Number of computed positions of each sample.
     index_map : ndarray of int32 (B, Ho, Wo)
-        Nearest computed position, as an index into the compact axis (computed on first use).
+        Nearest computed position, as an index into the compact axis. Derived from the plan's own
+        read-only mask on first use (per-sample plans of zero-fill layers never need it, and it
+        costs O(Ho² Wo) per sample), so it cannot disagree with ``positions``.
     full : bool
         Every position is computed (the layer is the dense convolution).
     """
 
+    __slots__ = ("mask", "shared", "out_hw", "counts", "positions", "full", "tie_break", "_rng", "_index_map",
+                 "__weakref__")
+
     def __init__(self, mask, tie_break="raster", rng=None):
         _check_mask_type(mask, ndims=(2, 3))
         _checks.choice(tie_break, "tie_break", {"raster", "random"})
-        self.shared = mask.ndim == 2
-        # A copy: the plan's integer arrays are derived from the mask, so a caller editing their
-        # array afterwards must not change the plan's mask behind its back.
-        self.mask = np.array(mask[None] if self.shared else mask, dtype=bool, order="C", copy=True)
-        _checks.bool_mask(self.mask, "mask", self.mask.shape[1:])
-        self.out_hw = tuple(self.mask.shape[1:])
-        flat = self.mask.reshape(self.mask.shape[0], -1)
-        self.counts = flat.sum(axis=1).astype(INDEX_DTYPE)
-        self.positions = np.full((flat.shape[0], int(self.counts.max())), -1, dtype=INDEX_DTYPE)
-        for b, row in enumerate(flat):
-            kept = np.flatnonzero(row)
-            self.positions[b, : kept.size] = kept
-        self.full = bool(flat.all())
-        self.tie_break = tie_break
-        self._rng = rng
         if tie_break == "random":
             _checks.generator(rng)
+        shared = mask.ndim == 2
+        # A copy: the plan's integer arrays are derived from the mask, so a caller editing their
+        # array afterwards must not change the plan's mask behind its back.
+        own = np.array(mask[None] if shared else mask, dtype=bool, order="C", copy=True)
+        _checks.bool_mask(own, "mask", own.shape[1:])
+        flat = own.reshape(own.shape[0], -1)
+        counts = flat.sum(axis=1).astype(INDEX_DTYPE)
+        positions = np.full((flat.shape[0], int(counts.max())), -1, dtype=INDEX_DTYPE)
+        for b, row in enumerate(flat):
+            kept = np.flatnonzero(row)
+            positions[b, : kept.size] = kept
+        init = object.__setattr__
+        init(self, "mask", frozen_copy(own))
+        init(self, "shared", shared)
+        init(self, "out_hw", tuple(int(v) for v in own.shape[1:]))
+        init(self, "counts", frozen_copy(counts))
+        init(self, "positions", frozen_copy(positions))
+        init(self, "full", bool(flat.all()))
+        init(self, "tie_break", tie_break)
+        init(self, "_rng", rng)
+        init(self, "_index_map", None)
+        if tie_break == "random":
             _ = self.index_map  # draw the ties now, so the generator is consumed at a known time
+
+    def __setattr__(self, name, value):
+        # The plan's own fields are fixed; a subclass may keep state of its own (a plan with a
+        # different fill map, say), whose index map the backends then check before use.
+        if name in _PLAN_FIELDS:
+            raise AttributeError(f"PerforationPlan is immutable (cannot set {name!r}); build a new plan from a mask")
+        object.__setattr__(self, name, value)
+
+    def __delattr__(self, name):
+        if name in _PLAN_FIELDS:
+            raise AttributeError(f"PerforationPlan is immutable (cannot delete {name!r})")
+        object.__delattr__(self, name)
 
     @classmethod
     def dense(cls, out_hw):
-        """The plan of the ordinary convolution: every position computed."""
-        return cls(np.ones(out_hw, dtype=bool))
+        """The plan of the ordinary convolution: every position computed (one shared plan per size)."""
+        return _dense_plan(tuple(_checks.positive_pair(out_hw, "out_hw")))
 
-    @cached_property
+    @property
     def index_map(self):
-        return np.stack([nearest_index(m, self.tie_break, self._rng) for m in self.mask])
+        if self._index_map is None:
+            index_map = np.stack([nearest_index(m, self.tie_break, self._rng) for m in self.mask])
+            object.__setattr__(self, "_index_map", frozen_copy(index_map))
+            object.__setattr__(self, "_rng", None)  # consumed: the map is fixed from now on
+        return self._index_map
 
     @property
     def batch(self):
@@ -220,6 +277,18 @@ class PerforationPlan:
         positions = np.broadcast_to(self.positions, (n, self.width))
         sample, slot = np.nonzero(positions >= 0)
         return sample, slot, positions[sample, slot]
+
+    def __repr__(self):
+        kind = "shared" if self.shared else f"per-sample x{self.batch}"
+        return f"<PerforationPlan {kind} {self.out_hw[0]}x{self.out_hw[1]}, rate {self.rate:.3f}>"
+
+
+_PLAN_FIELDS = frozenset(PerforationPlan.__slots__) | {"index_map"}
+
+
+@lru_cache(maxsize=64)
+def _dense_plan(out_hw):
+    return PerforationPlan(np.ones(out_hw, dtype=bool))
 
 
 def as_plan(mask, out_hw, batch, name="mask"):
