@@ -360,6 +360,7 @@ class OpenCLBackend(ConvBackend):
             raise ImportError(f"pyopencl is not installed ({_PYOPENCL_IMPORT_ERROR}); pip install 'ponder[opencl]'")
         if kernels is not None and kernels not in KERNEL_VARIANTS:
             raise ValueError(f"kernels must be one of {KERNEL_VARIANTS} or None, got {kernels!r}")
+        self.array_types = (np.ndarray, cla.Array)
         self.context = context if context is not None else default_context()
         self.device = self.context.devices[0]
         self.device_name = _device_label(self.device)
@@ -629,7 +630,7 @@ class OpenCLBackend(ConvBackend):
         packed, ldw = self._pack(w, k, c, taps, 1, False, src.dtype)
         return self._table_gemm(src, table, table_batch, counts, rows, taps, packed, ldw, k, b)
 
-    def _conv_backward(self, dout, cache, inverse, depth):
+    def _gradients(self, dout, cache, inverse, depth):
         """(dsrc, dw, db) of a table convolution; dsrc by the GEMM through the inverse table."""
         n, k, rows = dout.shape
         src, w = cache.src, cache.w
@@ -644,7 +645,7 @@ class OpenCLBackend(ConvBackend):
 
     # -- the interface -------------------------------------------------------------------------
 
-    def conv_forward(self, x, w, b, plan, geometry):
+    def _conv_forward(self, x, w, b, plan, geometry):
         on_device = isinstance(x, cla.Array)
         dtype = self._check_dtype(x.dtype)
         n, c, h, wd = x.shape
@@ -661,7 +662,7 @@ class OpenCLBackend(ConvBackend):
                                 tuple(x.shape), plan.width)
         return self._result(out, on_device), cache
 
-    def conv_backward(self, dcompact, cache):
+    def _conv_backward(self, dcompact, cache):
         on_device = isinstance(dcompact, cla.Array)
         dout = self._device_array(dcompact, cache.src.dtype)
         plan, key = cache.inverse_key
@@ -672,11 +673,11 @@ class OpenCLBackend(ConvBackend):
             return self._upload_int(inverse), depth
 
         inverse, depth = self._cached(plan, key, upload_inverse)
-        dx, dw, db = self._conv_backward(dout, cache, inverse, depth)
+        dx, dw, db = self._gradients(dout, cache, inverse, depth)
         dx = dx.reshape(*cache.src_shape)
         return tuple(self._result(a, on_device) for a in (dx, dw, db))
 
-    def fill_forward(self, compact, plan, fill):
+    def _fill_forward(self, compact, plan, fill):
         on_device = isinstance(compact, cla.Array)
         dtype = self._check_dtype(compact.dtype)
         src = self._device_array(compact)
@@ -693,7 +694,7 @@ class OpenCLBackend(ConvBackend):
                      ho * wo, p, k, 1, plan.batch, index, src, dense)
         return self._result(dense.reshape(n, k, ho, wo), on_device)
 
-    def fill_backward(self, ddense, plan, fill):
+    def _fill_backward(self, ddense, plan, fill):
         on_device = isinstance(ddense, cla.Array)
         dtype = self._check_dtype(ddense.dtype)
         n, k, ho, wo = ddense.shape
@@ -713,12 +714,14 @@ class OpenCLBackend(ConvBackend):
                      p, ho * wo, k, depth, plan.batch, inverse, src, dcompact)
         return self._result(dcompact, on_device)
 
-    def _table(self, table):
-        """Host and device copies of an index table (B, R, T)."""
-        host = table.get(self.queue) if isinstance(table, cla.Array) else np.asarray(table)
+    def _host_index(self, table):
+        return table.get(self.queue) if isinstance(table, cla.Array) else table
+
+    def _table(self, host):
+        """Host and device copies of a validated (read-only) index table (B, R, T)."""
         return host, self._cached(host, "table", lambda: self._upload_int(host))
 
-    def table_conv_forward(self, src, table, w, b):
+    def _table_conv_forward(self, src, table, w, b):
         on_device = isinstance(src, cla.Array)
         dtype = self._check_dtype(src.dtype)
         sdev = self._device_array(src)
@@ -731,7 +734,7 @@ class OpenCLBackend(ConvBackend):
         cache = OpenCLConvCache(sdev, wdev, tdev, counts, batch, (host, "inverse"), tuple(src.shape), rows)
         return self._result(out, on_device), cache
 
-    def table_conv_backward(self, dout, cache):
+    def _table_conv_backward(self, dout, cache):
         on_device = isinstance(dout, cla.Array)
         ddev = self._device_array(dout, cache.src.dtype)
         host, key = cache.inverse_key
@@ -742,12 +745,10 @@ class OpenCLBackend(ConvBackend):
             return self._upload_int(inverse), depth
 
         inverse, depth = self._cached(host, key, upload_inverse)
-        dsrc, dw, db = self._conv_backward(ddev, cache, inverse, depth)
+        dsrc, dw, db = self._gradients(ddev, cache, inverse, depth)
         return tuple(self._result(a, on_device) for a in (dsrc, dw, db))
 
-    def table_pool_forward(self, src, table, mode):
-        if mode not in ("max", "avg"):
-            raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+    def _table_pool_forward(self, src, table, mode):
         on_device = isinstance(src, cla.Array)
         dtype = self._check_dtype(src.dtype)
         sdev = self._device_array(src)
@@ -761,7 +762,7 @@ class OpenCLBackend(ConvBackend):
                      argmax if argmax is not None else out)
         return self._result(out, on_device), OpenCLPoolCache(mode, tdev, host, argmax, tuple(src.shape))
 
-    def table_pool_backward(self, dout, cache):
+    def _table_pool_backward(self, dout, cache):
         on_device = isinstance(dout, cla.Array)
         dtype = self._check_dtype(dout.dtype)
         ddev = self._device_array(dout)

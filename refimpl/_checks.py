@@ -95,6 +95,17 @@ def gradient(dout, name, shape, dtype):
     return np.ascontiguousarray(dout, dtype=dtype)
 
 
+def upstream(dout, name, shape):
+    """Check an upstream gradient of a pure function: a finite float array of exactly ``shape``.
+
+    Like :func:`gradient` without the cast (these functions compute in the gradient's dtype).
+    """
+    dout = float_array(dout, name).reshape(np.shape(dout))  # keep a 0-d gradient 0-d
+    if dout.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the forward output's), got {dout.shape}")
+    return dout
+
+
 def same_dtype(arrays, names):
     """Raise TypeError unless every array in ``arrays`` has the dtype of the first."""
     dtypes = [a.dtype for a in arrays]

@@ -189,7 +189,7 @@ class Conv2d(Layer):
             out = compact.reshape(n, self.out_channels, *out_hw)  # raster order: already dense
         else:
             out = self.backend.fill_forward(compact, plan, fill)
-        self.cache = PerforatedConvCache(self.backend, conv_cache, plan, fill)
+        self.cache = PerforatedConvCache(self.backend, conv_cache, plan, fill, out.shape, x.dtype)
         per_position = 2 * self.in_channels * self.kernel[0] * self.kernel[1] * self.out_channels
         counts = np.broadcast_to(plan.counts.astype(np.int64), (n,)) if plan.shared else plan.counts.astype(np.int64)
         self.flops_per_sample = per_position * counts
@@ -198,7 +198,7 @@ class Conv2d(Layer):
 
     def backward(self, dout):
         cache = self.cache
-        dout = np.ascontiguousarray(dout)
+        dout = _checks.gradient(dout, "dout", cache.out_shape, cache.dtype)
         if cache.plan.full:
             dcompact = dout.reshape(dout.shape[0], dout.shape[1], -1)
         else:
