@@ -45,7 +45,7 @@ import numpy as np
 
 from refimpl.conv import check_conv_args, conv_flops
 from refimpl.masks import grid_mask
-from refimpl.perforation import PerforationPlan
+from refimpl.plan import PerforationPlan
 
 DEFAULT_RATES = (0.0, 0.25, 0.5, 0.75)
 PASSES = ("forward", "forward+backward")

@@ -12,7 +12,7 @@ dX of both              dY (N, K, R)          the inverted table: readers of eac
 ======================= ===================== ========================================
 
 Index data (tables, their inverses, fill indices) is integer data derived on the host from the
-:class:`~refimpl.perforation.PerforationPlan` or the given table, uploaded once and cached with
+:class:`~refimpl.plan.PerforationPlan` or the given table, uploaded once and cached with
 that object. Float data may stay on the device: every method accepts NumPy arrays or
 :class:`pyopencl.array.Array` and returns the kind it was given (``to_device`` / ``to_host``
 move data explicitly), so a chain of backend calls whose activations live on the device copies
@@ -821,7 +821,7 @@ def chain_transfer_share(backend, rng, batch=16, channels=32, size=32, rate=0.5,
     from refimpl.conv import ConvGeometry, conv_output_shape
     from refimpl.implicit import compose_index_table, dense_index_map
     from refimpl.masks import grid_mask
-    from refimpl.perforation import PerforationPlan
+    from refimpl.plan import PerforationPlan
 
     x = rng.standard_normal((batch, channels, size, size)).astype(dtype)
     w1 = (rng.standard_normal((channels, channels, 3, 3)) * 0.1).astype(dtype)

@@ -82,14 +82,14 @@ def nonempty(x, name):
     return x
 
 
-def gradient(dout, name, shape, dtype):
+def gradient(dout, name, shape, dtype, allow_nonfinite=False):
     """Check an upstream gradient: a finite float array of exactly ``shape``, cast to ``dtype``.
 
     The cast lets a float64 gradient flow into a float32 layer (the result is float32, like the
     forward pass); the shape check is strict, because broadcasting a wrong-shaped gradient would
     give wrong numbers without an error.
     """
-    dout = float_array(dout, name)
+    dout = float_array(dout, name, allow_nonfinite=allow_nonfinite)
     if dout.shape != tuple(shape):
         raise ValueError(f"{name} must have the forward output's shape {tuple(shape)}, got {dout.shape}")
     return np.ascontiguousarray(dout, dtype=dtype)

@@ -9,7 +9,7 @@ The interface has four operation pairs, each ``*_forward`` returning ``(out, cac
 
 ===================== ====================================================================
 ``conv``              perforated convolution to the compact tensor (N, K, P) given a
-                      :class:`~refimpl.perforation.PerforationPlan` (dense = full plan)
+                      :class:`~refimpl.plan.PerforationPlan` (dense = full plan)
 ``fill``              compact (N, K, P) → dense (N, K, Ho, Wo), ``"nearest"`` or ``"zero"``
 ``table_conv``        convolution reading (N, C, S) through an index table (B, R, T)
 ``table_pool``        max/avg pooling reading through an index table
@@ -24,6 +24,12 @@ input with the same message. The checks cost O(1) per array plus O(table size), 
 the float data. Masks, index maps and tables are computed by ``refimpl`` and consumed, never
 re-derived, by a backend — that is how all backends fill identically.
 
+The layering (each module imports only those above it in this list): :mod:`refimpl.plan` (the
+immutable plan) → :mod:`refimpl.numpy_kernels` (the reference kernels) and
+:mod:`refimpl.backend_checks` → this module (the interface, :class:`NumpyBackend` as the adapter
+onto the kernels, the registry) → the public functions of :mod:`refimpl.perforation` and
+:mod:`refimpl.implicit`, which validate and dispatch here. Nothing below calls back up.
+
 Backends other than NumPy live outside ``refimpl`` and are found by name through the
 ``ponder.backends`` entry-point group (``fastpath`` registers ``cython`` and ``opencl``) or
 registered at run time with :func:`register_backend`.
@@ -37,7 +43,7 @@ from importlib import metadata
 import numpy as np
 
 from . import backend_checks as checks
-from . import implicit, perforation
+from . import numpy_kernels
 
 
 class BackendUnavailableError(RuntimeError):
@@ -168,33 +174,33 @@ class ConvBackend(abc.ABC):
 
 
 class NumpyBackend(ConvBackend):
-    """The reference: the pure-NumPy kernels of :mod:`refimpl.perforation` and :mod:`refimpl.implicit`."""
+    """The reference: the interface on the pure-NumPy kernels of :mod:`refimpl.numpy_kernels`."""
 
     name = "numpy"
 
     def _conv_forward(self, x, w, b, plan, geometry):
-        return perforation.compact_conv_forward(x, w, b, plan, geometry)
+        return numpy_kernels.compact_conv_forward(x, w, b, plan, geometry)
 
     def _conv_backward(self, dcompact, cache):
-        return perforation.compact_conv_backward(dcompact, cache)
+        return numpy_kernels.compact_conv_backward(dcompact, cache)
 
     def _fill_forward(self, compact, plan, fill):
-        return perforation.fill_forward(compact, plan, fill)
+        return numpy_kernels.fill_forward(compact, plan, fill)
 
     def _fill_backward(self, ddense, plan, fill):
-        return perforation.fill_backward(ddense, plan, fill)
+        return numpy_kernels.fill_backward(ddense, plan, fill)
 
     def _table_conv_forward(self, src, table, w, b):
-        return implicit.table_conv_forward(src, table, w, b)
+        return numpy_kernels.table_conv_forward(src, table, w, b)
 
     def _table_conv_backward(self, dout, cache):
-        return implicit.table_conv_backward(dout, cache)
+        return numpy_kernels.table_conv_backward(dout, cache)
 
     def _table_pool_forward(self, src, table, mode):
-        return implicit.table_pool_forward(src, table, mode)
+        return numpy_kernels.table_pool_forward(src, table, mode)
 
     def _table_pool_backward(self, dout, cache):
-        return implicit.table_pool_backward(dout, cache)
+        return numpy_kernels.table_pool_backward(dout, cache)
 
 
 _REGISTRY = {"numpy": NumpyBackend}

@@ -8,7 +8,7 @@ Cython, OpenCL, or one a user writes — rejects the same inputs with the same m
 
 The checks are cheap by design: dtypes, shapes and geometry (O(1)) and the range of every index
 table entry (O(table size)), never a pass over the float data (values are the public functions'
-business: they reject NaN/inf). Plans are immutable (:class:`~refimpl.perforation.PerforationPlan`),
+business: they reject NaN/inf). Plans are immutable (:class:`~refimpl.plan.PerforationPlan`),
 so their integer arrays were checked when they were built.
 
 Every error names the argument, says what was expected and what came.
@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _checks
 from .conv import ConvGeometry, conv_output_shape
-from .perforation import FILLS, INDEX_DTYPE, PerforationPlan, frozen_copy, is_frozen
+from .plan import FILLS, INDEX_DTYPE, PerforationPlan, frozen_copy, is_frozen
 
 POOL_MODES = ("max", "avg")
 FLOAT_DTYPES = _checks.FLOAT_DTYPES
