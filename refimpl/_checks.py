@@ -15,7 +15,8 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    # type() first: the ABC check of numbers.Integral is slow, and these run on every layer call
+    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
 
 
 def as_pair(value, name):
@@ -24,7 +25,9 @@ def as_pair(value, name):
     Floats (even ``2.0``), bools and strings are refused: a stride of ``1.5`` is a mistake to
     report, not to truncate.
     """
-    if _is_int(value):
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        pair = value  # the common case, already in canonical form
+    elif _is_int(value):
         pair = (int(value), int(value))
     else:
         try:

@@ -16,6 +16,7 @@ Every error names the argument, says what was expected and what came.
 
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,6 +27,13 @@ from .plan import FILLS, INDEX_DTYPE, PerforationPlan, frozen_copy, is_frozen
 
 POOL_MODES = ("max", "avg")
 FLOAT_DTYPES = _checks.FLOAT_DTYPES
+_FLOAT32, _FLOAT64 = FLOAT_DTYPES
+
+
+@lru_cache(maxsize=None)
+def _ndim(axes):
+    """Number of axes named in ``"(N, C, H, W)"``."""
+    return len([axis for axis in axes.strip("()").split(",") if axis.strip()])
 
 
 class BackendCache(NamedTuple):
@@ -60,9 +68,10 @@ def float_array(a, name, axes, array_types=(np.ndarray,)):
     if not isinstance(a, array_types):
         kinds = " or ".join(t.__module__.split(".")[0] + "." + t.__name__ for t in array_types)
         raise TypeError(f"{name} must be a {kinds} of shape {axes}, got {type(a).__name__}")
-    if a.dtype not in FLOAT_DTYPES:
+    dtype = a.dtype
+    if not (dtype is _FLOAT32 or dtype is _FLOAT64 or dtype in FLOAT_DTYPES):  # identity first: cheap
         raise TypeError(f"{name} must have dtype float32 or float64, got {a.dtype}")
-    ndim = len([axis for axis in axes.strip("()").split(",") if axis.strip()])
+    ndim = _ndim(axes)
     if a.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-dimensional {axes}, got shape {tuple(a.shape)}")
     if 0 in a.shape:

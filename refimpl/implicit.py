@@ -22,6 +22,10 @@ filled tensor is replaced by (N, C, P) plus an int table shared by all channels.
 Pooling reads the same way. Max pooling may treat duplicate indices once or many times (the max
 is the same); average pooling counts duplicates, exactly as if the filled tensor existed. Padding
 taps are excluded from both (max over real values, mean over in-bounds taps).
+
+This module builds the tables (:func:`compose_index_table`) and holds the public functions, which
+validate and dispatch to a backend; the NumPy kernels of the table convolution and pooling are in
+:mod:`refimpl.numpy_kernels` (and importable from here).
 """
 
 from __future__ import annotations
