@@ -22,8 +22,9 @@ Backward runs the same chunks: dY (K, Tc) is gathered from the compact gradient,
 each part accumulates its own dW and db, and the parts are summed in a fixed order, so the
 backward is bit-for-bit reproducible at a fixed thread count.
 
-Everything here assumes validated input (the Python wrapper checks and converts) and releases the
-GIL; ``threads`` is passed in from Python to every ``prange``.
+Everything here assumes validated input — :class:`refimpl.backend.ConvBackend` checks every
+argument (shapes, dtypes, index ranges) before the Python wrapper converts and calls in — and
+releases the GIL; ``threads`` is passed in from Python to every ``prange``.
 """
 
 from cython.parallel cimport prange, threadid
