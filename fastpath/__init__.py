@@ -34,10 +34,10 @@ def _cython_status():
 
 def _opencl_status():
     try:
-        from . import opencl_backend
+        from . import opencl_runtime
     except ImportError as exc:
-        return BackendStatus("opencl", False, f"fastpath.opencl_backend cannot be imported ({exc})")
-    return opencl_backend.status()
+        return BackendStatus("opencl", False, f"fastpath.opencl_runtime cannot be imported ({exc})")
+    return opencl_runtime.status()
 
 
 def available_backends():

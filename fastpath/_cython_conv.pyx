@@ -18,10 +18,13 @@ barrier between the phases (the wrapper holds BLAS at one thread while a driver 
 Backward runs the same chunks: dY (K, Tc) is gathered from the compact gradient,
 ``dW += dY · colsᵀ``, ``dcols = Wmatᵀ · dY`` and ``dcols`` is scatter-added onto the input
 (col2im). Windows of one image overlap, so the parallel unit there is a group of whole images
-(no two threads write the same pixel), and every thread accumulates its own dW and db.
+(no two threads write the same pixel); the groups are split statically into one part per thread,
+each part accumulates its own dW and db, and the parts are summed in a fixed order, so the
+backward is bit-for-bit reproducible at a fixed thread count.
 
-Everything here assumes validated input (the Python wrapper checks and converts) and releases the
-GIL; ``threads`` is passed in from Python to every ``prange``.
+Everything here assumes validated input — :class:`refimpl.backend.ConvBackend` checks every
+argument (shapes, dtypes, index ranges) before the Python wrapper converts and calls in — and
+releases the GIL; ``threads`` is passed in from Python to every ``prange``.
 """
 
 from cython.parallel cimport prange, threadid
@@ -387,6 +390,21 @@ def sample_tasks(const int64_t[::1] start, Py_ssize_t chunk):
     return np.asarray(bounds, dtype=np.int64)
 
 
+def partition_tasks(const int64_t[::1] start, const int64_t[::1] tasks, Py_ssize_t parts):
+    """Cut the tasks into ``parts`` consecutive runs of about equal column counts.
+
+    Returns ``first`` (parts + 1,) int64: part ``p`` runs tasks ``first[p] .. first[p+1] - 1``.
+    The cut depends only on the shapes and ``parts``, never on which thread is faster — the
+    backward's reduction order, hence its rounding, is fixed by it.
+    """
+    n_tasks = tasks.shape[0] - 1
+    bounds = np.asarray(start)[np.asarray(tasks)]  # first column of every task, then the total
+    targets = (np.arange(parts + 1, dtype=np.int64) * bounds[-1]) // parts
+    first = np.minimum(np.searchsorted(bounds, targets, side="left"), n_tasks).astype(np.int64)
+    first[0], first[parts] = 0, n_tasks
+    return first
+
+
 def gemm_backward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
                   const real[:, :, ::1] dout, const int64_t[::1] base, const int64_t[::1] off,
                   const int32_t[::1] table, const int32_t[::1] sample, const int32_t[::1] slot,
@@ -398,7 +416,14 @@ def gemm_backward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
     Per chunk: dY (K, tc) gathered from ``dout`` (and summed into db), ``dW += dY · colsᵀ``,
     ``dcols = Wmatᵀ · dY`` and the scatter-add of ``dcols`` onto ``dsrc``. Windows of one sample
     overlap, so the parallel unit is a group of whole samples (:func:`sample_tasks`), cut into
-    chunks that its thread runs in order; every thread accumulates its own dW and db, summed at the end.
+    chunks that run in order.
+
+    Deterministic at a fixed thread count: the groups are split into ``team`` consecutive parts
+    by :func:`partition_tasks` (a static partition, not first come first served); part ``p``
+    accumulates its own partial dW and db in its own buffers, in task order, and the partials are
+    summed in part order at the end. Identical calls therefore round identically, whichever
+    thread runs which part; a different thread count cuts different parts and may change the
+    last bits of dW and db (dX is a sum within one sample, so it is the same).
     """
     cdef Py_ssize_t total = sample.shape[0], k_out = wmat.shape[0], ckk = wmat.shape[1]
     cdef Py_ssize_t width = dout.shape[2]
@@ -406,9 +431,10 @@ def gemm_backward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
         return
     per_thread = max(1, min(chunk, (total + threads - 1) // threads))
     cdef int64_t[::1] tasks = sample_tasks(start, per_thread)
-    cdef Py_ssize_t n_tasks = tasks.shape[0] - 1, task, t0, t1, tc, tid, i, j
+    cdef Py_ssize_t n_tasks = tasks.shape[0] - 1, task, part, t0, t1, tc, i, j
     chunk = max(1, min(chunk, total))
     cdef int team = <int> min(threads, n_tasks)
+    cdef int64_t[::1] first = partition_tasks(start, tasks, team)
     dtype = np.float32 if real is float else np.float64
     cdef real[:, ::1] cols = np.empty((team, ckk * chunk), dtype=dtype)
     cdef real[:, ::1] dcols = np.empty((team, ckk * chunk), dtype=dtype)
@@ -421,33 +447,33 @@ def gemm_backward(bint table_mode, const real[::1] src, const real[:, ::1] wmat,
     cdef Py_ssize_t[:, ::1] oruns = np.empty((team, chunk + 1), dtype=np.intp)
     cdef Py_ssize_t mw, mo
     cdef real one = 1, zero = 0
-    for task in prange(n_tasks, nogil=True, num_threads=team, schedule="dynamic"):
-        tid = threadid()
-        t0 = start[tasks[task]]
-        t1 = start[tasks[task + 1]]
-        while t0 < t1:
-            tc = min(chunk, t1 - t0)
-            mw = 0 if table_mode else window_runs(&base[t0], tc, &wruns[tid, 0])
-            mo = output_runs(&sample[t0], &slot[t0], tc, &oruns[tid, 0])
-            gather_cols(table_mode, &src[0], &base[0], &off[0], &table[0], &cols[tid, 0], ckk,
-                        t0, tc, channels, size, r_out, taps, per_sample, &wruns[tid, 0], mw)
-            gather_output(&dout[0, 0, 0], &sample[t0], &slot[t0], &dy[tid, 0], &db_part[tid, 0],
-                          k_out, width, tc, &oruns[tid, 0], mo)
-            # dW (K, CKK) += dY (K, tc) · colsᵀ: column-major dWᵀ += (colsᵀ)ᵀ · dYᵀ.
-            gemm(c'T', c'N', <int> ckk, <int> k_out, <int> tc, one, &cols[tid, 0], <int> tc,
-                 &dy[tid, 0], <int> tc, one, &dw_part[tid, 0, 0], <int> ckk)
-            # dcols (CKK, tc) = Wmatᵀ · dY: column-major dcolsᵀ = dYᵀ · Wmat.
-            gemm(c'N', c'T', <int> tc, <int> ckk, <int> k_out, one, &dy[tid, 0], <int> tc,
-                 &wmat[0, 0], <int> ckk, zero, &dcols[tid, 0], <int> tc)
-            scatter_cols(table_mode, &dsrc[0], &base[0], &off[0], &table[0], &dcols[tid, 0], ckk,
-                         t0, tc, channels, size, r_out, taps, per_sample, &wruns[tid, 0], mw)
-            t0 = t0 + tc
+    for part in prange(team, nogil=True, num_threads=team, schedule="static", chunksize=1):
+        for task in range(first[part], first[part + 1]):
+            t0 = start[tasks[task]]
+            t1 = start[tasks[task + 1]]
+            while t0 < t1:
+                tc = min(chunk, t1 - t0)
+                mw = 0 if table_mode else window_runs(&base[t0], tc, &wruns[part, 0])
+                mo = output_runs(&sample[t0], &slot[t0], tc, &oruns[part, 0])
+                gather_cols(table_mode, &src[0], &base[0], &off[0], &table[0], &cols[part, 0], ckk,
+                            t0, tc, channels, size, r_out, taps, per_sample, &wruns[part, 0], mw)
+                gather_output(&dout[0, 0, 0], &sample[t0], &slot[t0], &dy[part, 0], &db_part[part, 0],
+                              k_out, width, tc, &oruns[part, 0], mo)
+                # dW (K, CKK) += dY (K, tc) · colsᵀ: column-major dWᵀ += (colsᵀ)ᵀ · dYᵀ.
+                gemm(c'T', c'N', <int> ckk, <int> k_out, <int> tc, one, &cols[part, 0], <int> tc,
+                     &dy[part, 0], <int> tc, one, &dw_part[part, 0, 0], <int> ckk)
+                # dcols (CKK, tc) = Wmatᵀ · dY: column-major dcolsᵀ = dYᵀ · Wmat.
+                gemm(c'N', c'T', <int> tc, <int> ckk, <int> k_out, one, &dy[part, 0], <int> tc,
+                     &wmat[0, 0], <int> ckk, zero, &dcols[part, 0], <int> tc)
+                scatter_cols(table_mode, &dsrc[0], &base[0], &off[0], &table[0], &dcols[part, 0], ckk,
+                             t0, tc, channels, size, r_out, taps, per_sample, &wruns[part, 0], mw)
+                t0 = t0 + tc
     with nogil:
-        for tid in range(team):
+        for part in range(team):  # the fixed-order reduction
             for i in range(k_out):
-                db[i] += db_part[tid, i]
+                db[i] += db_part[part, i]
                 for j in range(ckk):
-                    dwmat[i, j] += dw_part[tid, i, j]
+                    dwmat[i, j] += dw_part[part, i, j]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -45,7 +45,7 @@ import numpy as np
 
 from refimpl.conv import check_conv_args, conv_flops
 from refimpl.masks import grid_mask
-from refimpl.perforation import PerforationPlan
+from refimpl.plan import PerforationPlan
 
 DEFAULT_RATES = (0.0, 0.25, 0.5, 0.75)
 PASSES = ("forward", "forward+backward")
@@ -365,6 +365,41 @@ def bench_layer(name, layer, runners, rates, args, rng, log):
     return results
 
 
+def validation_overhead(name, layer, runner, rng, repeat, calls=200):
+    """What the argument checks of ``conv_forward`` cost, against the layer's forward on ``runner``.
+
+    Every backend method validates its arguments (:mod:`refimpl.backend_checks`) before its
+    kernel runs. The checks alone are timed over ``calls`` calls (their median per call) and the
+    whole forward once, interleaved, ``repeat`` times; the share is checks / forward, with the
+    medians. The checks do not depend on the perforation rate, so the dense plan is used: its
+    forward is the layer's reference time.
+    """
+    from refimpl import backend_checks
+
+    x = rng.standard_normal((layer.n, layer.c, layer.hw, layer.hw), dtype=np.float32)
+    w = rng.standard_normal((layer.k, layer.c, layer.kernel, layer.kernel), dtype=np.float32)
+    b = rng.standard_normal(layer.k, dtype=np.float32)
+    x, w, b, geometry = check_conv_args(x, w, b, 1, layer.padding)
+    dout = np.zeros((layer.n, layer.k, *layer.out_hw), dtype=np.float32)
+    runner.prepare(x, w, b, dout, geometry)
+    plan = make_plan(layer, 0.0, rng)
+    forward = runner.calls(plan)["forward"]
+    types = runner.backend.array_types
+
+    def checks():
+        for _ in range(calls):
+            backend_checks.conv_forward_args(runner.x, runner.w, runner.b, plan, geometry, types)
+
+    forward()
+    forward_ms, check_us = [], []
+    for _ in range(repeat):
+        forward_ms += time_call(forward, 1, warmup=False)
+        check_us.append(time_call(checks, 1, warmup=False)[0] * 1e3 / calls)
+    fwd, chk = statistics.median(forward_ms), statistics.median(check_us)
+    return {"layer": name, "backend": runner.name, "forward_ms": fwd, "checks_us": chk,
+            "share": chk * 1e-3 / fwd}
+
+
 def add_ratios(results):
     """Fill speedup (vs the same backend's dense run), speedup / ideal and the ratio to torch."""
     dense = {(r.layer, r.backend, r.phase): r.ms for r in results if r.rate_requested == 0}
@@ -473,6 +508,9 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0, help="seed of the data and the masks")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the tables")
+    parser.add_argument("--validation-overhead", action="store_true",
+                        help="instead of the speed tables: the cost of the backends' argument checks as a share "
+                             "of each layer's dense forward (the smallest layer gives the largest share)")
 
 
 def _check_args(args):
@@ -521,6 +559,8 @@ def run(args):
             print(f"{name} device: {device}")
         for name, reason in skipped.items():
             print(f"skipped {name}: {reason}")
+        if getattr(args, "validation_overhead", False):
+            return _report_overhead(args, runners, rng)
         for name in args.layers:
             results += bench_layer(name, LAYERS[name], runners, args.rates, args, rng, log)
     for phase in PASSES:
@@ -531,6 +571,23 @@ def run(args):
             json.dump({"environment": info, "layers": {k: asdict(LAYERS[k]) for k in args.layers},
                        "skipped": skipped, "results": [asdict(r) for r in results]}, f, indent=1)
         print(f"\nwrote {args.json}")
+    return 0
+
+
+def _report_overhead(args, runners, rng):
+    rows = [validation_overhead(name, LAYERS[name], runner, rng, args.repeat)
+            for name in args.layers for runner in runners if isinstance(runner, ConvBackendRunner)]
+    print(f"{'layer':14s} {'backend':10s} {'forward ms':>11s} {'checks us':>10s} {'share':>8s}")
+    for row in rows:
+        print(f"{row['layer']:14s} {row['backend']:10s} {row['forward_ms']:11.3f} {row['checks_us']:10.1f} "
+              f"{100 * row['share']:7.3f}%")
+    if rows:
+        smallest = min(rows, key=lambda r: r["forward_ms"])
+        print(f"smallest forward: {smallest['layer']} on {smallest['backend']}, checks "
+              f"{100 * smallest['share']:.3f}% of it")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"validation_overhead": rows}, f, indent=1)
     return 0
 
 

@@ -11,6 +11,17 @@ Thread count: ``CythonBackend(threads=...)``, else the ``PONDER_THREADS`` enviro
 single-threaded GEMM (BLAS is held at one thread with :mod:`threadpoolctl` during those calls):
 two thread pools — OpenMP's and BLAS's — taking turns on the same cores cost far more than they
 gain, especially on a shared machine.
+
+Determinism: at a fixed thread count, identical calls give bit-identical results. The backward
+splits its work into one static part per thread and sums the per-part partial ``dW``/``db`` in a
+fixed order (see ``gemm_backward``), so a training run on this backend is reproducible from its
+seed. A *different* thread count splits the sums differently and may change the last bits of
+``dW`` and ``db`` (float addition is not associative); forward outputs and ``dX`` do not depend on
+the thread count.
+
+Validation happens in :class:`refimpl.backend.ConvBackend` before any method here runs: the
+kernels below receive C-contiguous arrays of one float dtype, an immutable plan and read-only
+int32 tables whose entries are in range.
 """
 
 from __future__ import annotations
@@ -169,7 +180,7 @@ class CythonBackend(ConvBackend):
 
     # -- perforated convolution ----------------------------------------------------------------
 
-    def conv_forward(self, x, w, b, plan, geometry):
+    def _conv_forward(self, x, w, b, plan, geometry):
         dtype = x.dtype
         x, w, b = _float(x, dtype), _float(w, dtype), _float(b, dtype)
         n, c, h, wd = x.shape
@@ -197,7 +208,7 @@ class CythonBackend(ConvBackend):
         cache = ConvCache(xp, wmat, w.shape, x.shape, geometry, base, offsets, sample, slot, start)
         return compact, cache
 
-    def conv_backward(self, dcompact, cache):
+    def _conv_backward(self, dcompact, cache):
         xp, wmat = cache.xp, cache.wmat
         dcompact = _float(dcompact, wmat.dtype)
         n, c, h, wd = cache.x_shape
@@ -220,7 +231,7 @@ class CythonBackend(ConvBackend):
 
     # -- fills ---------------------------------------------------------------------------------
 
-    def fill_forward(self, compact, plan, fill):
+    def _fill_forward(self, compact, plan, fill):
         compact = _float(compact, compact.dtype)
         n, k, _ = compact.shape
         ho, wo = plan.out_hw
@@ -232,7 +243,7 @@ class CythonBackend(ConvBackend):
                                self._team(dense.size))
         return dense.reshape(n, k, ho, wo)
 
-    def fill_backward(self, ddense, plan, fill):
+    def _fill_backward(self, ddense, plan, fill):
         ddense = _float(ddense, ddense.dtype)
         n, k, ho, wo = ddense.shape
         flat = ddense.reshape(n, k, ho * wo)
@@ -247,7 +258,7 @@ class CythonBackend(ConvBackend):
 
     # -- convolution and pooling through an index table ----------------------------------------
 
-    def table_conv_forward(self, src, table, w, b):
+    def _table_conv_forward(self, src, table, w, b):
         dtype = src.dtype
         src, w, b, table = _float(src, dtype), _float(w, dtype), _float(b, dtype), _index(table)
         n, c, s = src.shape
@@ -262,7 +273,7 @@ class CythonBackend(ConvBackend):
                                   table.shape[0] > 1, self._team(sample.size * wmat.size))
         return out, TableConvCache(src, table, wmat, w.shape, sample, slot, start)
 
-    def table_conv_backward(self, dout, cache):
+    def _table_conv_backward(self, dout, cache):
         src, table, wmat = cache.src, cache.table, cache.wmat
         dout = _float(dout, wmat.dtype)
         n, c, s = src.shape
@@ -277,7 +288,7 @@ class CythonBackend(ConvBackend):
                                    table.shape[0] > 1, self._team(2 * cache.sample.size * wmat.size))
         return dsrc, dwmat.reshape(cache.w_shape), db
 
-    def table_pool_forward(self, src, table, mode):
+    def _table_pool_forward(self, src, table, mode):
         src, table = _float(src, src.dtype), _index(table)
         n, c, _ = src.shape
         r = table.shape[1]
@@ -287,7 +298,7 @@ class CythonBackend(ConvBackend):
         _kernels.table_pool(src, table, is_max, out, argmax, self._team(out.size * table.shape[2]))
         return out, TablePoolCache(mode, table, src.shape, argmax)
 
-    def table_pool_backward(self, dout, cache):
+    def _table_pool_backward(self, dout, cache):
         dout = _float(dout, dout.dtype)
         dsrc = np.zeros(cache.src_shape, dtype=dout.dtype)
         _kernels.table_pool_adjoint(dout, cache.table, cache.mode == "max", cache.argmax, dsrc,

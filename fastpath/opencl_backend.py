@@ -12,11 +12,12 @@ dX of both              dY (N, K, R)          the inverted table: readers of eac
 ======================= ===================== ========================================
 
 Index data (tables, their inverses, fill indices) is integer data derived on the host from the
-:class:`~refimpl.perforation.PerforationPlan` or the given table, uploaded once and cached with
+:class:`~refimpl.plan.PerforationPlan` or the given table, uploaded once and cached with
 that object. Float data may stay on the device: every method accepts NumPy arrays or
 :class:`pyopencl.array.Array` and returns the kind it was given (``to_device`` / ``to_host``
 move data explicitly), so a chain of backend calls whose activations live on the device copies
-nothing back between layers (:func:`chain_transfer_share` measures what that saves). refimpl's
+nothing back between layers (:func:`~fastpath.opencl_transfer.chain_transfer_share` measures what
+that saves). refimpl's
 network layers (batch norm, ReLU, ...) are NumPy code, so a refimpl network on this backend still
 copies around each convolution.
 
@@ -31,32 +32,41 @@ register blocking: for GPUs, the default there), ``"direct"`` (a block of output
 work-item straight from global memory, no barriers: what CPU OpenCL compilers vectorise well, the
 default on CPU devices) and ``"oracle"`` (one work-item per output value, the readable
 reference in ``perforated_conv_oracle.cl``). The tests compare all three.
+
+One job per module: this one is the backend. pyopencl, the kernel programs and the device choice
+are in :mod:`fastpath.opencl_runtime`; the host-side index tables in :mod:`fastpath.opencl_tables`;
+the transfer measurement in :mod:`fastpath.opencl_transfer`. Their public names are also importable
+from here. Without pyopencl or a working device, :class:`OpenCLBackend` raises
+:class:`refimpl.backend.BackendUnavailableError` with the reason, like every backend.
 """
 
 from __future__ import annotations
 
-import os
-import time
-import warnings
-import weakref
-from importlib import resources
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from refimpl.backend import ConvBackend
+from refimpl.backend import BackendUnavailableError, ConvBackend
 
-try:
-    import pyopencl as cl
-    import pyopencl.array as cla
-    import pyopencl.tools as cl_tools
-except ImportError as _exc:  # status() reports it; importing this module never fails
-    cl = cla = cl_tools = None
-    _PYOPENCL_IMPORT_ERROR = _exc
-else:
-    _PYOPENCL_IMPORT_ERROR = None
+from .opencl_runtime import (  # noqa: F401  (re-exported: importable from here as before)
+    _PYOPENCL_IMPORT_ERROR,
+    KERNEL_FILES,
+    POCL_WHEEL_NOTE,
+    KernelBuildError,
+    build_program,
+    cl,
+    cl_tools,
+    cla,
+    context_choice,
+    default_context,
+    device_label,
+    kernel_source,
+    probe_device,
+    status,
+)
+from .opencl_tables import IndexCache, conv_tap_table, invert_table, zero_fill_index  # noqa: F401
+from .opencl_transfer import chain_transfer_share, copy_seconds  # noqa: F401
 
-KERNEL_FILES = {"fast": "perforated_conv.cl", "oracle": "perforated_conv_oracle.cl", "probe": "probe.cl"}
 KERNEL_VARIANTS = ("tiled", "direct", "oracle")
 #: Output channels per work-item of the "direct" kernels (-D BM).
 DIRECT_BLOCK = 32
@@ -67,244 +77,6 @@ DIRECT_BLOCK = 32
 #: times): the usual starting point of SGEMM tiling on GPUs, and the fastest of the tiled shapes
 #: tried on PoCL. Not tuned on GPU hardware (no GPU was available when it was written).
 TILE = {"TM": 64, "TN": 128, "TK": 16, "WM": 4, "WN": 8}
-
-POCL_WHEEL_NOTE = (
-    "note: the PyPI wheel pocl-binary-distribution fails to build kernels on AMD CPUs with "
-    "\"unknown target CPU 'generic'\"; Debian/Ubuntu's pocl-opencl-icd package works "
-    "(apt-get install pocl-opencl-icd)"
-)
-
-
-class KernelBuildError(RuntimeError):
-    """An OpenCL program failed to build; the message carries the compiler's log."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Contexts, programs, status
-# ---------------------------------------------------------------------------------------------
-
-
-def kernel_source(filename):
-    """Text of a kernel file shipped in ``fastpath/kernels``."""
-    return resources.files("fastpath").joinpath("kernels", filename).read_text(encoding="utf-8")
-
-
-_PROGRAMS = {}
-
-
-def build_program(context, filename, options=()):
-    """Build ``kernels/filename`` for ``context`` with ``options`` (cached per context and options).
-
-    Vendors that always print a build log (NVIDIA) make pyopencl emit ``CompilerWarning`` for a
-    successful build; that warning is silenced here. A failed build raises
-    :class:`KernelBuildError` with the file, the device, the options and the full build log.
-    """
-    key = (context.int_ptr, filename, tuple(options))
-    program = _PROGRAMS.get(key)
-    if program is None:
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", cl.CompilerWarning)
-                program = cl.Program(context, kernel_source(filename)).build(options=list(options))
-        except cl.RuntimeError as exc:
-            devices = ", ".join(d.name.strip() for d in context.devices)
-            raise KernelBuildError(
-                f"building fastpath/kernels/{filename} for {devices} with options {list(options)} "
-                f"failed:\n{exc}"
-            ) from exc
-        _PROGRAMS[key] = program
-    return program
-
-
-def _device_label(device):
-    return f"{device.name.strip()} [{device.platform.name.strip()}]"
-
-
-def probe_device(device):
-    """Build and run the trivial probe kernel on ``device``; return None if it works, else why not."""
-    try:
-        context = cl.Context([device])
-        queue = cl.CommandQueue(context)
-        program = build_program(context, KERNEL_FILES["probe"])
-        x = np.arange(8, dtype=np.float32)
-        buf = cla.to_device(queue, x)
-        program.probe(queue, (8,), None, buf.data)
-        if not np.array_equal(buf.get(queue), 2 * x + 1):
-            return "the probe kernel ran but returned wrong values"
-    except Exception as exc:  # noqa: BLE001 - any driver failure means "does not work"
-        message = str(exc).strip().splitlines()
-        text = " ".join(message[:6])
-        if "generic" in text:
-            text += f" ({POCL_WHEEL_NOTE})"
-        return f"{type(exc).__name__}: {text}"
-    return None
-
-
-def _choose_context():
-    """The context to run on: ``PYOPENCL_CTX`` when set, else the first working GPU, else any device.
-
-    Returns ``(context, None)`` or ``(None, reason)``.
-    """
-    if cl is None:
-        return None, f"pyopencl is not installed ({_PYOPENCL_IMPORT_ERROR}); pip install 'ponder[opencl]'"
-    try:
-        platforms = cl.get_platforms()
-    except cl.Error as exc:
-        platforms, platform_error = [], exc
-    else:
-        platform_error = None
-    if not platforms:
-        return None, (
-            "no OpenCL platform found"
-            + (f" ({platform_error})" if platform_error else "")
-            + "; install an ICD (NVIDIA driver, ROCm, intel-opencl-icd, or pocl-opencl-icd for the CPU) "
-            f"and check /etc/OpenCL/vendors or OCL_ICD_VENDORS; {POCL_WHEEL_NOTE}"
-        )
-    if os.environ.get("PYOPENCL_CTX"):
-        try:
-            context = cl.create_some_context(interactive=False)
-        except Exception as exc:  # noqa: BLE001
-            return None, f"PYOPENCL_CTX={os.environ['PYOPENCL_CTX']!r} selects no usable device: {exc}"
-        why = probe_device(context.devices[0])
-        if why:
-            return None, f"PYOPENCL_CTX selects {_device_label(context.devices[0])}, which fails: {why}"
-        return context, None
-    failures = []
-    devices = [d for p in platforms for d in p.get_devices()]
-    devices.sort(key=lambda d: not d.type & cl.device_type.GPU)  # GPUs first, stable otherwise
-    for device in devices:
-        why = probe_device(device)
-        if why is None:
-            return cl.Context([device]), None
-        failures.append(f"{_device_label(device)}: {why}")
-    if not failures:
-        return None, f"OpenCL platforms exist but expose no device; {POCL_WHEEL_NOTE}"
-    return None, "no OpenCL device builds a trivial kernel: " + "; ".join(failures)
-
-
-_DEFAULT = {}
-
-
-def default_context():
-    """The shared context of this process (chosen once per value of ``PYOPENCL_CTX``).
-
-    Raises ``refimpl.backend.BackendUnavailableError`` with the reason when there is none.
-    """
-    from refimpl.backend import BackendUnavailableError
-
-    key = os.environ.get("PYOPENCL_CTX")
-    if key not in _DEFAULT:
-        _DEFAULT[key] = _choose_context()
-    context, reason = _DEFAULT[key]
-    if context is None:
-        raise BackendUnavailableError(f"the opencl backend is unavailable: {reason}")
-    return context
-
-
-def status():
-    """:class:`fastpath.BackendStatus` of this backend: a trivial kernel is built and run first."""
-    from . import BackendStatus
-
-    key = os.environ.get("PYOPENCL_CTX")
-    if key not in _DEFAULT:
-        _DEFAULT[key] = _choose_context()
-    context, reason = _DEFAULT[key]
-    if context is None:
-        return BackendStatus("opencl", False, reason)
-    device = context.devices[0]
-    fp64 = "float32 and float64" if "cl_khr_fp64" in device.extensions else "float32 only (no cl_khr_fp64)"
-    return BackendStatus("opencl", True, f"{_device_label(device)}, {fp64}")
-
-
-# ---------------------------------------------------------------------------------------------
-# Host-side index data (integers; computed once per plan or table and cached)
-# ---------------------------------------------------------------------------------------------
-
-
-def conv_tap_table(plan, geometry):
-    """Input pixel ``iy * W + ix`` read by tap ``t = i * kw + j`` of each computed position.
-
-    Returns int32 (B, P, kh*kw); -1 for taps in the padding and for the padding slots of
-    per-sample plans.
-    """
-    (kh, kw), (sh, sw), (ph, pw), (h, w), (_, wo) = geometry
-    position = plan.positions
-    oy, ox = np.divmod(np.maximum(position, 0), wo)
-    iy = oy[..., None, None] * sh - ph + np.arange(kh)[:, None]
-    ix = ox[..., None, None] * sw - pw + np.arange(kw)[None, :]
-    inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w) & (position >= 0)[..., None, None]
-    table = np.where(inside, iy * w + ix, -1)
-    return table.reshape(*position.shape, kh * kw).astype(np.int32)
-
-
-def invert_table(table, source_size):
-    """The readers of every source entry: the gather form of the table's scatter-add.
-
-    Parameters
-    ----------
-    table : int array (B, R, T), -1 = reads nothing
-    source_size : S
-
-    Returns
-    -------
-    inverse : int32 (B, S, T*D)
-        ``inverse[b, s, t*D + d]`` is the d-th output row r (ascending) with ``table[b, r, t] == s``,
-        -1 when there are fewer; D is the largest number of rows reading one (source, tap) pair
-        (1 for an ordinary convolution, up to R after nearest fill).
-    depth : D
-    """
-    table = np.asarray(table)
-    batch, _, taps = table.shape
-    b, r, t = np.nonzero(table >= 0)  # raster order: r ascending within each (b, s, t) group
-    if b.size == 0:
-        return np.full((batch, source_size, taps), -1, dtype=np.int32), 1
-    s = table[b, r, t].astype(np.int64)
-    key = (b * source_size + s) * taps + t
-    order = np.argsort(key, kind="stable")
-    key = key[order]
-    first = np.r_[True, key[1:] != key[:-1]]
-    start = np.maximum.accumulate(np.where(first, np.arange(key.size), 0))
-    rank = np.arange(key.size) - start
-    depth = int(rank.max()) + 1
-    inverse = np.full((batch, source_size, taps, depth), -1, dtype=np.int32)
-    inverse[b[order], s[order], t[order], rank] = r[order]
-    return inverse.reshape(batch, source_size, taps * depth), depth
-
-
-def zero_fill_index(plan):
-    """For every output position, its slot in the compact axis, or -1 (not computed): (B, Ho*Wo)."""
-    ho, wo = plan.out_hw
-    index = np.full((plan.batch, ho * wo), -1, dtype=np.int32)
-    b, slot = np.nonzero(plan.positions >= 0)
-    index[b, plan.positions[b, slot]] = slot
-    return index
-
-
-class _IndexCache:
-    """Device copies of integer data derived from a plan or a table, kept as long as that object lives.
-
-    Plans and tables are treated as immutable: they are data computed once by refimpl.
-    """
-
-    def __init__(self):
-        self._by_plan = weakref.WeakKeyDictionary()
-        self._by_array = {}
-
-    def entries(self, owner):
-        if isinstance(owner, np.ndarray):
-            key = id(owner)
-            hit = self._by_array.get(key)
-            if hit is not None and hit[0]() is owner:
-                return hit[1]
-            store = {}
-            self._by_array[key] = (weakref.ref(owner, lambda _, key=key: self._by_array.pop(key, None)), store)
-            return store
-        return self._by_plan.setdefault(owner, {})
-
-
-# ---------------------------------------------------------------------------------------------
-# The backend
-# ---------------------------------------------------------------------------------------------
 
 
 class OpenCLConvCache(NamedTuple):
@@ -357,12 +129,13 @@ class OpenCLBackend(ConvBackend):
 
     def __init__(self, context=None, kernels=None, tile=None):
         if cl is None:
-            raise ImportError(f"pyopencl is not installed ({_PYOPENCL_IMPORT_ERROR}); pip install 'ponder[opencl]'")
+            raise BackendUnavailableError(f"the opencl backend is unavailable: {status().reason}")
         if kernels is not None and kernels not in KERNEL_VARIANTS:
             raise ValueError(f"kernels must be one of {KERNEL_VARIANTS} or None, got {kernels!r}")
+        self.array_types = (np.ndarray, cla.Array)
         self.context = context if context is not None else default_context()
         self.device = self.context.devices[0]
-        self.device_name = _device_label(self.device)
+        self.device_name = device_label(self.device)
         self.queue = cl.CommandQueue(self.context, properties=cl.command_queue_properties.PROFILING_ENABLE)
         if kernels is None:
             kernels = "direct" if self.device.type & cl.device_type.CPU else "tiled"
@@ -372,7 +145,7 @@ class OpenCLBackend(ConvBackend):
         self.record_events = False
         self._events = []
         self._kernels = {}
-        self._index = _IndexCache()
+        self._index = IndexCache()
         # Device memory is recycled through a pool: creating a buffer per call costs more than
         # the small layers' kernels on a GPU.
         self._pool = cl_tools.MemoryPool(cl_tools.ImmediateAllocator(self.queue))
@@ -629,7 +402,7 @@ class OpenCLBackend(ConvBackend):
         packed, ldw = self._pack(w, k, c, taps, 1, False, src.dtype)
         return self._table_gemm(src, table, table_batch, counts, rows, taps, packed, ldw, k, b)
 
-    def _conv_backward(self, dout, cache, inverse, depth):
+    def _gradients(self, dout, cache, inverse, depth):
         """(dsrc, dw, db) of a table convolution; dsrc by the GEMM through the inverse table."""
         n, k, rows = dout.shape
         src, w = cache.src, cache.w
@@ -644,7 +417,7 @@ class OpenCLBackend(ConvBackend):
 
     # -- the interface -------------------------------------------------------------------------
 
-    def conv_forward(self, x, w, b, plan, geometry):
+    def _conv_forward(self, x, w, b, plan, geometry):
         on_device = isinstance(x, cla.Array)
         dtype = self._check_dtype(x.dtype)
         n, c, h, wd = x.shape
@@ -661,7 +434,7 @@ class OpenCLBackend(ConvBackend):
                                 tuple(x.shape), plan.width)
         return self._result(out, on_device), cache
 
-    def conv_backward(self, dcompact, cache):
+    def _conv_backward(self, dcompact, cache):
         on_device = isinstance(dcompact, cla.Array)
         dout = self._device_array(dcompact, cache.src.dtype)
         plan, key = cache.inverse_key
@@ -672,11 +445,11 @@ class OpenCLBackend(ConvBackend):
             return self._upload_int(inverse), depth
 
         inverse, depth = self._cached(plan, key, upload_inverse)
-        dx, dw, db = self._conv_backward(dout, cache, inverse, depth)
+        dx, dw, db = self._gradients(dout, cache, inverse, depth)
         dx = dx.reshape(*cache.src_shape)
         return tuple(self._result(a, on_device) for a in (dx, dw, db))
 
-    def fill_forward(self, compact, plan, fill):
+    def _fill_forward(self, compact, plan, fill):
         on_device = isinstance(compact, cla.Array)
         dtype = self._check_dtype(compact.dtype)
         src = self._device_array(compact)
@@ -693,7 +466,7 @@ class OpenCLBackend(ConvBackend):
                      ho * wo, p, k, 1, plan.batch, index, src, dense)
         return self._result(dense.reshape(n, k, ho, wo), on_device)
 
-    def fill_backward(self, ddense, plan, fill):
+    def _fill_backward(self, ddense, plan, fill):
         on_device = isinstance(ddense, cla.Array)
         dtype = self._check_dtype(ddense.dtype)
         n, k, ho, wo = ddense.shape
@@ -713,12 +486,14 @@ class OpenCLBackend(ConvBackend):
                      p, ho * wo, k, depth, plan.batch, inverse, src, dcompact)
         return self._result(dcompact, on_device)
 
-    def _table(self, table):
-        """Host and device copies of an index table (B, R, T)."""
-        host = table.get(self.queue) if isinstance(table, cla.Array) else np.asarray(table)
+    def _host_index(self, table):
+        return table.get(self.queue) if isinstance(table, cla.Array) else table
+
+    def _table(self, host):
+        """Host and device copies of a validated (read-only) index table (B, R, T)."""
         return host, self._cached(host, "table", lambda: self._upload_int(host))
 
-    def table_conv_forward(self, src, table, w, b):
+    def _table_conv_forward(self, src, table, w, b):
         on_device = isinstance(src, cla.Array)
         dtype = self._check_dtype(src.dtype)
         sdev = self._device_array(src)
@@ -731,7 +506,7 @@ class OpenCLBackend(ConvBackend):
         cache = OpenCLConvCache(sdev, wdev, tdev, counts, batch, (host, "inverse"), tuple(src.shape), rows)
         return self._result(out, on_device), cache
 
-    def table_conv_backward(self, dout, cache):
+    def _table_conv_backward(self, dout, cache):
         on_device = isinstance(dout, cla.Array)
         ddev = self._device_array(dout, cache.src.dtype)
         host, key = cache.inverse_key
@@ -742,12 +517,10 @@ class OpenCLBackend(ConvBackend):
             return self._upload_int(inverse), depth
 
         inverse, depth = self._cached(host, key, upload_inverse)
-        dsrc, dw, db = self._conv_backward(ddev, cache, inverse, depth)
+        dsrc, dw, db = self._gradients(ddev, cache, inverse, depth)
         return tuple(self._result(a, on_device) for a in (dsrc, dw, db))
 
-    def table_pool_forward(self, src, table, mode):
-        if mode not in ("max", "avg"):
-            raise ValueError(f"mode must be 'max' or 'avg', got {mode!r}")
+    def _table_pool_forward(self, src, table, mode):
         on_device = isinstance(src, cla.Array)
         dtype = self._check_dtype(src.dtype)
         sdev = self._device_array(src)
@@ -761,7 +534,7 @@ class OpenCLBackend(ConvBackend):
                      argmax if argmax is not None else out)
         return self._result(out, on_device), OpenCLPoolCache(mode, tdev, host, argmax, tuple(src.shape))
 
-    def table_pool_backward(self, dout, cache):
+    def _table_pool_backward(self, dout, cache):
         on_device = isinstance(dout, cla.Array)
         dtype = self._check_dtype(dout.dtype)
         ddev = self._device_array(dout)
@@ -778,108 +551,3 @@ class OpenCLBackend(ConvBackend):
                      c, s, rows, taps, depth, batch, int(cache.mode == "max"), ddev, cache.table, inverse,
                      cache.argmax if cache.argmax is not None else inverse, dsrc)
         return self._result(dsrc, on_device)
-
-
-# ---------------------------------------------------------------------------------------------
-# How much of a layer chain is host <-> device transfer
-# ---------------------------------------------------------------------------------------------
-
-
-def copy_seconds(backend, nbytes, direction, repeat=3):
-    """Device time (profiling event) of one host->device ("up") or device->host ("down") copy."""
-    host = np.zeros(max(int(nbytes), 1), dtype=np.uint8)
-    buffer = cl.Buffer(backend.context, cl.mem_flags.READ_WRITE, host.nbytes)
-    samples = []
-    for _ in range(repeat):
-        event = (cl.enqueue_copy(backend.queue, buffer, host) if direction == "up"
-                 else cl.enqueue_copy(backend.queue, host, buffer))
-        event.wait()
-        samples.append((event.profile.end - event.profile.start) * 1e-9)
-    return float(np.median(samples))
-
-
-def chain_transfer_share(backend, rng, batch=16, channels=32, size=32, rate=0.5, repeat=5, dtype=np.float32):
-    """Transfers of a perforated conv -> implicit max-pool -> conv chain, on the device and with host copies.
-
-    The chain: a 3x3 perforated convolution (grid mask of ``rate``, compact output), a 2x2 max
-    pooling reading the compact tensor through the composed index table, and a dense 3x3
-    convolution of the pooled map. *Resident*: the input is uploaded once and only the final
-    result is copied back. *Round trips*: every layer is called with NumPy arrays, so each
-    activation goes device -> host -> device between layers (what a naive port does).
-
-    Both chains are timed by wall clock (median of ``repeat``, after a check that they agree),
-    and accounted with profiling events, which a busy host does not distort: the kernels' device
-    time, and the device time of the copies each chain makes (the same sizes, copied alone).
-
-    Returns
-    -------
-    dict with ``resident`` / ``round_trips`` (median wall seconds), ``kernel_seconds`` (events, one
-    pass), ``copy_seconds_resident`` / ``copy_seconds_round_trips`` (events), the transfer shares
-    ``copies / (copies + kernels)`` of both chains, and the bytes each chain copies.
-    """
-    from refimpl.conv import ConvGeometry, conv_output_shape
-    from refimpl.implicit import compose_index_table, dense_index_map
-    from refimpl.masks import grid_mask
-    from refimpl.perforation import PerforationPlan
-
-    x = rng.standard_normal((batch, channels, size, size)).astype(dtype)
-    w1 = (rng.standard_normal((channels, channels, 3, 3)) * 0.1).astype(dtype)
-    w2 = (rng.standard_normal((channels, channels, 3, 3)) * 0.1).astype(dtype)
-    b = np.zeros(channels, dtype=dtype)
-    plan = PerforationPlan(grid_mask((size, size), rate, rng))
-    geometry = ConvGeometry((3, 3), (1, 1), (1, 1), (size, size), (size, size))
-    pool_table = compose_index_table(plan.index_map, 2, 2, 0)
-    pooled_hw = conv_output_shape((size, size), (2, 2), (2, 2), (0, 0))
-    conv_table = compose_index_table(dense_index_map(pooled_hw), 3, 1, 1)
-    params = [backend.to_device(a) for a in (w1, b, w2, b)]
-
-    def chain(inp, weights):
-        compact, _ = backend.conv_forward(inp, weights[0], weights[1], plan, geometry)
-        pooled, _ = backend.table_pool_forward(compact, pool_table, "max")
-        out, _ = backend.table_conv_forward(pooled, conv_table, weights[2], weights[3])
-        return out
-
-    def resident():
-        return backend.to_host(chain(backend.to_device(x), params))
-
-    def round_trips():
-        return chain(x, (w1, b, w2, b))
-
-    np.testing.assert_allclose(resident(), round_trips(), rtol=1e-5, atol=1e-6)  # and warms up
-    times = {}
-    for label, fn in (("resident", resident), ("round_trips", round_trips)):
-        samples = []
-        for _ in range(repeat):
-            backend.synchronize()
-            start = time.perf_counter()
-            fn()
-            backend.synchronize()
-            samples.append(time.perf_counter() - start)
-        times[label] = float(np.median(samples))
-    backend.record_events = True
-    backend.kernel_seconds()
-    resident()
-    kernel = backend.kernel_seconds()
-    backend.record_events = False
-
-    itemsize = np.dtype(dtype).itemsize
-    compact_bytes = batch * channels * plan.width * itemsize
-    pooled_bytes = batch * channels * pooled_hw[0] * pooled_hw[1] * itemsize
-    copies_resident = [(x.nbytes, "up"), (pooled_bytes, "down")]
-    copies_round_trips = [(x.nbytes, "up"), (w1.nbytes, "up"), (b.nbytes, "up"), (compact_bytes, "down"),
-                          (compact_bytes, "up"), (pooled_bytes, "down"),
-                          (pooled_bytes, "up"), (w2.nbytes, "up"), (b.nbytes, "up"), (pooled_bytes, "down")]
-    copy_resident = sum(copy_seconds(backend, n, d) for n, d in copies_resident)
-    copy_round_trips = sum(copy_seconds(backend, n, d) for n, d in copies_round_trips)
-    return {
-        "device": backend.device_name,
-        "resident": times["resident"],
-        "round_trips": times["round_trips"],
-        "kernel_seconds": kernel,
-        "copy_seconds_resident": copy_resident,
-        "copy_seconds_round_trips": copy_round_trips,
-        "transfer_share_resident": copy_resident / (copy_resident + kernel),
-        "transfer_share_round_trips": copy_round_trips / (copy_round_trips + kernel),
-        "bytes_resident": sum(n for n, _ in copies_resident),
-        "bytes_round_trips": sum(n for n, _ in copies_round_trips),
-    }

@@ -37,7 +37,7 @@ class DeviceReport:
 
 def list_devices():
     """A :class:`DeviceReport` for every device of every platform (an empty list without pyopencl/ICDs)."""
-    from .opencl_backend import cl, probe_device
+    from .opencl_runtime import cl, probe_device
 
     if cl is None:
         return []
@@ -58,7 +58,7 @@ def list_devices():
 
 
 def main():
-    from .opencl_backend import _PYOPENCL_IMPORT_ERROR, status
+    from .opencl_runtime import _PYOPENCL_IMPORT_ERROR, status
 
     if _PYOPENCL_IMPORT_ERROR is not None:
         print(f"pyopencl cannot be imported: {_PYOPENCL_IMPORT_ERROR}")

@@ -15,7 +15,8 @@ FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
 def _is_int(value):
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    # type() first: the ABC check of numbers.Integral is slow, and these run on every layer call
+    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
 
 
 def as_pair(value, name):
@@ -24,7 +25,9 @@ def as_pair(value, name):
     Floats (even ``2.0``), bools and strings are refused: a stride of ``1.5`` is a mistake to
     report, not to truncate.
     """
-    if _is_int(value):
+    if type(value) is tuple and len(value) == 2 and type(value[0]) is int and type(value[1]) is int:
+        pair = value  # the common case, already in canonical form
+    elif _is_int(value):
         pair = (int(value), int(value))
     else:
         try:
@@ -82,17 +85,28 @@ def nonempty(x, name):
     return x
 
 
-def gradient(dout, name, shape, dtype):
+def gradient(dout, name, shape, dtype, allow_nonfinite=False):
     """Check an upstream gradient: a finite float array of exactly ``shape``, cast to ``dtype``.
 
     The cast lets a float64 gradient flow into a float32 layer (the result is float32, like the
     forward pass); the shape check is strict, because broadcasting a wrong-shaped gradient would
     give wrong numbers without an error.
     """
-    dout = float_array(dout, name)
+    dout = float_array(dout, name, allow_nonfinite=allow_nonfinite)
     if dout.shape != tuple(shape):
         raise ValueError(f"{name} must have the forward output's shape {tuple(shape)}, got {dout.shape}")
     return np.ascontiguousarray(dout, dtype=dtype)
+
+
+def upstream(dout, name, shape):
+    """Check an upstream gradient of a pure function: a finite float array of exactly ``shape``.
+
+    Like :func:`gradient` without the cast (these functions compute in the gradient's dtype).
+    """
+    dout = float_array(dout, name).reshape(np.shape(dout))  # keep a 0-d gradient 0-d
+    if dout.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)} (the forward output's), got {dout.shape}")
+    return dout
 
 
 def same_dtype(arrays, names):

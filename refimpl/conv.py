@@ -68,8 +68,11 @@ def conv_output_shape(in_hw, kernel, stride=1, padding=0):
     return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
 
 
-def check_conv_args(x, w, b, stride, padding):
+def check_conv_args(x, w, b, stride, padding, check_finite=True):
     """Validate the arguments of a convolution and return them converted, plus the geometry.
+
+    ``check_finite=False`` skips the scan for NaN/inf (a pass over ``x`` and ``w``): for a layer
+    inside a network, where a non-finite value is the training loop's to report.
 
     Returns
     -------
@@ -84,11 +87,12 @@ def check_conv_args(x, w, b, stride, padding):
         Wrong ndim, an empty axis, a channel mismatch, a bias of the wrong length, NaN/inf
         values, a stride below 1, a negative padding, or a kernel larger than the padded input.
     """
-    x = _checks.nonempty(_checks.float_array(x, "x", ndim=4), "x")
-    w = _checks.nonempty(_checks.float_array(w, "w", ndim=4), "w")
+    unchecked = not check_finite
+    x = _checks.nonempty(_checks.float_array(x, "x", ndim=4, allow_nonfinite=unchecked), "x")
+    w = _checks.nonempty(_checks.float_array(w, "w", ndim=4, allow_nonfinite=unchecked), "w")
     if b is None:
         b = np.zeros(w.shape[0], dtype=w.dtype)
-    b = _checks.float_array(b, "b", ndim=1)
+    b = _checks.float_array(b, "b", ndim=1, allow_nonfinite=unchecked)
     _checks.same_dtype([x, w, b], ["x", "w", "b"])
     if w.shape[1] != x.shape[1]:
         raise ValueError(

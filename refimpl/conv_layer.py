@@ -1,10 +1,11 @@
 r"""The convolution layer, dense or perforated, running on a conv backend.
 
-:class:`Conv2d` owns a weight (K, C, kh, kw) and a bias (K,) and computes through the backend
-interface of :mod:`refimpl.backend`: ``conv_forward`` to the compact tensor (N, K, P), then
-``fill_forward`` to the dense output (N, K, Ho, Wo). A dense layer is the perforated one with the
-full plan, whose compact tensor already *is* the dense output in raster order, so the fill is a
-reshape.
+:class:`Conv2d` owns a weight (K, C, kh, kw), a bias (K,) and its perforation plans, and computes
+with the functional pair :func:`~refimpl.perforation.perforated_conv2d_forward` /
+:func:`~refimpl.perforation.perforated_conv2d_backward` on its backend: the convolution to the
+compact tensor (N, K, P), then the fill to the dense output (N, K, Ho, Wo). A dense layer is the
+perforated one with the full plan, whose compact tensor already *is* the dense output in raster
+order, so the fill is a reshape.
 
 **Perforation** is described by a :class:`PerforationSpec` — mask type, rate and fill — and the
 mask is built at the first forward pass, when (Ho, Wo) is known, from the layer's own
@@ -25,10 +26,11 @@ import numpy as np
 from . import _checks
 from . import init as _init
 from .backend import get_backend
-from .conv import ConvGeometry, conv_flops, conv_output_shape
+from .conv import conv_flops, conv_output_shape
 from .layers import Layer
 from .masks import MASK_TYPES, make_mask
-from .perforation import FILLS, PerforatedConvCache, PerforationPlan, as_plan
+from .perforation import perforated_conv2d_backward, perforated_conv2d_forward
+from .plan import FILLS, PerforationPlan, as_plan
 
 
 @dataclass(frozen=True)
@@ -179,28 +181,17 @@ class Conv2d(Layer):
         else:
             plan, own_fill = as_plan(mask, out_hw, n), "nearest"
         fill = own_fill if fill is None else _checks.choice(fill, "fill", set(FILLS))
-        geometry = ConvGeometry(self.kernel, self.stride, self.padding, tuple(x.shape[2:]), out_hw)
-        w = self.params["w"]
-        b = self.params["b"] if self.has_bias else np.zeros(self.out_channels, dtype=w.dtype)
-        compact, conv_cache = self.backend.conv_forward(x, w, b, plan, geometry)
-        if plan.full:
-            out = compact.reshape(n, self.out_channels, *out_hw)  # raster order: already dense
-        else:
-            out = self.backend.fill_forward(compact, plan, fill)
-        self.cache = PerforatedConvCache(self.backend, conv_cache, plan, fill)
+        b = self.params["b"] if self.has_bias else None
+        # check_finite=False: a NaN in a network is reported by the training loop, with the layer.
+        out, self.cache = perforated_conv2d_forward(x, self.params["w"], b, plan, self.stride, self.padding,
+                                                    fill=fill, backend=self.backend, check_finite=False)
         counts = np.broadcast_to(plan.counts.astype(np.int64), (n,)) if plan.shared else plan.counts.astype(np.int64)
         self.flops_per_sample = conv_flops(1, self.in_channels, self.out_channels, self.kernel) * counts
         self.dense_flops_per_sample = conv_flops(out_hw[0] * out_hw[1], self.in_channels, self.out_channels, self.kernel)
         return out
 
     def backward(self, dout):
-        cache = self.cache
-        dout = np.ascontiguousarray(dout)
-        if cache.plan.full:
-            dcompact = dout.reshape(dout.shape[0], dout.shape[1], -1)
-        else:
-            dcompact = self.backend.fill_backward(dout, cache.plan, cache.fill)
-        dx, dw, db = self.backend.conv_backward(dcompact, cache.conv_cache)
+        dx, dw, db = perforated_conv2d_backward(dout, self.cache)
         self.accumulate("w", dw)
         if self.has_bias:
             self.accumulate("b", db)

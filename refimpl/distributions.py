@@ -74,8 +74,8 @@ def _probabilities(h, name, open_interval=False):
 def _temperature(value):
     if not isinstance(value, numbers.Real) or isinstance(value, bool):
         raise TypeError(f"temperature must be a positive real number, got {value!r}")
-    if not float(value) > 0.0:
-        raise ValueError(f"temperature must be positive, got {value!r}")
+    if not (np.isfinite(float(value)) and float(value) > 0.0):
+        raise ValueError(f"temperature must be positive and finite, got {value!r}")
     return float(value)
 
 
@@ -128,6 +128,7 @@ def stick_breaking_backward(dweights, cache):
     dfractions : ndarray (..., L-1)
     """
     v, r = cache
+    dweights = _checks.upstream(dweights, "dweights", r.shape)
     last = v.shape[-1]
     dv = np.empty_like(v)
     dr = dweights[..., last].copy()  # ∂/∂r_L
@@ -192,7 +193,7 @@ def expected_steps_backward(dexpected, cache):
     dh : ndarray (..., L-1)
     """
     h, reach = cache
-    dexpected = np.asarray(dexpected, dtype=h.dtype)
+    dexpected = np.asarray(_checks.upstream(dexpected, "dexpected", h.shape[:-1]), dtype=h.dtype)
     dh = np.empty_like(h)
     dreach = dexpected.copy()  # ∂/∂reach_L
     for l in range(h.shape[-1] - 1, -1, -1):
@@ -215,7 +216,7 @@ def log_halting_distribution_forward(logits):
     :math:`\log q(n) = \log\sigma(a_n) + \sum_{l<n} \log\sigma(-a_l)` (the ``n = L`` term has no
     first summand). Exact even where ``σ(a)`` rounds to 0 or 1.
     """
-    a = _checks.float_array(logits, "logits")
+    a = _checks.float_array(logits, "logits").reshape(np.shape(logits))  # keep a scalar 0-d
     if a.ndim == 0:
         raise ValueError("logits must have at least one axis (the iterations), got a scalar")
     log_continue = np.cumsum(log_sigmoid(-a), axis=-1)  # Σ_{l<=k} log(1 - h_l)
@@ -241,6 +242,7 @@ def log_halting_distribution_backward(dlog_q, cache):
     dlogits : ndarray (..., L-1)
     """
     a = cache.logits
+    dlog_q = _checks.upstream(dlog_q, "dlog_q", a.shape[:-1] + (a.shape[-1] + 1,))
     h = sigmoid(a)
     later = np.cumsum(dlog_q[..., ::-1], axis=-1)[..., ::-1]  # Σ_{n>=l} dlog_q[n]
     return dlog_q[..., :-1] * (1.0 - h) - later[..., 1:] * h
@@ -260,7 +262,9 @@ def log_halting_probability_grad(logits, steps):
     -------
     score : ndarray (..., L-1)
     """
-    a = _checks.float_array(logits, "logits")
+    a = _checks.float_array(logits, "logits").reshape(np.shape(logits))
+    if a.ndim == 0:
+        raise ValueError("logits must have at least one axis (the iterations), got a scalar")
     steps = np.asarray(steps)
     length = a.shape[-1] + 1
     if steps.shape != a.shape[:-1]:
@@ -350,6 +354,7 @@ def relaxed_bernoulli_forward(logits, temperature, u):
 def relaxed_bernoulli_backward(dz, cache):
     """Reparameterised gradient w.r.t. the logits, the noise held fixed: ``dz · z (1 - z) / λ``."""
     z, lam = cache
+    dz = _checks.upstream(dz, "dz", z.shape)
     return dz * z * (1.0 - z) / lam
 
 
@@ -407,6 +412,32 @@ class KLCache(NamedTuple):
     log_ratio: np.ndarray
 
 
+def _log_distribution(log_p, name):
+    """Check log-probabilities along the last axis: no NaN or +inf, and ``exp`` sums to one.
+
+    ``-inf`` is allowed (a probability of exactly zero). The sum may miss one by rounding and by
+    the small steps of a central-difference check, not more: ``max(1e-5, 100 · L · eps)``. A
+    larger miss is a mistake the KL would silently absorb — logits or ``q`` itself passed where
+    ``log q`` belongs — so it is reported.
+    """
+    log_p = _checks.float_array(log_p, name, allow_nonfinite=True).reshape(np.shape(log_p))
+    if log_p.ndim == 0:
+        raise ValueError(f"{name} must have at least one axis (the iterations), got a scalar")
+    bad = np.isnan(log_p) | (log_p == np.inf)
+    if bad.any():
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        raise ValueError(f"{name} must be log-probabilities (finite or -inf), got {log_p[first]} at index {first}")
+    total = np.exp(log_p).sum(axis=-1)
+    tol = max(1e-5, 100 * log_p.shape[-1] * np.finfo(log_p.dtype).eps)
+    off = np.abs(total - 1.0) > tol
+    if off.any():
+        first = tuple(int(i) for i in np.argwhere(np.atleast_1d(off))[0])
+        worst = float(np.atleast_1d(total)[first])
+        raise ValueError(f"{name} must be the log of a distribution over the last axis (exp sums to 1 within "
+                         f"{tol:.1e}), got a sum of {worst!r} at {first}")
+    return log_p
+
+
 def kl_to_prior_forward(log_q, log_prior):
     r""":math:`\mathrm{KL}(q \,\|\, p) = \sum_n q(n) (\log q(n) - \log p(n))` along the last axis.
 
@@ -416,24 +447,28 @@ def kl_to_prior_forward(log_q, log_prior):
 
     Parameters
     ----------
-    log_q : ndarray (..., L), log of the halting distribution
-    log_prior : ndarray (L,) or (..., L), log of the prior
+    log_q : ndarray (..., L), log of the halting distribution; ``-inf`` where ``q(n) = 0``
+        (such terms contribute :math:`0 \log 0 = 0`). ``exp(log_q)`` must sum to one.
+    log_prior : ndarray (L,) or (..., L), log of the prior: finite, ``exp`` sums to one
 
     Returns
     -------
     kl : ndarray (...)
     cache : KLCache
     """
-    log_q = _checks.float_array(log_q, "log_q")
-    log_prior = _checks.float_array(log_prior, "log_prior")
-    if log_q.ndim == 0 or log_q.shape[-1] != log_prior.shape[-1]:
+    log_q = _log_distribution(log_q, "log_q")
+    log_prior = _checks.float_array(log_prior, "log_prior").reshape(np.shape(log_prior))
+    if log_prior.ndim == 0 or log_q.shape[-1] != log_prior.shape[-1]:
         raise ValueError(f"log_q and log_prior must share the last axis, got {log_q.shape} and {log_prior.shape}")
+    log_prior = _log_distribution(log_prior, "log_prior")
     q = np.exp(log_q)
-    log_ratio = log_q - log_prior
+    with np.errstate(invalid="ignore"):
+        log_ratio = np.where(q > 0, log_q - log_prior, 0.0)  # q = 0: the term is 0 log 0 = 0
     return np.sum(q * log_ratio, axis=-1), KLCache(q, log_ratio)
 
 
 def kl_to_prior_backward(dkl, cache):
-    """Gradient of the KL w.r.t. ``log q``: ``dkl · q (log q - log p + 1)``."""
+    """Gradient of the KL w.r.t. ``log q``: ``dkl · q (log q - log p + 1)`` (0 where ``q = 0``)."""
     q, log_ratio = cache
-    return np.asarray(dkl)[..., None] * q * (log_ratio + 1.0)
+    dkl = _checks.upstream(dkl, "dkl", q.shape[:-1])
+    return dkl[..., None] * q * (log_ratio + 1.0)

@@ -120,7 +120,13 @@ def halting_backward(dp, drho, cache):
     drho : ndarray (...,) or None (no gradient through the ponder cost)
     cache : HaltingCache
     """
+    if not isinstance(cache, HaltingCache):
+        raise TypeError(f"cache must be the HaltingCache of halting_forward, got {type(cache).__name__}")
     before, last = cache.before, cache.last
+    if dp is not None:
+        dp = _checks.upstream(dp, "dp", before.shape)
+    if drho is not None:
+        drho = _checks.upstream(drho, "drho", before.shape[:-1])
     dtype = np.result_type(*(a.dtype for a in (dp, drho) if a is not None), np.float32)
     dh = np.zeros(before.shape, dtype=dtype)
     if dp is not None:
@@ -150,6 +156,7 @@ def weighted_output_forward(p, units):
     -------
     out : ndarray (..., F...)
     """
+    p, units = _check_weighted(p, units)
     extra = units.ndim - 1 - (p.ndim - 1)
     weights = np.moveaxis(p, -1, 0).reshape(p.shape[-1:] + p.shape[:-1] + (1,) * extra)
     return np.sum(weights * units, axis=0)
@@ -157,9 +164,24 @@ def weighted_output_forward(p, units):
 
 def weighted_output_backward(dout, p, units):
     """Gradients ``(dp, dunits)`` of :func:`weighted_output_forward`."""
+    p, units = _check_weighted(p, units)
+    dout = _checks.upstream(dout, "dout", units.shape[1:])
     extra = units.ndim - 1 - (p.ndim - 1)
     weights = np.moveaxis(p, -1, 0).reshape(p.shape[-1:] + p.shape[:-1] + (1,) * extra)
     dunits = weights * dout[None]
     feature_axes = tuple(range(p.ndim, units.ndim))
     dp = np.moveaxis(np.sum(units * dout[None], axis=feature_axes), 0, -1)
     return dp, dunits
+
+
+def _check_weighted(p, units):
+    """Validate the halting distribution ``p`` (..., L) against the unit outputs (L, ..., F...)."""
+    p = _checks.float_array(p, "p")
+    units = _checks.float_array(units, "units")
+    if p.ndim < 1:
+        raise ValueError(f"p must have a unit axis (last), got shape {p.shape}")
+    expected = p.shape[-1:] + p.shape[:-1]
+    if units.shape[: p.ndim] != expected:
+        raise ValueError(f"units must have shape (L, ...) = {expected} + feature axes to match p {p.shape}, "
+                         f"got {units.shape}")
+    return p, units

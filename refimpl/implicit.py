@@ -22,6 +22,10 @@ filled tensor is replaced by (N, C, P) plus an int table shared by all channels.
 Pooling reads the same way. Max pooling may treat duplicate indices once or many times (the max
 is the same); average pooling counts duplicates, exactly as if the filled tensor existed. Padding
 taps are excluded from both (max over real values, mean over in-bounds taps).
+
+This module builds the tables (:func:`compose_index_table`) and holds the public functions, which
+validate and dispatch to a backend; the NumPy kernels of the table convolution and pooling are in
+:mod:`refimpl.numpy_kernels` (and importable from here).
 """
 
 from __future__ import annotations
@@ -31,10 +35,18 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from . import _checks
+from .backend import get_backend
+from .backend_checks import POOL_MODES
 from .conv import conv_output_shape
-from .perforation import INDEX_DTYPE, PerforationPlan
-
-POOL_MODES = ("max", "avg")
+from .numpy_kernels import (  # noqa: F401  (re-exported: importable from here as before)
+    TableConvCache,
+    TablePoolCache,
+    table_conv_backward,
+    table_conv_forward,
+    table_pool_backward,
+    table_pool_forward,
+)
+from .plan import INDEX_DTYPE, PerforationPlan, frozen_copy
 
 
 def compose_index_table(index_map, kernel, stride=1, padding=0, out_positions=None):
@@ -52,7 +64,7 @@ def compose_index_table(index_map, kernel, stride=1, padding=0, out_positions=No
     Returns
     -------
     table : ndarray of int32 (B, R, kh*kw)
-        Source index read by tap ``t = i * kw + j`` of output ``o``; -1 for padding.
+        Source index read by tap ``t = i * kw + j`` of output ``o``; -1 for padding. Read-only.
     """
     if not isinstance(index_map, np.ndarray) or not np.issubdtype(index_map.dtype, np.integer):
         raise TypeError(f"index_map must be an integer numpy array, got {getattr(index_map, 'dtype', type(index_map).__name__)}")
@@ -83,132 +95,14 @@ def compose_index_table(index_map, kernel, stride=1, padding=0, out_positions=No
     inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
     table = index_map[:, np.clip(iy, 0, h - 1), np.clip(ix, 0, w - 1)]  # (B, R, kh, kw)
     table = np.where(inside[None], table, -1)
-    return table.reshape(b, len(out_positions), kh * kw).astype(INDEX_DTYPE)
+    # Read-only over immutable memory: backends may cache it by identity and read it as offsets.
+    return frozen_copy(table.reshape(b, len(out_positions), kh * kw).astype(INDEX_DTYPE))
 
 
 def dense_index_map(in_hw):
     """The identity index map of an unperforated input: position (y, x) lives at ``y * W + x``."""
     h, w = in_hw
-    return np.arange(h * w, dtype=INDEX_DTYPE).reshape(1, h, w)
-
-
-def _gather(src, table):
-    """``src[n, c, table[n, r, t]]`` with 0 where the table says -1: shape (N, C, R, T)."""
-    n, c, s = src.shape
-    padded = np.concatenate([src, np.zeros((n, c, 1), dtype=src.dtype)], axis=2)
-    safe = np.where(table < 0, s, table)  # -1 reads the appended zero
-    flat = np.broadcast_to(safe.reshape(safe.shape[0], 1, -1), (n, 1, safe[0].size))
-    return np.take_along_axis(padded, flat, axis=2).reshape(n, c, *table.shape[1:])
-
-
-def _scatter_add(values, table, source_size):
-    """Adjoint of :func:`_gather`: add ``values`` (N, C, R, T) into (N, C, S) at the table's indices."""
-    n, c = values.shape[:2]
-    out = np.zeros((n, c, source_size + 1), dtype=values.dtype)
-    safe = np.where(table < 0, source_size, table)
-    safe = np.broadcast_to(safe, (n, *table.shape[1:])).reshape(n, -1)
-    flat = values.reshape(n, c, -1)
-    for sample in range(n):  # duplicates are the point here (nearest fill), so add.at
-        np.add.at(out[sample].T, safe[sample], flat[sample].T)
-    return out[:, :, :source_size]
-
-
-class TableConvCache(NamedTuple):
-    """What :func:`table_conv_backward` needs."""
-
-    rows: np.ndarray  # (N*R, C*T)
-    w: np.ndarray  # (K, C, kh, kw)
-    table: np.ndarray  # (B, R, T)
-    src_shape: tuple
-
-
-def table_conv_forward(src, table, w, b):
-    """Convolution that reads its input through an index table.
-
-    Parameters
-    ----------
-    src : ndarray (N, C, S)
-    table : ndarray of int32 (B, R, T), B in {1, N}, T = kh*kw, -1 = zero padding
-    w : ndarray (K, C, kh, kw)
-    b : ndarray (K,)
-
-    Returns
-    -------
-    out : ndarray (N, K, R)
-    cache : TableConvCache
-    """
-    n, c, _ = src.shape
-    k = w.shape[0]
-    gathered = _gather(src, table)  # (N, C, R, T)
-    r = table.shape[1]
-    rows = gathered.transpose(0, 2, 1, 3).reshape(n * r, -1)
-    out = (rows @ w.reshape(k, -1).T + b).reshape(n, r, k).transpose(0, 2, 1)
-    return np.ascontiguousarray(out), TableConvCache(rows, w, table, src.shape)
-
-
-def table_conv_backward(dout, cache):
-    """Gradients ``(dsrc, dw, db)`` of :func:`table_conv_forward` from ``dout`` (N, K, R).
-
-    ``dsrc`` (N, C, S) is the scatter-add of the row gradients through the table (duplicate
-    indices accumulate; -1 taps are dropped).
-    """
-    n, c, s = cache.src_shape
-    k = cache.w.shape[0]
-    r, t = cache.table.shape[1:]
-    dy = dout.transpose(0, 2, 1).reshape(n * r, k)
-    dw = (dy.T @ cache.rows).reshape(cache.w.shape)
-    db = dy.sum(axis=0)
-    drows = (dy @ cache.w.reshape(k, -1)).reshape(n, r, c, t).transpose(0, 2, 1, 3)
-    return _scatter_add(drows, cache.table, s), dw, db
-
-
-class TablePoolCache(NamedTuple):
-    """What :func:`table_pool_backward` needs."""
-
-    mode: str
-    table: np.ndarray  # (B, R, T)
-    src_shape: tuple
-    weights: np.ndarray  # (N, C, R, T): d out / d gathered tap
-
-
-def table_pool_forward(src, table, mode):
-    """Max or average pooling that reads through an index table; -1 taps are padding (ignored).
-
-    Parameters
-    ----------
-    src : ndarray (N, C, S)
-    table : ndarray of int32 (B, R, T), B in {1, N}; every row holds at least one tap >= 0
-    mode : {"max", "avg"}
-
-    Returns
-    -------
-    out : ndarray (N, C, R)
-        ``max_t src[n, c, table[n, r, t]]`` or ``mean_t`` over the taps ``>= 0`` (duplicates
-        counted, as if the filled tensor existed). Max ties go to the first tap.
-    cache : TablePoolCache
-    """
-    gathered = _gather(src, table)  # (N, C, R, T)
-    valid = np.broadcast_to((table >= 0)[:, None], gathered.shape)
-    if mode == "max":
-        masked = np.where(valid, gathered, -np.inf)
-        first = np.argmax(masked, axis=3)
-        out = np.take_along_axis(gathered, first[..., None], axis=3)[..., 0]
-        weights = np.zeros_like(gathered)
-        np.put_along_axis(weights, first[..., None], 1.0, axis=3)
-    else:
-        count = valid.sum(axis=3, keepdims=True)
-        weights = valid / count
-        out = (gathered * weights).sum(axis=3)
-    return out.astype(src.dtype), TablePoolCache(mode, table, src.shape, weights.astype(src.dtype))
-
-
-def table_pool_backward(dout, cache):
-    """Gradient ``dsrc`` (N, C, S) of :func:`table_pool_forward` from ``dout`` (N, C, R).
-
-    Max: each output's gradient goes to the source of its first maximal tap; average: ``1/count``
-    of it to every valid tap's source (a duplicated source receives it once per tap).
-    """
-    return _scatter_add(dout[..., None] * cache.weights, cache.table, cache.src_shape[2])
+    return frozen_copy(np.arange(h * w, dtype=INDEX_DTYPE).reshape(1, h, w))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,8 +150,6 @@ def implicit_conv2d_forward(compact, plan, w, b=None, stride=1, padding=0, backe
     out : ndarray (N, K, Ho, Wo)
     cache : ImplicitCache
     """
-    from .backend import get_backend
-
     compact = _check_compact(compact, plan)
     w = _checks.nonempty(_checks.float_array(w, "w", ndim=4), "w")
     b = np.zeros(w.shape[0], dtype=w.dtype) if b is None else _checks.float_array(b, "b", ndim=1)
@@ -308,8 +200,6 @@ def implicit_pool2d_forward(compact, plan, mode="max", size=2, stride=None, padd
     out : ndarray (N, C, Ho, Wo)
     cache : ImplicitCache
     """
-    from .backend import get_backend
-
     compact = _check_compact(compact, plan)
     _checks.choice(mode, "mode", set(POOL_MODES))
     size = _checks.positive_pair(size, "size")

@@ -17,383 +17,40 @@ Backward: the compact gradient is the scatter-add of ``dY`` through the index ma
 ``dY`` at the computed positions (zero); then ``dW = rowsᵀ dY_c``, ``db = Σ dY_c`` and
 ``dX = col2im`` of ``dY_c W`` restricted to ``M``.
 
-The :class:`PerforationPlan` turns a mask into the integer data every backend consumes — positions,
-counts and the nearest-neighbour index map — computed once, here, so that all backends fill
-identically.
+Where things live: the plan — :class:`~refimpl.plan.PerforationPlan`, which turns a mask into
+positions, counts and the nearest-neighbour index map (:func:`~refimpl.plan.nearest_index`) — is
+in :mod:`refimpl.plan`; the NumPy kernels (:func:`~refimpl.numpy_kernels.compact_conv_forward`,
+:func:`~refimpl.numpy_kernels.fill_forward`, ...) in :mod:`refimpl.numpy_kernels`. This module
+holds the public pair :func:`perforated_conv2d_forward` / :func:`perforated_conv2d_backward`,
+which validate and dispatch to a backend (:mod:`refimpl.backend`); those names are also
+importable from here.
 """
 
 from __future__ import annotations
 
-from functools import cached_property
 from typing import Any, NamedTuple
 
-import numpy as np
-
 from . import _checks
-from .conv import ConvGeometry, check_conv_args, conv_flops, im2row, row2im
-
-FILLS = ("nearest", "zero")
-INDEX_DTYPE = np.int32
-
-
-def realised_rate(mask):
-    """Fraction of output positions *not* computed: ``r = 1 - |M| / (Ho Wo)``.
-
-    Parameters
-    ----------
-    mask : array of bool (Ho, Wo) or (N, Ho, Wo); per-sample masks give the mean over samples.
-
-    Returns
-    -------
-    rate : float in [0, 1)
-        The *realised* rate, which can differ from the rate a mask was requested with
-        (kept counts are rounded, grid masks are products of rounded per-axis counts).
-    """
-    _check_mask_type(mask, ndims=(2, 3))
-    return 1.0 - float(mask.mean())
-
-
-def nearest_index(mask, tie_break="raster", rng=None):
-    """Index, for every output position, of the nearest computed position in the compact list.
-
-    Parameters
-    ----------
-    mask : ndarray of bool (Ho, Wo)
-        Computed positions; the compact list holds them in raster order.
-    tie_break : {"raster", "random"}
-        Among computed positions at the same Euclidean distance, ``"raster"`` picks the one with
-        the smallest raster index ``row * Wo + col`` (project choice, deterministic);
-        ``"random"`` picks uniformly with ``rng`` (what the released code did).
-    rng : numpy.random.Generator, required for ``tie_break="random"``
-
-    Returns
-    -------
-    index_map : ndarray of int32 (Ho, Wo)
-        ``index_map[y, x] = p`` such that compact position ``p`` is nearest to (y, x); computed
-        positions map to themselves.
-
-    Notes
-    -----
-    Each computed position gets a *priority*: its compact index (``"raster"``) or a random
-    permutation of them (``"random"``); the answer is the computed position of smallest
-    squared distance, and among equal distances the smallest priority. Comparing with every
-    computed position costs O(Ho·Wo·P) for P computed positions — 14 s for a 256x256 map — so the search goes row by
-    row instead: within one row of the mask the nearest computed columns to ``x`` are the
-    closest one on the left and on the right (found by binary search), so each mask row with a
-    computed position adds one O(Ho Wo) candidate sweep: O(Ho² Wo) in total. Squared distances
-    are exact integers, so ties are real ties.
-    """
-    _checks.choice(tie_break, "tie_break", {"raster", "random"})
-    if tie_break == "random":
-        _checks.generator(rng)
-    _check_mask_type(mask, ndims=(2,))
-    _checks.bool_mask(mask, "mask", mask.shape)
-    ho, wo = mask.shape
-    n_kept = int(mask.sum())
-    priority = rng.permutation(n_kept) if tie_break == "random" else np.arange(n_kept)
-    if n_kept == ho * wo:  # every position is its own nearest (distance 0 is never tied)
-        return np.arange(ho * wo, dtype=INDEX_DTYPE).reshape(ho, wo)
-    compact_index = (np.cumsum(mask.ravel()) - 1).reshape(ho, wo)  # valid where mask is True
-    cols, rows = np.arange(wo), np.arange(ho)
-    best_d2 = np.full((ho, wo), np.iinfo(np.int64).max, dtype=np.int64)
-    best_priority = np.full((ho, wo), n_kept, dtype=np.int64)
-    index_map = np.zeros((ho, wo), dtype=INDEX_DTYPE)
-    for r in np.flatnonzero(mask.any(axis=1)):
-        kept_cols = np.flatnonzero(mask[r])
-        right = np.minimum(np.searchsorted(kept_cols, cols), kept_cols.size - 1)  # first kept >= x
-        left = np.maximum(right - (kept_cols[right] > cols), 0)  # last kept <= x (if any)
-        candidates = []
-        for side in (left, right):
-            c = kept_cols[side]
-            p = compact_index[r, c]
-            candidates.append((np.abs(c - cols), p, priority[p]))
-        (dl, pl, ql), (dr, pr, qr) = candidates
-        take_left = (dl < dr) | ((dl == dr) & (ql <= qr))
-        dc, p, q = np.where(take_left, dl, dr), np.where(take_left, pl, pr), np.where(take_left, ql, qr)
-        d2 = (rows[:, None] - r) ** 2 + (dc**2)[None, :]
-        better = (d2 < best_d2) | ((d2 == best_d2) & (q[None, :] < best_priority))
-        best_d2 = np.where(better, d2, best_d2)
-        best_priority = np.where(better, q[None, :], best_priority)
-        index_map = np.where(better, p[None, :], index_map).astype(INDEX_DTYPE)
-    return index_map
-
-
-def _check_mask_type(mask, ndims):
-    """TypeError for a non-array or non-boolean mask, ValueError for a wrong number of axes."""
-    if not isinstance(mask, np.ndarray):
-        raise TypeError(f"mask must be a boolean numpy array, got {type(mask).__name__}")
-    if mask.dtype != np.bool_:
-        raise TypeError(f"mask must have dtype bool, got {mask.dtype}")
-    if mask.ndim not in ndims:
-        shapes = " or ".join({2: "(Ho, Wo)", 3: "(N, Ho, Wo)"}[d] for d in ndims)
-        raise ValueError(f"mask must have shape {shapes}, got shape {mask.shape}")
-
-
-class PerforationPlan:
-    """A mask turned into the integer arrays that every convolution backend consumes.
-
-    Parameters
-    ----------
-    mask : ndarray of bool, (Ho, Wo) shared or (N, Ho, Wo) per sample
-    tie_break, rng : see :func:`nearest_index`
-
-    Attributes
-    ----------
-    mask : ndarray of bool (B, Ho, Wo)
-        ``B = 1`` for a shared mask, ``N`` for per-sample masks.
-    shared : bool
-    out_hw : (Ho, Wo)
-    positions : ndarray of int32 (B, P)
-        Raster indices ``row * Wo + col`` of the computed positions of each sample, ascending,
-        padded with -1 to the largest count ``P`` (per-sample masks differ in size).
-    counts : ndarray of int32 (B,)
-        Number of computed positions of each sample.
-    index_map : ndarray of int32 (B, Ho, Wo)
-        Nearest computed position, as an index into the compact axis (computed on first use).
-    full : bool
-        Every position is computed (the layer is the dense convolution).
-    """
-
-    def __init__(self, mask, tie_break="raster", rng=None):
-        _check_mask_type(mask, ndims=(2, 3))
-        _checks.choice(tie_break, "tie_break", {"raster", "random"})
-        self.shared = mask.ndim == 2
-        # A copy: the plan's integer arrays are derived from the mask, so a caller editing their
-        # array afterwards must not change the plan's mask behind its back.
-        self.mask = np.array(mask[None] if self.shared else mask, dtype=bool, order="C", copy=True)
-        _checks.bool_mask(self.mask, "mask", self.mask.shape[1:])
-        self.out_hw = tuple(self.mask.shape[1:])
-        flat = self.mask.reshape(self.mask.shape[0], -1)
-        self.counts = flat.sum(axis=1).astype(INDEX_DTYPE)
-        self.positions = np.full((flat.shape[0], int(self.counts.max())), -1, dtype=INDEX_DTYPE)
-        for b, row in enumerate(flat):
-            kept = np.flatnonzero(row)
-            self.positions[b, : kept.size] = kept
-        self.full = bool(flat.all())
-        self.tie_break = tie_break
-        self._rng = rng
-        if tie_break == "random":
-            _checks.generator(rng)
-            _ = self.index_map  # draw the ties now, so the generator is consumed at a known time
-
-    @classmethod
-    def dense(cls, out_hw):
-        """The plan of the ordinary convolution: every position computed."""
-        return cls(np.ones(out_hw, dtype=bool))
-
-    @cached_property
-    def index_map(self):
-        return np.stack([nearest_index(m, self.tie_break, self._rng) for m in self.mask])
-
-    @property
-    def batch(self):
-        """B: 1 for a shared mask, N for per-sample masks."""
-        return self.mask.shape[0]
-
-    @property
-    def width(self):
-        """P: the size of the compact axis."""
-        return self.positions.shape[1]
-
-    @property
-    def rate(self):
-        """Realised perforation rate (mean over samples)."""
-        return realised_rate(self.mask)
-
-    def check_batch(self, n, name="mask"):
-        """Raise unless this plan applies to a batch of ``n`` samples."""
-        if not self.shared and self.batch != n:
-            raise ValueError(f"{name} is per-sample for {self.batch} samples but the batch has {n}")
-
-    def computed_positions(self, n):
-        """Total computed output positions over a batch of ``n`` samples."""
-        return int(self.counts[0]) * n if self.shared else int(self.counts.sum())
-
-    def rows(self, n):
-        """The computed (sample, slot, position) triples in sample-major order.
-
-        Returns three int arrays of length ``T = computed_positions(n)``: the sample index, the
-        slot in the compact axis, and the raster position. This is the row order of the
-        batched GEMM.
-        """
-        self.check_batch(n)
-        positions = np.broadcast_to(self.positions, (n, self.width))
-        sample, slot = np.nonzero(positions >= 0)
-        return sample, slot, positions[sample, slot]
-
-
-def as_plan(mask, out_hw, batch, name="mask"):
-    """Accept a boolean mask, a :class:`PerforationPlan` or None; check it fits (Ho, Wo) and the batch.
-
-    Returns
-    -------
-    plan : PerforationPlan (the dense plan for ``mask=None``)
-    """
-    if mask is None:
-        return PerforationPlan.dense(out_hw)
-    plan = mask if isinstance(mask, PerforationPlan) else None
-    if plan is None:
-        _checks.bool_mask(mask, name, out_hw, batch)
-        plan = PerforationPlan(mask)
-    if plan.out_hw != tuple(out_hw):
-        raise ValueError(f"{name} is for outputs of size {plan.out_hw}, but this convolution gives {tuple(out_hw)}")
-    plan.check_batch(batch, name)
-    return plan
-
-
-# ---------------------------------------------------------------------------------------------
-# The reference kernels (what the NumPy backend runs; fast backends must agree with these)
-# ---------------------------------------------------------------------------------------------
-
-
-class CompactConvCache(NamedTuple):
-    """What :func:`compact_conv_backward` needs."""
-
-    rows: np.ndarray  # (T, C*kh*kw) gathered input windows
-    w: np.ndarray  # (K, C, kh, kw)
-    row_index: tuple  # (sample, slot, position), each (T,)
-    x_shape: tuple
-    width: int  # P, the compact axis
-    geometry: ConvGeometry
-
-
-def _window_coordinates(position, geometry):
-    """Padded-input coordinates ``(iy, ix)``, each (T, kh, kw), of the window of each raster output position."""
-    (kh, kw), (sh, sw), (_, wo) = geometry.kernel, geometry.stride, geometry.out_hw
-    oy, ox = np.divmod(position, wo)
-    iy = oy[:, None, None] * sh + np.arange(kh)[None, :, None]
-    ix = ox[:, None, None] * sw + np.arange(kw)[None, None, :]
-    return np.broadcast_arrays(iy, ix)
-
-
-def gather_rows(x, plan, geometry):
-    """im2row restricted to the plan: one row of C·kh·kw input values per computed position.
-
-    Parameters
-    ----------
-    x : ndarray (N, C, H, W), validated
-    plan : PerforationPlan for N samples
-    geometry : ConvGeometry
-
-    Returns
-    -------
-    rows : ndarray (T, C*kh*kw), row order of ``plan.rows(N)``
-    row_index : (sample, slot, position)
-    """
-    sample, slot, position = plan.rows(x.shape[0])
-    if plan.full:
-        # Every position, in (sample, raster) order: exactly the dense im2row, which strided
-        # views build far faster than a fancy-index gather.
-        return im2row(x, geometry), (sample, slot, position)
-    ph, pw = geometry.padding
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    iy, ix = _window_coordinates(position, geometry)
-    windows = xp[sample[:, None, None], :, iy, ix]  # (T, kh, kw, C): advanced indices first
-    rows = windows.transpose(0, 3, 1, 2).reshape(sample.size, -1)
-    return rows, (sample, slot, position)
-
-
-def compact_conv_forward(x, w, b, plan, geometry):
-    """Perforated convolution to the compact tensor: one GEMM over the rows of every image.
-
-    ``compact = gather_rows(x) @ w.reshape(K, -1).T + b`` — the (T, C·kh·kw) row matrix of all
-    T computed positions of the batch times the (C·kh·kw, K) kernel matrix, so the cost is
-    ``(1 - r)`` of the dense GEMM.
-
-    Parameters
-    ----------
-    x : ndarray (N, C, H, W); w : ndarray (K, C, kh, kw); b : ndarray (K,) — validated, one dtype
-    plan : PerforationPlan for N samples
-    geometry : ConvGeometry
-
-    Returns
-    -------
-    compact : ndarray (N, K, P)
-        ``compact[n, :, p]`` is the output at raster position ``plan.positions[n, p]``; slots past
-        ``plan.counts[n]`` (per-sample masks of unequal size) are 0.
-    cache : CompactConvCache
-    """
-    rows, row_index = gather_rows(x, plan, geometry)
-    k = w.shape[0]
-    out_rows = rows @ w.reshape(k, -1).T + b  # (T, K)
-    compact = np.zeros((x.shape[0], k, plan.width), dtype=x.dtype)
-    sample, slot, _ = row_index
-    compact[sample, :, slot] = out_rows
-    return compact, CompactConvCache(rows, w, row_index, x.shape, plan.width, geometry)
-
-
-def compact_conv_backward(dcompact, cache):
-    """Gradients of :func:`compact_conv_forward` from the compact gradient ``dcompact`` (N, K, P).
-
-    With ``dY`` the (T, K) gradients of the computed rows: ``dW = dYᵀ · rows``, ``db = Σ dY``,
-    ``dX = col2im(dY · W)`` restricted to the computed windows. Padded slots are never read.
-
-    Returns
-    -------
-    dx : (N, C, H, W), dw : (K, C, kh, kw), db : (K,)
-    """
-    sample, slot, position = cache.row_index
-    k = cache.w.shape[0]
-    dy = dcompact[sample, :, slot]  # (T, K)
-    dw = (dy.T @ cache.rows).reshape(cache.w.shape)
-    db = dy.sum(axis=0)
-    drows = (dy @ cache.w.reshape(k, -1)).reshape(sample.size, *cache.w.shape[1:])  # (T, C, kh, kw)
-    n, c, h, wd = cache.x_shape
-    ho, wo = cache.geometry.out_hw
-    if sample.size == n * ho * wo:  # every position computed: the dense adjoint, strided slices
-        return row2im(drows.reshape(sample.size, -1), cache.x_shape, cache.geometry), dw, db
-    (kh, kw), (ph, pw) = cache.geometry.kernel, cache.geometry.padding
-    dxp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dcompact.dtype)
-    iy, ix = _window_coordinates(position, cache.geometry)
-    for i in range(kh):
-        for j in range(kw):
-            # For one kernel offset, distinct (sample, position) rows read distinct pixels,
-            # so this fancy-index += never drops a duplicate.
-            dxp[sample, :, iy[:, i, j], ix[:, i, j]] += drows[:, :, i, j]
-    return dxp[:, :, ph : ph + h, pw : pw + wd], dw, db
-
-
-def fill_forward(compact, plan, fill):
-    """Dense output (N, K, Ho, Wo) from the compact tensor (N, K, P).
-
-    ``fill="nearest"``: ``dense[n, k, y, x] = compact[n, k, index_map[n, y, x]]`` (exact copies);
-    ``fill="zero"``: the computed positions from ``compact``, 0 elsewhere.
-    """
-    n, k, _ = compact.shape
-    ho, wo = plan.out_hw
-    if fill == "nearest":
-        index = np.broadcast_to(plan.index_map.reshape(plan.batch, 1, ho * wo), (n, 1, ho * wo))
-        dense = np.take_along_axis(compact, index, axis=2)
-    else:
-        dense = np.zeros((n, k, ho * wo), dtype=compact.dtype)
-        sample, slot, position = plan.rows(n)
-        dense[sample, :, position] = compact[sample, :, slot]
-    return dense.reshape(n, k, ho, wo)
-
-
-def fill_backward(ddense, plan, fill):
-    """Compact gradient (N, K, P) from the dense one ``ddense`` (N, K, Ho, Wo): the adjoint of :func:`fill_forward`.
-
-    ``"nearest"``: ``dcompact[n, k, p] = Σ_{(y, x): index_map[n, y, x] = p} ddense[n, k, y, x]``
-    (the scatter-add through the index map); ``"zero"``: ``ddense`` at the computed positions
-    (filled positions are constants, their gradient is dropped).
-    """
-    n, k, ho, wo = ddense.shape
-    flat = ddense.reshape(n, k, ho * wo)
-    dcompact = np.zeros((n, k, plan.width), dtype=ddense.dtype)
-    if fill == "nearest":
-        index = np.broadcast_to(plan.index_map.reshape(plan.batch, ho * wo), (n, ho * wo))
-        for sample in range(n):  # scatter-add: many positions copy one source
-            np.add.at(dcompact[sample].T, index[sample], flat[sample].T)
-    else:
-        sample, slot, position = plan.rows(n)
-        dcompact[sample, :, slot] = flat[sample, :, position]
-    return dcompact
-
-
-# ---------------------------------------------------------------------------------------------
-# Public functions: validate, then run on a backend
-# ---------------------------------------------------------------------------------------------
+from .backend import get_backend
+from .conv import check_conv_args, conv_flops
+from .numpy_kernels import (  # noqa: F401  (re-exported: importable from here as before)
+    CompactConvCache,
+    compact_conv_backward,
+    compact_conv_forward,
+    fill_backward,
+    fill_forward,
+    gather_rows,
+)
+from .plan import (  # noqa: F401  (re-exported)
+    FILLS,
+    INDEX_DTYPE,
+    PerforationPlan,
+    as_plan,
+    frozen_copy,
+    is_frozen,
+    nearest_index,
+    realised_rate,
+)
 
 
 class PerforatedConvCache(NamedTuple):
@@ -405,10 +62,11 @@ class PerforatedConvCache(NamedTuple):
     fill: str | None  # None for output="compact"
     out_shape: tuple | None = None  # forward output shape, to check the upstream gradient
     dtype: Any = None
+    check_finite: bool = True  # also reject a non-finite upstream gradient
 
 
 def perforated_conv2d_forward(x, w, b=None, mask=None, stride=1, padding=0, fill="nearest",
-                              output="dense", backend=None):
+                              output="dense", backend=None, check_finite=True):
     """Perforated convolution.
 
     Parameters
@@ -423,24 +81,36 @@ def perforated_conv2d_forward(x, w, b=None, mask=None, stride=1, padding=0, fill
     output : {"dense", "compact"}
         ``"dense"`` gives (N, K, Ho, Wo); ``"compact"`` gives (N, K, P) without filling.
     backend : ConvBackend, name, or None for the NumPy reference
+    check_finite : bool
+        Reject NaN/inf in ``x``, ``w``, ``b`` (and, in the backward, in ``dout``). A layer inside a
+        network passes False: a non-finite activation is the training loop's to report, with the
+        layer where it appeared, and scanning every activation costs a pass over it.
 
     Returns
     -------
     out : ndarray (N, K, Ho, Wo) or (N, K, P)
     cache : PerforatedConvCache
-    """
-    from .backend import get_backend
 
-    x, w, b, geometry = check_conv_args(x, w, b, stride, padding)
+    Notes
+    -----
+    A full plan (every position computed, e.g. ``mask=None``) needs no fill: its compact tensor
+    already holds the outputs in raster order, so it is returned reshaped (and the backward
+    reshapes ``dout``) — exactly what either fill would give, without the copy.
+    """
+    x, w, b, geometry = check_conv_args(x, w, b, stride, padding, check_finite=check_finite)
     _checks.choice(fill, "fill", set(FILLS))
     _checks.choice(output, "output", {"dense", "compact"})
     plan = as_plan(mask, geometry.out_hw, x.shape[0])
     backend = get_backend(backend)
     compact, conv_cache = backend.conv_forward(x, w, b, plan, geometry)
+    check_finite = bool(check_finite)
     if output == "compact":
-        return compact, PerforatedConvCache(backend, conv_cache, plan, None, compact.shape, x.dtype)
-    dense = backend.fill_forward(compact, plan, fill)
-    return dense, PerforatedConvCache(backend, conv_cache, plan, fill, dense.shape, x.dtype)
+        return compact, PerforatedConvCache(backend, conv_cache, plan, None, compact.shape, x.dtype, check_finite)
+    if plan.full:
+        dense = compact.reshape(x.shape[0], w.shape[0], *plan.out_hw)
+    else:
+        dense = backend.fill_forward(compact, plan, fill)
+    return dense, PerforatedConvCache(backend, conv_cache, plan, fill, dense.shape, x.dtype, check_finite)
 
 
 def perforated_conv2d_backward(dout, cache):
@@ -457,10 +127,17 @@ def perforated_conv2d_backward(dout, cache):
         With nearest fill the compact gradient is the scatter-add of ``dout`` through the index
         map; with zero fill the filled positions' gradient is dropped.
     """
+    if not isinstance(cache, PerforatedConvCache):
+        raise TypeError(f"cache must be the PerforatedConvCache of perforated_conv2d_forward, got {type(cache).__name__}")
     backend = cache.backend
     if cache.out_shape is not None:
-        dout = _checks.gradient(dout, "dout", cache.out_shape, cache.dtype)
-    dcompact = dout if cache.fill is None else backend.fill_backward(dout, cache.plan, cache.fill)
+        dout = _checks.gradient(dout, "dout", cache.out_shape, cache.dtype, allow_nonfinite=not cache.check_finite)
+    if cache.fill is None:
+        dcompact = dout
+    elif cache.plan.full:
+        dcompact = dout.reshape(dout.shape[0], dout.shape[1], -1)
+    else:
+        dcompact = backend.fill_backward(dout, cache.plan, cache.fill)
     return backend.conv_backward(dcompact, cache.conv_cache)
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from backends import fast_backend, fast_backend_plain  # noqa: F401  (the fixtures)
@@ -40,9 +40,13 @@ REFERENCE = NumpyBackend()
 OUTPUTS = [("dense", "nearest"), ("dense", "zero"), ("compact", None)]
 
 
-def unsupported(backend, dtype):
-    """True when ``backend`` cannot compute in ``dtype`` (an OpenCL device without fp64): example skipped."""
-    return not backend.supports_dtype(dtype)
+def supported(backend, dtype):
+    """Whether ``backend`` computes in ``dtype`` (an OpenCL device without fp64 does not float64).
+
+    Used with ``assume``: Hypothesis discards the example and draws another, instead of counting
+    an example that tested nothing as a pass.
+    """
+    return backend.supports_dtype(dtype)
 
 
 def host(backend, array):
@@ -58,8 +62,7 @@ def host(backend, array):
 @given(problem=conv_problems(), dense=st.booleans(), rng=rngs())
 def test_perforated_conv_matches_reference(fast_backend, output, fill, problem, dense, rng):
     x, w, b, stride, padding, mask = problem
-    if unsupported(fast_backend, x.dtype):
-        return
+    assume(supported(fast_backend, x.dtype))
     mask = None if dense else mask
     kwargs = dict(stride=stride, padding=padding, fill=fill or "nearest", output=output)
     out, cache = perforated_conv2d_forward(x, w, b, mask, backend=fast_backend, **kwargs)
@@ -83,8 +86,7 @@ def test_fills_match_reference_exactly(fast_backend, fill, problem, rng):
     # A fill only copies (forward) or adds copies (adjoint): forward must be bit-identical, and
     # the adjoint too for "zero" (one source per slot); "nearest" sums, so it gets the tolerance.
     x, w, b, stride, padding, mask = problem
-    if unsupported(fast_backend, x.dtype):
-        return
+    assume(supported(fast_backend, x.dtype))
     plan = PerforationPlan(mask)
     n, k = x.shape[0], w.shape[0]
     compact = rng.standard_normal((n, k, plan.width)).astype(x.dtype)
@@ -109,8 +111,7 @@ def test_backend_computes_exactly_the_plan_positions(fast_backend, problem):
     # Zero weights and unit bias make every computed entry exactly 1 and every padded slot of a
     # per-sample plan exactly 0: the set of positions computed — hence the FLOPs — is exact.
     x, w, b, stride, padding, mask = problem
-    if unsupported(fast_backend, x.dtype):
-        return
+    assume(supported(fast_backend, x.dtype))
     x, w, b, geometry = check_conv_args(x, w, b, stride, padding)
     plan = PerforationPlan(mask)
     n, c = x.shape[:2]
@@ -129,8 +130,7 @@ def test_backend_computes_exactly_the_plan_positions(fast_backend, problem):
 @given(problem=conv_problems())
 def test_compact_output_is_the_dense_convolution_at_the_plan_positions(fast_backend, problem):
     x, w, b, stride, padding, mask = problem
-    if unsupported(fast_backend, x.dtype):
-        return
+    assume(supported(fast_backend, x.dtype))
     compact, _ = perforated_conv2d_forward(x, w, b, mask, stride, padding, output="compact", backend=fast_backend)
     compact = host(fast_backend, compact)
     dense, _ = conv2d_forward(x, w, b, stride, padding)
@@ -152,8 +152,7 @@ def test_compact_output_is_the_dense_convolution_at_the_plan_positions(fast_back
 @given(problem=implicit_problems(), rng=rngs())
 def test_implicit_layers_match_reference(fast_backend, problem, rng):
     p = problem
-    if unsupported(fast_backend, p.compact.dtype):
-        return
+    assume(supported(fast_backend, p.compact.dtype))
     if p.layer == "conv":
         run = lambda backend: implicit_conv2d_forward(p.compact, p.plan, p.w, p.b, p.stride, p.padding,  # noqa: E731
                                                       backend=backend)
@@ -206,8 +205,7 @@ class Recorder:
 @given(problem=conv_problems(dtypes=(np.float64,), **SMALL), rng=rngs())
 def test_perforated_conv_gradients_by_central_differences(fast_backend_plain, output, fill, problem, rng):
     x, w, b, stride, padding, mask = problem
-    if unsupported(fast_backend_plain, x.dtype):
-        return
+    assume(supported(fast_backend_plain, x.dtype))
     plan = PerforationPlan(mask)  # once: every difference quotient reuses its index map
     rec = Recorder(lambda x, w, b: perforated_conv2d_forward(x, w, b, plan, stride, padding, fill=fill or "nearest",
                                                              output=output, backend=fast_backend_plain),
@@ -220,8 +218,7 @@ def test_perforated_conv_gradients_by_central_differences(fast_backend_plain, ou
 def test_implicit_gradients_by_central_differences(fast_backend_plain, problem, rng):
     # compact holds distinct values, so max pooling is differentiable at this point.
     p = problem
-    if unsupported(fast_backend_plain, p.compact.dtype):
-        return
+    assume(supported(fast_backend_plain, p.compact.dtype))
     if p.layer == "conv":
         rec = Recorder(lambda compact, w, b: implicit_conv2d_forward(compact, p.plan, w, b, p.stride, p.padding,
                                                                      backend=fast_backend_plain),
@@ -258,8 +255,7 @@ def awkward(array, how):
 @given(problem=conv_problems(), rng=rngs())
 def test_noncontiguous_and_readonly_inputs_are_accepted(fast_backend, how, problem, rng):
     x, w, b, stride, padding, mask = problem
-    if unsupported(fast_backend, x.dtype):
-        return
+    assume(supported(fast_backend, x.dtype))
     out, cache = perforated_conv2d_forward(awkward(x, how), awkward(w, how), awkward(b, how), mask, stride, padding,
                                            backend=fast_backend)
     ref, ref_cache = perforated_conv2d_forward(x, w, b, mask, stride, padding)

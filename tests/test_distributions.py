@@ -9,6 +9,7 @@ from scipy import integrate
 
 from refimpl import distributions as D
 from refimpl.gradcheck import check_gradients, numerical_gradient, relative_error
+from tolerances import FLOAT64_REFORMULATION_RTOL
 
 GRAD_TOL = 1e-6
 
@@ -113,7 +114,7 @@ def test_halting_distribution_sums_to_one_and_mean_is_expected_steps(h):
     assert np.all(q >= 0)
     np.testing.assert_allclose(q.sum(axis=-1), 1.0, rtol=0, atol=1e-12)
     e, _ = D.expected_steps_forward(h)
-    np.testing.assert_allclose(e, q @ np.arange(1, q.shape[-1] + 1), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(e, q @ np.arange(1, q.shape[-1] + 1), rtol=FLOAT64_REFORMULATION_RTOL, atol=1e-12)
 
 
 @given(halting_probs(lo=0.0, hi=1.0))
@@ -243,7 +244,7 @@ def test_kl_is_in_ponder_net_direction():
     kl, _ = D.kl_to_prior_forward(np.log(q), np.log(p))
     forward_kl = np.sum(q * np.log(q / p))
     reverse_kl = np.sum(p * np.log(p / q))
-    np.testing.assert_allclose(kl, forward_kl, rtol=1e-12)
+    np.testing.assert_allclose(kl, forward_kl, rtol=FLOAT64_REFORMULATION_RTOL)
     np.testing.assert_allclose(kl, 0.59551, atol=1e-5)
     assert abs(reverse_kl - 1.28304) < 1e-5 and abs(kl - reverse_kl) > 0.5
 
@@ -298,3 +299,33 @@ def test_noise_stays_strictly_inside_the_unit_interval(dtype):
     assert np.all(np.isfinite(np.log(u) - np.log1p(-u)))
     noise = D.uniform_noise((1000,), np.random.default_rng(0), dtype)
     assert noise.dtype == dtype and np.all((noise > 0) & (noise < 1))
+
+
+def test_kl_with_a_zero_probability_is_finite():
+    # q(3) = 0, so log q(3) = -inf: the term is 0 log 0 = 0, not NaN, and its gradient is 0.
+    q = np.array([0.7, 0.3, 0.0])
+    log_prior = D.truncated_geometric_log_prob(0.4, 3)
+    with np.errstate(divide="ignore"):
+        log_q = np.log(q)
+    kl, cache = D.kl_to_prior_forward(log_q, log_prior)
+    expected = 0.7 * (np.log(0.7) - log_prior[0]) + 0.3 * (np.log(0.3) - log_prior[1])
+    np.testing.assert_allclose(kl, expected, rtol=FLOAT64_REFORMULATION_RTOL)
+    dlog_q = D.kl_to_prior_backward(np.float64(2.0), cache)
+    assert np.all(np.isfinite(dlog_q)) and dlog_q[2] == 0.0
+    np.testing.assert_allclose(dlog_q[:2], 2.0 * q[:2] * (log_q[:2] - log_prior[:2] + 1.0), rtol=FLOAT64_REFORMULATION_RTOL)
+
+
+def test_kl_rejects_what_is_not_a_log_distribution():
+    log_prior = D.truncated_geometric_log_prob(0.4, 3)
+    with pytest.raises(ValueError, match="log_q must be the log of a distribution"):
+        D.kl_to_prior_forward(np.log([0.5, 0.6, 0.2]), log_prior)  # sums to 1.3
+    with pytest.raises(ValueError, match="log_q must be the log of a distribution"):
+        D.kl_to_prior_forward(np.array([0.5, 0.3, 0.2]), log_prior)  # q itself, not its log
+    with pytest.raises(ValueError, match="log_q must be log-probabilities"):
+        D.kl_to_prior_forward(np.array([np.inf, 0.0, 0.0]), log_prior)
+
+
+@pytest.mark.parametrize("temperature", [0.0, -1.0, float("nan"), float("inf")])
+def test_relaxed_bernoulli_rejects_a_non_positive_or_non_finite_temperature(temperature):
+    with pytest.raises(ValueError, match="temperature must be positive and finite"):
+        D.relaxed_bernoulli_forward(np.zeros(2), temperature, np.full(2, 0.5))

@@ -12,11 +12,11 @@ import warnings
 
 import numpy as np
 import pytest
-from hypothesis import given
+from hypothesis import assume, given
 from hypothesis import strategies as st
 
 from refimpl import gradcheck
-from refimpl.backend import NumpyBackend
+from refimpl.backend import BackendUnavailableError, NumpyBackend
 from refimpl.conv import check_conv_args
 from refimpl.implicit import compose_index_table, implicit_conv2d_backward, implicit_conv2d_forward
 from refimpl.perforation import PerforationPlan, perforated_conv2d_backward, perforated_conv2d_forward
@@ -24,6 +24,7 @@ from strategies import DTYPES, conv_problems, implicit_problems, mask_for
 from tolerances import assert_close
 
 ocl = pytest.importorskip("fastpath.opencl_backend")
+rt = pytest.importorskip("fastpath.opencl_runtime")  # pyopencl, programs, the device choice
 pytestmark = pytest.mark.opencl
 
 if ocl.cl is None:
@@ -93,24 +94,38 @@ def test_status_is_usable_and_names_the_device(devices):
 
 def test_bad_pyopencl_ctx_is_reported_not_raised(devices, monkeypatch):
     monkeypatch.setenv("PYOPENCL_CTX", "99")
-    monkeypatch.setattr(ocl, "_DEFAULT", {})
+    monkeypatch.setattr(rt, "_DEFAULT", {})
     status = ocl.status()
     assert not status.usable
     assert "PYOPENCL_CTX='99'" in status.reason
 
 
 def test_missing_pyopencl_is_reported_with_the_fix(monkeypatch):
-    monkeypatch.setattr(ocl, "cl", None)
-    monkeypatch.setattr(ocl, "_PYOPENCL_IMPORT_ERROR", ImportError("No module named 'pyopencl'"))
-    monkeypatch.setattr(ocl, "_DEFAULT", {})
+    monkeypatch.setattr(rt, "cl", None)
+    monkeypatch.setattr(rt, "_PYOPENCL_IMPORT_ERROR", ImportError("No module named 'pyopencl'"))
+    monkeypatch.setattr(rt, "_DEFAULT", {})
     status = ocl.status()
     assert not status.usable
     assert "pyopencl is not installed" in status.reason and "ponder[opencl]" in status.reason
+    # the backend itself says so with the error every backend raises, not an ImportError
+    monkeypatch.setattr(ocl, "cl", None)
+    with pytest.raises(BackendUnavailableError, match=r"opencl backend is unavailable: pyopencl is not installed"):
+        ocl.OpenCLBackend()
+
+
+def test_the_device_is_chosen_once_and_shared(devices, monkeypatch):
+    monkeypatch.setattr(rt, "_DEFAULT", {})
+    calls = []
+    choose = rt._choose_context
+    monkeypatch.setattr(rt, "_choose_context", lambda: calls.append(1) or choose())
+    context = rt.default_context()
+    assert ocl.status().usable and rt.context_choice()[0] is context and rt.default_context() is context
+    assert calls == [1]
 
 
 def test_no_platform_is_reported_with_the_icd_hint(devices, monkeypatch):
     monkeypatch.setattr(ocl.cl, "get_platforms", lambda: [])
-    monkeypatch.setattr(ocl, "_DEFAULT", {})
+    monkeypatch.setattr(rt, "_DEFAULT", {})
     monkeypatch.delenv("PYOPENCL_CTX", raising=False)
     status = ocl.status()
     assert not status.usable
@@ -119,8 +134,8 @@ def test_no_platform_is_reported_with_the_icd_hint(devices, monkeypatch):
 
 
 def test_devices_that_fail_the_probe_are_listed_with_their_error(devices, monkeypatch):
-    monkeypatch.setattr(ocl, "probe_device", lambda device: "KernelBuildError: error: unknown target CPU 'generic'")
-    monkeypatch.setattr(ocl, "_DEFAULT", {})
+    monkeypatch.setattr(rt, "probe_device", lambda device: "KernelBuildError: error: unknown target CPU 'generic'")
+    monkeypatch.setattr(rt, "_DEFAULT", {})
     monkeypatch.delenv("PYOPENCL_CTX", raising=False)
     status = ocl.status()
     assert not status.usable
@@ -157,7 +172,7 @@ def test_programs_are_built_once_per_context_and_options(fast):
 
 
 def test_build_error_carries_the_compiler_log(fast, monkeypatch):
-    monkeypatch.setattr(ocl, "kernel_source", lambda name: "__kernel void broken(__global float *x) { x[0] = undeclared_name; }")
+    monkeypatch.setattr(rt, "kernel_source", lambda name: "__kernel void broken(__global float *x) { x[0] = undeclared_name; }")
     with pytest.raises(ocl.KernelBuildError) as info:
         ocl.build_program(fast.context, "broken_test_only.cl", ("-DTEST_BROKEN=1",))
     message = str(info.value)
@@ -184,7 +199,7 @@ def test_compiler_warning_of_a_successful_build_is_silenced(fast, monkeypatch):
         program = ocl.build_program(fast.context, ocl.KERNEL_FILES["probe"], ("-DCHATTY_TEST=1",))
     assert isinstance(program, ChattyProgram)
     assert not [w for w in caught if issubclass(w.category, cl.CompilerWarning)]
-    ocl._PROGRAMS.pop((fast.context.int_ptr, ocl.KERNEL_FILES["probe"], ("-DCHATTY_TEST=1",)))
+    rt._PROGRAMS.pop((fast.context.int_ptr, ocl.KERNEL_FILES["probe"], ("-DCHATTY_TEST=1",)))
 
 
 # --------------------------------------------------------------------------------------------
@@ -221,8 +236,7 @@ def _conv_all(backend, x, w, b, plan, geometry, dcompact):
 def test_oracle_and_fast_kernels_agree_on_perforated_conv(backends, problem, seed):
     fast, oracle = backends
     x, w, b, plan, geometry = _plan_and_geometry(*problem)
-    if not fast.supports_dtype(x.dtype):
-        return
+    assume(fast.supports_dtype(x.dtype))
     dcompact = np.random.default_rng(seed).standard_normal((x.shape[0], w.shape[0], plan.width)).astype(x.dtype)
     got_fast = _conv_all(fast, x, w, b, plan, geometry, dcompact)
     got_oracle = _conv_all(oracle, x, w, b, plan, geometry, dcompact)
@@ -235,8 +249,7 @@ def test_oracle_and_fast_kernels_agree_on_perforated_conv(backends, problem, see
 @given(problem=implicit_problems(layers=("conv",)), seed=st.integers(0, 2**32 - 1))
 def test_oracle_and_fast_kernels_agree_on_table_conv(backends, problem, seed):
     fast, oracle = backends
-    if not fast.supports_dtype(problem.compact.dtype):
-        return
+    assume(fast.supports_dtype(problem.compact.dtype))
     table = compose_index_table(problem.plan.index_map, problem.size, problem.stride, problem.padding)
     results = []
     for backend in (fast, oracle, NumpyBackend()):

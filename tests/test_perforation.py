@@ -268,3 +268,30 @@ def test_plan_keeps_its_own_copy_of_the_mask():
     plan = PerforationPlan(mask)
     mask[1, 2] = True
     assert plan.mask.sum() == 1 and plan.counts[0] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The plan is immutable: what backends read as offsets cannot change after construction
+# ---------------------------------------------------------------------------------------------
+
+
+@given(mask=standalone_masks(max_batch=3))
+def test_plan_arrays_are_read_only_for_good_and_agree_with_the_mask(mask):
+    plan = PerforationPlan(mask)
+    mask[...] = ~mask  # the caller's array is not the plan's
+    for name in ("mask", "positions", "counts", "index_map"):
+        array = getattr(plan, name)
+        assert not array.flags.writeable, name
+        with pytest.raises(ValueError):
+            array.setflags(write=True)  # not even by switching the flag back on
+        with pytest.raises(AttributeError, match="immutable"):
+            setattr(plan, name, array.copy())
+    own = plan.mask.reshape(plan.batch, -1)
+    for b in range(plan.batch):
+        np.testing.assert_array_equal(plan.positions[b, : plan.counts[b]], np.flatnonzero(own[b]))
+        np.testing.assert_array_equal(plan.index_map[b], nearest_index(plan.mask[b]))
+
+
+def test_dense_plans_are_shared_per_size():
+    assert PerforationPlan.dense((4, 5)) is PerforationPlan.dense((4, 5))
+    assert PerforationPlan.dense((4, 5)).full and PerforationPlan.dense((5, 4)).out_hw == (5, 4)

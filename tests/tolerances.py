@@ -22,6 +22,11 @@ TOLERANCES = {
 # a wrong gradient is off by O(1). One bound for every gradient check.
 GRADCHECK_RTOL = 1e-6
 
+# Two float64 formulations of the same quantity (a closed form against its definition, a sum taken
+# in another order): they differ by a few roundings, far inside 1e-12 relative; a wrong formula is
+# off by far more. One bound for every such comparison.
+FLOAT64_REFORMULATION_RTOL = 1e-12
+
 
 def tolerance(dtype):
     """``{"rtol": ..., "atol": ...}`` for ``dtype`` (float32 or float64)."""
