@@ -28,7 +28,11 @@ from refimpl import course  # noqa: E402
 
 def notebook_dir():
     folder = os.environ.get("PONDER_NOTEBOOKS")
-    return Path(folder) if folder else course.default_notebook_dir()
+    if not folder:
+        return course.default_notebook_dir()
+    if not Path(folder).is_dir():
+        raise FileNotFoundError(f"PONDER_NOTEBOOKS must name a folder of notebooks, got {folder!r} (not a directory)")
+    return Path(folder)
 
 
 def exercise_params():
