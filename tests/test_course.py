@@ -290,3 +290,19 @@ def test_notebooks_are_stored_as_json_nbformat_writes():
         cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
         ids = [c["id"] for c in cells]
         assert len(ids) == len(set(ids)), path.name
+
+
+def test_students_select_exercises_by_marker_and_folder(student_dir):
+    """The student workflow end to end: ``PONDER_NOTEBOOKS=DIR pytest -m "nb01 and ex01_2"``."""
+    import os
+    import subprocess
+
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "exercises"),
+               "-m", "nb01 and ex01_2"]
+    env = {k: v for k, v in os.environ.items() if k != "PONDER_NOTEBOOKS"}
+    instructor = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, env=env, timeout=300)
+    assert instructor.returncode == 0 and "1 passed, " in instructor.stdout, instructor.stdout[-2000:]
+    student = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=300,
+                             env={**env, "PONDER_NOTEBOOKS": str(student_dir)})
+    assert student.returncode == 1 and "1 failed, " in student.stdout, student.stdout[-2000:]
+    assert "NotImplementedError" in student.stdout
