@@ -11,10 +11,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 nbformat = pytest.importorskip("nbformat")
@@ -99,7 +102,8 @@ def _region_lines(source, begin, end):
 
 
 def test_wrong_solutions_fail_the_checks_too():
-    """Beyond stubs: the loop backend with the assigning scatter of notebook 02 fails the property suite."""
+    """Beyond stubs: the assigning scatter of notebook 02, and batch norm's correction applied at every
+    position instead of the masked ones, fail their exercises' checks."""
     path = course.find_notebook(ROOT / "notebooks", "02")
     namespace = course.exercise_namespace(path, "ex02_3", roles=("solution",))
     base = namespace["LoopFillBackend"]
@@ -118,8 +122,8 @@ def test_wrong_solutions_fail_the_checks_too():
 
     with pytest.raises(AssertionError):
         CHECKS["ex02_3"][1]({"LoopFillBackend": Assigns})
+
     def correction_everywhere(dout, x, gamma, mask, eps):  # the ordinary batch-norm backward's mistake here
-        np = pytest.importorskip("numpy")
         m = mask[:, None]
         count = mask.sum()
         mean = (x * m).sum(axis=(0, 2, 3), keepdims=True) / count
@@ -294,9 +298,6 @@ def test_notebooks_are_stored_as_json_nbformat_writes():
 
 def test_students_select_exercises_by_marker_and_folder(student_dir):
     """The student workflow end to end: ``PONDER_NOTEBOOKS=DIR pytest -m "nb01 and ex01_2"``."""
-    import os
-    import subprocess
-
     command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(ROOT / "tests" / "exercises"),
                "-m", "nb01 and ex01_2"]
     env = {k: v for k, v in os.environ.items() if k != "PONDER_NOTEBOOKS"}
