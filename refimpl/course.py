@@ -80,6 +80,10 @@ def _regions(source, where):
     for number, line in enumerate(source.splitlines(), start=1):
         marker = _marker(line)
         if marker is None:
+            if any(text in line for text in ("BEGIN SOLUTION", "END SOLUTION", "BEGIN HIDDEN TESTS", "END HIDDEN TESTS")):
+                # nbgrader would take this line for a delimiter; the student version would not
+                raise CourseError(f"{where}, line {number}: a delimiter must start its line (after indentation), "
+                                  f"got {line.strip()!r}")
             continue
         found.append(marker)
         if marker in (BEGIN_SOLUTION, BEGIN_HIDDEN):

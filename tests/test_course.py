@@ -233,6 +233,7 @@ def test_hidden_tests_are_removed_and_answers_replaced():
     ("x = 1\n### END SOLUTION", "without a matching"),
     ("### BEGIN SOLUTION\n### BEGIN SOLUTION\n### END SOLUTION\n### END SOLUTION", "cannot nest"),
     ("### BEGIN SOLUTION\nx = 1\n### END HIDDEN TESTS", "without a matching"),
+    ("x = 1  ### BEGIN SOLUTION\ny = 2\n### END SOLUTION", "line 1: a delimiter must start its line"),
 ])
 def test_unbalanced_delimiters_name_the_notebook_and_the_cell(source, message):
     nb = notebook_with([nbformat.v4.new_markdown_cell("intro"), solution_cell(source)])
