@@ -108,7 +108,7 @@ def test_demo_fill_check_catches_a_wrong_fill():
 def test_demo_rejects_a_rate_outside_0_1():
     result = ponder("demo", "--rate", "1.5")
     assert result.returncode == 2
-    assert "rate must be in [0, 1)" in result.stderr
+    assert "argument --rate: must be a number in [0, 1)" in result.stderr
 
 
 def _readme_commands():
