@@ -44,7 +44,7 @@ class HelpFormatter(argparse.HelpFormatter):
     def _get_help_string(self, action):
         text = action.help or ""
         default = action.default
-        if ("%(default)" in text or not action.option_strings or default is None or default is False
+        if ("%(default)" in text or "(default" in text or not action.option_strings or default is None or default is False
                 or default is argparse.SUPPRESS or action.required):
             return text
         shown = " ".join(str(v) for v in default) if isinstance(default, (list, tuple)) else "%(default)s"

