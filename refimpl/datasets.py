@@ -444,10 +444,11 @@ def load_image(spec, channels, size=None):
     if path.is_file():
         try:
             image = np.asarray(io.imread(path))
-        except Exception as exc:  # imageio/PIL raise many types; all mean "not a readable image"
-            reason = " ".join(str(exc).split())[:120]
-            raise ValueError(f"image {str(spec)!r} is not an image file scikit-image can read (PNG, JPEG, TIFF, "
-                             f"...): {reason}") from None
+        except Exception:  # imageio/PIL raise many types, with advice about plugins; all mean "not an image"
+            head = path.read_bytes()[:512]
+            kind = "a text file" if head and b"\0" not in head and head.isascii() else "in no image format it knows"
+            raise ValueError(f"image {str(spec)!r} is not an image file scikit-image can read: it is {kind}; "
+                             "expected PNG, JPEG, TIFF, ...") from None
         if image.ndim not in (2, 3) or image.size == 0:
             raise ValueError(f"image {str(spec)!r} has shape {image.shape}; expected a 2-D gray or colour image")
         image = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)

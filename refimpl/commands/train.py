@@ -208,7 +208,8 @@ def build_run(args):
         model = build_model(args.model, info["num_classes"], info["in_channels"], np.random.default_rng(args.seed),
                             backend=args.backend, perforation=perforation or None, dtype=args.dtype, **options)
     except (ValueError, TypeError) as exc:
-        raise UsageError(str(exc)) from None
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items())
+        raise UsageError(f"--model {args.model}" + (f" with {given}" if given else "") + f": {exc}") from None
     lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
     params = list(model.named_parameters())
     if args.optimizer == "sgd":
