@@ -285,3 +285,19 @@ def test_the_profile_says_why_the_search_stopped(tmp_path):
                                 timing_repeats=1)
     assert profile.stop_reason == "target reached: theoretical speedup 1.00x" and len(profile.steps) == 1
     assert load_profile(profile.save(tmp_path / "p.json")).stop_reason == profile.stop_reason
+
+
+def test_implicit_network_fills_before_a_pointwise_conv_with_another_mask():
+    """A 1x1 convolution perforated with a mask of its own cannot read the compact tensor position
+    by position: the runner fills first, and the result still equals the explicit network."""
+    from refimpl.masks import grid_mask, uniform_mask
+
+    model = tiny_nin()
+    x = held_out(4, seed=5).images
+    info = find_perforable_layers(model, x)[0]
+    set_group_mask(model, info, grid_mask(info.out_hw, 0.5, np.random.default_rng(0)))
+    layers = dict(model.named_layers())
+    follower = layers[info.followers[0]]
+    follower.set_mask(uniform_mask(info.out_hw, 0.3, np.random.default_rng(1)), "nearest")
+    out, _ = run_implicit(model, x)
+    np.testing.assert_allclose(out, model(x), rtol=1e-12, atol=1e-14)
