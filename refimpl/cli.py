@@ -7,8 +7,10 @@ names ``fastpath``.
 
 Errors reach the user as one line: a bad option value from the parser, a bad input file (a
 :class:`refimpl.commands.arguments.UsageError`, a checkpoint or data-set error, a backend that
-cannot run here) from the command; all of these exit with status 2. Anything else is an internal
-error, also one line (status 1) unless ``--debug`` asks for the traceback.
+cannot run here) from the command; all of these exit with status 2 (raised as
+:class:`~refimpl.commands.arguments.UsageExit`, whose text is that line, so callers of
+:func:`main` in the same process see it too). Anything else is an internal error: one line,
+status 1, unless ``--debug`` (or ``PONDER_DEBUG=1``) asks for the traceback.
 """
 
 from __future__ import annotations
