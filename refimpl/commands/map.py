@@ -52,7 +52,7 @@ def run(args):
     size = None if args.size is None else tuple(args.size * 2)[:2]  # SIZE -> (SIZE, SIZE)
     try:
         image = load_image(args.image, in_channels, size)
-    except ValueError as exc:
+    except (ValueError, FileNotFoundError) as exc:
         raise UsageError(f"--image: {exc}") from None
     dtype = model.stem.params["w"].dtype
     logits = model(image.astype(dtype))
