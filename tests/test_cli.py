@@ -198,3 +198,33 @@ def fastpath_usable(name):
     import fastpath
 
     return fastpath.available_backends()[name].usable
+
+
+def _imported_modules(path, package):
+    """Absolute names of the modules ``path`` imports (relative imports resolved against ``package``)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_command_imports_another_and_refimpl_never_names_fastpath():
+    commands = {module for module, _ in cli.COMMANDS.values()}
+    for module in commands:
+        path = ROOT / (module.replace(".", "/") + ".py")
+        imported = _imported_modules(path, "refimpl.commands")
+        assert not (imported & (commands - {module})), f"{module} imports {imported & commands}"
+    for path in (ROOT / "refimpl").rglob("*.py"):
+        package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+        assert not any(name.split(".")[0] == "fastpath" for name in _imported_modules(path, package)), path
+        assert '"fastpath' not in path.read_text(), f"{path} names fastpath in a string"
