@@ -173,3 +173,19 @@ def test_every_option_with_a_default_shows_it_in_help():
             assert len(section) == 2, f"ponder {name}: no 'required arguments' section"
             for option in required:
                 assert option in section[1], f"ponder {name}: {option} not listed as required"
+
+
+def test_bench_prints_one_blas_line_in_a_fixed_order_and_aligned_tables():
+    from fastpath import bench
+
+    a = {"internal_api": "openblas", "version": "0.3.30", "architecture": "SkylakeX", "num_threads": 2,
+         "prefix": "libscipy_openblas"}
+    b = dict(a, version="0.3.31")
+    assert bench.blas_line([b, a]) == bench.blas_line([a, b])
+    assert bench.blas_line([b, a]).count("BLAS") == 1 and bench.blas_line([b, a]).index("0.3.30") < \
+        bench.blas_line([b, a]).index("0.3.31")
+    results = [bench.Result("resnet64", "cython", "forward", 0.5, 0.44, 1.0, [1.0], 2.0, 1.0, 1.5, 0.84, None),
+               bench.Result("resnet64", "opencl-kernel", "forward", 0.0, 0.0, 2.0, [2.0], 1.0, 1.0, 1.0, 1.0, 0.5)]
+    header, rule, *rows = bench.format_table(results, "forward").splitlines()[1:]
+    assert len({len(header), len(rule), *map(len, rows)}) == 1  # every line as wide as the rule
+    assert rows[0].split()[2:4] == ["0.50", "0.44"]  # requested, then realised rate
