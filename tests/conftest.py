@@ -1,12 +1,15 @@
-"""Shared test configuration: Hypothesis profiles chosen by ``HYPOTHESIS_PROFILE``.
+"""Shared test configuration: Hypothesis profiles chosen by ``HYPOTHESIS_PROFILE``, and one skip
+line per unusable backend in pytest's summary.
 
 * ``dev`` (default): quick, for the edit-test loop;
 * ``ci``: what CI runs (more examples, no deadline: the CI machine is shared and noisy);
 * ``thorough``: many examples, for before a release or after touching a kernel.
 """
 
+import functools
 import os
 
+import pytest
 from hypothesis import HealthCheck, settings
 
 settings.register_profile("dev", max_examples=25, deadline=None)
@@ -24,12 +27,6 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 # fix). Reported as it is, pytest's summary would repeat it once per test function; rewriting the
 # location of those skips to this file makes pytest fold them into one line per backend, with the
 # number of tests it skipped.
-
-import functools
-from pathlib import Path
-
-import pytest
-
 
 @functools.cache
 def _unusable_backends():
