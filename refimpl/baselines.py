@@ -119,13 +119,14 @@ def max_stride_evaluations(n_layers, n_factors):
 
 
 def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=64, timing_repeats=5, batch_size=256,
-                    layers=None, timer=time.perf_counter, runner="layers", cost="flops", progress=False):
+                    layers=None, timer=time.perf_counter, runner="layers", cost="flops", progress=False,
+                    until_speedup=None):
     """Baseline (a): per-layer stride factors, searched greedily from the dense network.
 
     Each step tries, for every layer not yet at the largest factor, its next factor, and keeps the
     trial of smallest loss increase per unit of cost saved (the move cost of
-    :func:`refimpl.greedy.move_cost`); the search ends when every layer is at the largest factor or
-    no trial lowers the cost. Every network measured on the way is returned, so the points cover
+    :func:`refimpl.greedy.move_cost`); the search ends when every layer is at the largest factor,
+    no trial lowers the cost, or the path reaches ``until_speedup``. Every network measured on the way is returned, so the points cover
     more than the path; at most :func:`max_stride_evaluations` networks are measured.
 
     Parameters
@@ -139,6 +140,9 @@ def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=6
     layers : names of the perforable layers to vary (default: all)
     cost : "flops" or "time" — what a step saves
     progress : a progress bar over the measured networks
+    until_speedup : float or None — also stop once the path is this much faster than the dense
+        network (theoretical speedup for ``cost="flops"``, measured for ``"time"``): a comparison
+        with a perforated network needs the baseline up to that network's speed, not beyond
 
     Returns
     -------
@@ -160,6 +164,7 @@ def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=6
     bench = _reference_bench(model, split, timing_batch, timing_repeats, batch_size, timer, runner)
     level = {info.name: 0 for info in infos}  # index into factors
     cost_key = "flops" if cost == "flops" else "seconds"
+    speed_key = "theoretical_speedup" if cost == "flops" else "measured_speedup"
     bar = _progress_bar(progress, max_stride_evaluations(len(infos), len(factors)), "stride baseline")
 
     def measure(step):
@@ -173,7 +178,7 @@ def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=6
         current = measure(0)
         current["path"] = True
         points, step = [current], 0
-        while True:
+        while until_speedup is None or current[speed_key] < until_speedup:
             step += 1
             trials = []
             for info in infos:

@@ -110,7 +110,7 @@ class Bench:
     timing_x : ndarray — the batch whose forward time is measured
     repeats : timed runs (the median is used)
     batch_size : batch size of the loss pass
-    timer : the clock (a function returning seconds)
+    timer : the clock (a function returning seconds; default ``time.perf_counter``)
     runner : ``"layers"`` or ``"implicit"`` (see :func:`measure_time`)
     dense_flops, dense_seconds : the reference of the speedups (set by :meth:`set_reference`)
     """
@@ -119,11 +119,15 @@ class Bench:
     timing_x: np.ndarray
     repeats: int = 5
     batch_size: int = 256
-    timer: object = time.perf_counter
+    timer: object = None  # None: time.perf_counter
     runner: str = "layers"
     dense_flops: float = None
     dense_seconds: float = None
     evaluations: int = 0  # measure_point calls so far
+
+    def __post_init__(self):
+        if self.timer is None:
+            self.timer = time.perf_counter
 
     def loss(self, model):
         """``(loss, error, FLOPs per image)`` on the split."""

@@ -156,3 +156,12 @@ def test_pareto_front():
 def test_bad_stride_factor_is_refused():
     with pytest.raises(ValueError, match="factor"):
         UpsamplingPlan((4, 4), 0)
+
+
+def test_stride_baseline_stops_once_the_path_is_fast_enough():
+    assert len(stride_baseline(tiny_nin(), data(), factors=(1, 2), timing_batch=2, timing_repeats=1,
+                               until_speedup=1.0)) == 1  # the dense network is already that fast
+    points = stride_baseline(tiny_nin(), data(), factors=(1, 2), timing_batch=2, timing_repeats=1, until_speedup=1.2)
+    path = [p for p in points if p["path"]]
+    assert path[-1]["theoretical_speedup"] >= 1.2 > path[-2]["theoretical_speedup"]
+    assert len(path) < 4  # it stopped before every layer reached factor 2

@@ -25,6 +25,10 @@ from .arguments import (UsageError, add_backend_argument, float_at_least, float_
                         positive_int, required_group, resolve_backend)
 
 
+#: The stride baseline is searched up to this many times the perforated network's speedup.
+BASELINE_MARGIN = 1.5
+
+
 def add_arguments(parser):
     from ..masks import MASK_TYPES
 
@@ -53,7 +57,8 @@ def add_arguments(parser):
                              "(implicit where the network allows it)")
     parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the masks")
     parser.add_argument("--stride-factors", type=positive_int, nargs="+", default=[1, 2, 3],
-                        help="baseline (a): per-layer stride factors, searched greedily layer by layer")
+                        help="baseline (a): per-layer stride factors, searched greedily layer by layer up to "
+                             f"{BASELINE_MARGIN}x the speedup the perforation reached")
     parser.add_argument("--resolutions", type=float_in(0.0, 1.0, closed_low=False, closed_high=True), nargs="+",
                         default=[0.875, 0.75, 0.625, 0.5],
                         help="baseline (b): input sizes as fractions in (0, 1] of the data's")
@@ -107,14 +112,18 @@ def choose_runner(model, images, runner):
         return "layers"
 
 
-def run_baselines(model, held_out, args, backend, timing):
-    """The stride and resolution baselines, each with a progress bar; written to ``baselines.json``."""
+def run_baselines(model, held_out, args, backend, timing, until_speedup):
+    """The stride and resolution baselines, each with a progress bar; written to ``baselines.json``.
+
+    The stride search stops once it is ``until_speedup`` times faster (it only has to cover the
+    speeds of the perforated networks it is compared with).
+    """
     from ..baselines import resolution_baseline, stride_baseline
 
     if sorted(set(args.stride_factors)) != args.stride_factors or args.stride_factors[0] != 1:
         raise UsageError(f"--stride-factors must start at 1 and increase, got {args.stride_factors}")
     baselines = {"stride": stride_baseline(model, held_out, args.stride_factors, backend, cost=args.cost,
-                                           progress=not args.quiet, **timing)}
+                                           progress=not args.quiet, until_speedup=until_speedup, **timing)}
     h, w = held_out.images.shape[2:]
     sizes = [(max(1, int(round(f * h))), max(1, int(round(f * w)))) for f in args.resolutions]
     baselines["resolution"] = resolution_baseline(model, held_out, sizes, backend, progress=not args.quiet,
@@ -155,7 +164,9 @@ def run(args):
     baselines = {}
     if not args.no_baselines:
         apply_step(model, profile, 0)  # dense again
-        baselines = run_baselines(model, held_out, args, backend, timing)
+        speed_key = "measured_speedup" if args.cost == "time" else "theoretical_speedup"
+        until = BASELINE_MARGIN * max(args.target_speedup, last[speed_key])
+        baselines = run_baselines(model, held_out, args, backend, timing, until)
         print(f"baselines: {len(baselines['stride'])} stride-factor networks, {len(baselines['resolution'])} "
               f"resolutions; wrote {out / 'baselines.json'}")
     plot_speed_error(profile, baselines, out / "speed_error.png")
