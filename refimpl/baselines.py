@@ -118,6 +118,30 @@ def max_stride_evaluations(n_layers, n_factors):
     return 1 + n_layers * n_layers * max(n_factors - 1, 0)
 
 
+def _set_level(model, info, level, factors, index):
+    """Run layer ``info`` at ``factors[index]`` and remember it in ``level``."""
+    level[info.name] = index
+    set_stride_factor(model, info, factors[index])
+
+
+def _stride_trials(model, infos, level, factors, measure, current, cost_key):
+    """Each layer not yet at the largest factor tried one factor further (then put back).
+
+    Returns ``[(move cost, measured point, layer info)]``; the move cost is the loss increase per
+    unit of ``cost_key`` saved relative to ``current`` (:func:`refimpl.greedy.move_cost`).
+    """
+    trials = []
+    for info in infos:
+        index = level[info.name]
+        if index + 1 >= len(factors):
+            continue
+        _set_level(model, info, level, factors, index + 1)
+        trial = measure()
+        trials.append((move_cost(trial["loss"], current["loss"], trial[cost_key], current[cost_key]), trial, info))
+        _set_level(model, info, level, factors, index)
+    return trials
+
+
 def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=64, timing_repeats=5, batch_size=256,
                     layers=None, timer=time.perf_counter, runner="layers", cost="flops", progress=False,
                     until_speedup=None):
@@ -180,24 +204,13 @@ def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=6
         points, step = [current], 0
         while until_speedup is None or current[speed_key] < until_speedup:
             step += 1
-            trials = []
-            for info in infos:
-                if level[info.name] + 1 >= len(factors):
-                    continue
-                level[info.name] += 1
-                set_stride_factor(model, info, factors[level[info.name]])
-                trial = measure(step)
-                trials.append((move_cost(trial["loss"], current["loss"], trial[cost_key], current[cost_key]),
-                               trial, info))
-                level[info.name] -= 1
-                set_stride_factor(model, info, factors[level[info.name]])
-            points += [t[1] for t in trials]
+            trials = _stride_trials(model, infos, level, factors, lambda: measure(step), current, cost_key)
+            points += [point for _, point, _ in trials]
             best = min(trials, key=lambda t: t[0], default=None)
             if best is None or not np.isfinite(best[0]):
                 break
             _, current, info = best
-            level[info.name] += 1
-            set_stride_factor(model, info, factors[level[info.name]])
+            _set_level(model, info, level, factors, level[info.name] + 1)
             current["path"] = True
     finally:
         if bar is not None:
