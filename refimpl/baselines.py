@@ -89,10 +89,15 @@ def set_stride_factor(model, info, factor):
 
 
 def pareto_front(points, speed_key="measured_speedup"):
-    """Mark each point ``"pareto": True`` when no other point is both faster and lower in error."""
+    """Mark each point ``"pareto": True`` when no other point is both faster and lower in error.
+
+    Points without a ``speed_key`` value (not timed) are marked ``False`` and compared with nothing.
+    """
+    timed = [p for p in points if p.get(speed_key) is not None]
     for p in points:
-        p["pareto"] = not any(q is not p and q[speed_key] >= p[speed_key] and q["error"] <= p["error"]
-                              and (q[speed_key] > p[speed_key] or q["error"] < p["error"]) for q in points)
+        p["pareto"] = p in timed and not any(
+            q is not p and q[speed_key] >= p[speed_key] and q["error"] <= p["error"]
+            and (q[speed_key] > p[speed_key] or q["error"] < p["error"]) for q in timed)
     return points
 
 
@@ -144,7 +149,7 @@ def _stride_trials(model, infos, level, factors, measure, current, cost_key):
 
 def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=64, timing_repeats=5, batch_size=256,
                     layers=None, timer=time.perf_counter, runner="layers", cost="flops", progress=False,
-                    until_speedup=None):
+                    until_speedup=None, time_trials=True):
     """Baseline (a): per-layer stride factors, searched greedily from the dense network.
 
     Each step tries, for every layer not yet at the largest factor, its next factor, and keeps the
@@ -167,6 +172,9 @@ def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=6
     until_speedup : float or None — also stop once the path is this much faster than the dense
         network (theoretical speedup for ``cost="flops"``, measured for ``"time"``): a comparison
         with a perforated network needs the baseline up to that network's speed, not beyond
+    time_trials : with ``cost="flops"``, ``False`` times only the networks on the path (the trials
+        off it get ``seconds`` and ``measured_speedup`` ``None``): the search needs no time, and
+        timing is most of the work
 
     Returns
     -------
@@ -191,15 +199,17 @@ def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=6
     speed_key = "theoretical_speedup" if cost == "flops" else "measured_speedup"
     bar = _progress_bar(progress, max_stride_evaluations(len(infos), len(factors)), "stride baseline")
 
-    def measure(step):
+    time_each = time_trials or cost == "time"
+
+    def measure(step, timed=time_each):
         point = bench.measure_point(model, factors={i.name: factors[level[i.name]] for i in infos}, step=step,
-                                    path=False)
+                                    path=False, timed=timed)
         if bar is not None:
             bar.update()
         return point
 
     try:
-        current = measure(0)
+        current = measure(0, timed=True)
         current["path"] = True
         points, step = [current], 0
         while until_speedup is None or current[speed_key] < until_speedup:
@@ -211,6 +221,8 @@ def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=6
                 break
             _, current, info = best
             _set_level(model, info, level, factors, level[info.name] + 1)
+            if current["seconds"] is None:  # a path point is always timed
+                current.update(bench.point(current["loss"], current["error"], current["flops"], bench.seconds(model)))
             current["path"] = True
     finally:
         if bar is not None:

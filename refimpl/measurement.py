@@ -141,15 +141,24 @@ class Bench:
         self.dense_flops, self.dense_seconds = float(flops), float(seconds)
 
     def point(self, loss, error, flops, seconds, **extra):
-        """A measured point as a dict: ``extra``, FLOPs, seconds, both speedups, loss and error."""
-        return {**extra, "flops": float(flops), "seconds": float(seconds),
-                "theoretical_speedup": float(self.dense_flops / flops),
-                "measured_speedup": float(self.dense_seconds / seconds), "loss": float(loss), "error": float(error)}
+        """A measured point as a dict: ``extra``, FLOPs, seconds, both speedups, loss and error.
 
-    def measure_point(self, model, split=None, timing_x=None, **extra):
-        """Measure ``model`` (loss on ``split``, time on ``timing_x``; default: the bench's) as a point."""
+        ``seconds=None`` (not timed) gives ``None`` for the seconds and the measured speedup.
+        """
+        return {**extra, "flops": float(flops), "seconds": None if seconds is None else float(seconds),
+                "theoretical_speedup": float(self.dense_flops / flops),
+                "measured_speedup": None if seconds is None else float(self.dense_seconds / seconds),
+                "loss": float(loss), "error": float(error)}
+
+    def measure_point(self, model, split=None, timing_x=None, timed=True, **extra):
+        """Measure ``model`` (loss on ``split``, time on ``timing_x``; default: the bench's) as a point.
+
+        ``timed=False`` skips the timing (the costliest part for a small held-out split).
+        """
         self.evaluations += 1
         loss, error, flops = measure_loss(model, self.split if split is None else split, self.batch_size)
-        seconds = measure_time(model, self.timing_x if timing_x is None else timing_x, self.repeats, self.timer,
-                               self.runner)
+        seconds = None
+        if timed:
+            seconds = measure_time(model, self.timing_x if timing_x is None else timing_x, self.repeats, self.timer,
+                                   self.runner)
         return self.point(loss, error, flops, seconds, **extra)

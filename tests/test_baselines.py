@@ -165,3 +165,21 @@ def test_stride_baseline_stops_once_the_path_is_fast_enough():
     path = [p for p in points if p["path"]]
     assert path[-1]["theoretical_speedup"] >= 1.2 > path[-2]["theoretical_speedup"]
     assert len(path) < 4  # it stopped before every layer reached factor 2
+
+
+def test_stride_baseline_can_time_only_its_path(monkeypatch):
+    from refimpl import measurement
+
+    timed = []
+    measure_time = measurement.measure_time
+    monkeypatch.setattr(measurement, "measure_time", lambda *a, **k: timed.append(1) or measure_time(*a, **k))
+    points = stride_baseline(tiny_nin(), data(), factors=(1, 2), timing_batch=2, timing_repeats=1, time_trials=False)
+    path = [p for p in points if p["path"]]
+    assert len(points) == 7 and len(path) == 4
+    assert all(p["seconds"] is not None and p["measured_speedup"] is not None for p in path)
+    assert all(p["seconds"] is None and p["measured_speedup"] is None and not p["pareto"]
+               for p in points if not p["path"])
+    assert len(timed) == 1 + len(path)  # the dense reference, then each network on the path
+    # the same search, every trial timed: the same path
+    again = stride_baseline(tiny_nin(), data(), factors=(1, 2), timing_batch=2, timing_repeats=1)
+    assert [p["factors"] for p in again if p["path"]] == [p["factors"] for p in path]

@@ -82,7 +82,7 @@ def plot_speed_error(profile, baselines, path):
         label = "perforation (" + ", ".join(profile.settings["mask_types"]) + ")"
         ax.plot(profile.column(key), profile.column("error"), "o-", label=label, markersize=3)
         for name, marker in (("stride", "s"), ("resolution", "^")):
-            points = baselines.get(name) or []
+            points = [p for p in baselines.get(name) or [] if p[key] is not None]  # untimed trials: no x
             front = sorted((p for p in points if p["pareto"]), key=lambda p: p[key])
             if points:
                 ax.plot([p[key] for p in points], [p["error"] for p in points], marker, alpha=0.3, color="gray")
@@ -116,14 +116,16 @@ def run_baselines(model, held_out, args, backend, timing, until_speedup):
     """The stride and resolution baselines, each with a progress bar; written to ``baselines.json``.
 
     The stride search stops once it is ``until_speedup`` times faster (it only has to cover the
-    speeds of the perforated networks it is compared with).
+    speeds of the perforated networks it is compared with), and times only the networks on its
+    path (with ``--cost flops`` its trials are chosen by FLOPs; timing each would be most of the work).
     """
     from ..baselines import resolution_baseline, stride_baseline
 
     if sorted(set(args.stride_factors)) != args.stride_factors or args.stride_factors[0] != 1:
         raise UsageError(f"--stride-factors must start at 1 and increase, got {args.stride_factors}")
     baselines = {"stride": stride_baseline(model, held_out, args.stride_factors, backend, cost=args.cost,
-                                           progress=not args.quiet, until_speedup=until_speedup, **timing)}
+                                           progress=not args.quiet, until_speedup=until_speedup,
+                                           time_trials=False, **timing)}
     h, w = held_out.images.shape[2:]
     sizes = [(max(1, int(round(f * h))), max(1, int(round(f * w)))) for f in args.resolutions]
     baselines["resolution"] = resolution_baseline(model, held_out, sizes, backend, progress=not args.quiet,
