@@ -43,12 +43,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from refimpl.commands.arguments import HelpFormatter, UsageError, int_at_least, positive_int
 from refimpl.conv import check_conv_args, conv_flops
 from refimpl.masks import grid_mask
 from refimpl.plan import PerforationPlan
 
+#: One line for ``ponder --help``.
+HELP = "benchmark every backend (numpy, cython, opencl, torch) on reference layers"
+
 DEFAULT_RATES = (0.0, 0.25, 0.5, 0.75)
 PASSES = ("forward", "forward+backward")
+BACKENDS = ("numpy", "cython", "opencl", "opencl-kernel", "opencl-e2e", "torch")
 
 
 @dataclass(frozen=True)
@@ -360,7 +365,8 @@ def bench_layer(name, layer, runners, rates, args, rng, log):
                                              (layer.kernel, layer.kernel))
                 results.append(Result(name, runner.name, phase, rate, plan.rate, ms, times,
                                       dense / ms / 1e6, actual / ms / 1e6))
-                log(f"  {layer.title:32s} {runner.name:7s} r={plan.rate:.2f} {phase:17s} {ms:9.2f} ms")
+                log(f"  {layer.title:32s} {runner.name:13s} r={plan.rate:.2f} (requested {rate:.2f}) "
+                    f"{phase:16s} {ms:9.2f} ms")
     add_ratios(results)
     return results
 
@@ -419,18 +425,20 @@ def add_ratios(results):
 
 
 def _fmt(value, spec):
-    return "-" if value is None else format(value, spec)
+    """``value`` formatted by ``spec`` ("7.2f"), or a right-aligned "-" of the same width when missing."""
+    return format("-", f">{spec.split('.')[0]}") if value is None else format(value, spec)
 
 
 def format_table(results, phase):
     """A fixed-width table of the results of one pass."""
-    head = (f"{'layer':14s} {'backend':13s} {'rate':>5s} {'ms':>9s} {'GF/s eq':>8s} {'GF/s act':>8s} "
+    head = (f"{'layer':14s} {'backend':13s} {'r req':>5s} {'r':>5s} {'ms':>9s} {'GF/s eq':>8s} {'GF/s act':>8s} "
             f"{'speedup':>7s} {'/ideal':>6s} {'vs torch':>8s}")
-    lines = [f"== {phase} ==", head, "-" * len(head)]
+    lines = [f"== {phase} == (r req: the requested rate; r: the rate the grid mask realises)", head, "-" * len(head)]
     for r in results:
         if r.phase != phase:
             continue
-        lines.append(f"{r.layer:14s} {r.backend:13s} {r.rate:5.2f} {r.ms:9.2f} {r.gflops_dense_equivalent:8.1f} "
+        lines.append(f"{r.layer:14s} {r.backend:13s} {r.rate_requested:5.2f} {r.rate:5.2f} {r.ms:9.2f} "
+                     f"{r.gflops_dense_equivalent:8.1f} "
                      f"{r.gflops_actual:8.1f} {_fmt(r.speedup, '7.2f')} {_fmt(r.speedup_over_ideal, '6.2f')} "
                      f"{_fmt(r.vs_torch, '8.2f')}")
     return "\n".join(lines)
@@ -443,6 +451,15 @@ def blas_info():
     return [{k: lib.get(k) for k in ("internal_api", "version", "architecture", "num_threads", "prefix",
                                      "threading_layer")}
             for lib in threadpool_info() if lib.get("user_api") == "blas"]
+
+
+def blas_line(libraries):
+    """One line naming every BLAS library loaded, in a fixed order (numpy's and scipy's may differ)."""
+    if not libraries:
+        return "BLAS: none loaded"
+    ordered = sorted(libraries, key=lambda lib: tuple(str(lib.get(k)) for k in ("internal_api", "prefix", "version")))
+    return "BLAS: " + "; ".join(f"{lib['internal_api']} {lib['version']} kernel {lib['architecture']} "
+                                f"({lib['num_threads']} threads, {lib['prefix']})" for lib in ordered)
 
 
 def environment(args, runners):
@@ -480,32 +497,45 @@ def _csv(kind):
     return parse
 
 
-def _positive(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _csv_of(choices, what):
+    """Argument type: a comma-separated list whose every entry is one of ``choices``."""
+    def parse(text):
+        items = _csv(str)(text)
+        unknown = [v for v in items if v not in choices]
+        if unknown or not items:
+            raise argparse.ArgumentTypeError(f"unknown {what} {', '.join(unknown) or '(none given)'}; choose a "
+                                             f"comma-separated subset of {','.join(choices)}")
+        return items
+    return parse
+
+
+def _rates(text):
+    rates = _csv(float)(text)
+    bad = [r for r in rates if not 0 <= r < 1]
+    if bad or not rates:
+        raise argparse.ArgumentTypeError(f"rates must be comma-separated numbers in [0, 1), got {text!r}")
+    return rates
 
 
 def add_arguments(parser):
-    parser.add_argument("--threads", type=_positive, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="CPU threads for every backend and BLAS (default: PONDER_THREADS or the CPU count)")
-    parser.add_argument("--repeat", type=_positive, default=5, help="timed runs per measurement (median)")
-    parser.add_argument("--numpy-repeat", type=_positive, default=1, help="timed runs of the slow NumPy reference")
-    parser.add_argument("--numpy-rates", type=_csv(float), default=(0.0,),
-                        help="rates at which the NumPy reference runs (default: 0 only)")
-    parser.add_argument("--layers", type=_csv(str), default=tuple(k for k, v in LAYERS.items() if v.default),
+    parser.add_argument("--repeat", type=positive_int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--numpy-repeat", type=positive_int, default=1, help="timed runs of the slow NumPy reference")
+    parser.add_argument("--numpy-rates", type=_rates, default="0", help="rates at which the NumPy reference runs")
+    parser.add_argument("--layers", type=_csv_of(tuple(LAYERS), "layer"),
+                        default=",".join(k for k, v in LAYERS.items() if v.default),
                         help=f"comma-separated subset of {', '.join(LAYERS)}")
-    parser.add_argument("--backends", type=_csv(str),
-                        default=("numpy", "cython", "opencl", "opencl-kernel", "opencl-e2e", "torch"),
-                        help="comma-separated subset of numpy, cython, opencl, opencl-kernel, opencl-e2e, torch")
+    parser.add_argument("--backends", type=_csv_of(BACKENDS, "backend"), default=",".join(BACKENDS),
+                        help="comma-separated subset; those that cannot run here are listed as skipped")
     parser.add_argument("--gpu-layers", action="store_true",
                         help=f"also run the GPU-sized layers {', '.join(GPU_LAYERS)}")
-    parser.add_argument("--rates", type=_csv(float), default=DEFAULT_RATES, help="perforation rates (grid masks)")
+    parser.add_argument("--rates", type=_rates, default=",".join(f"{r:g}" for r in DEFAULT_RATES),
+                        help="perforation rates in [0, 1) (grid masks); 0 is always added")
     parser.add_argument("--output", choices=("compact", "dense"), default="compact",
                         help="compact: the convolution to the compact tensor, read by the next layer through an "
-                             "index table (default); dense: also the nearest fill to the dense output")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data and the masks")
+                             "index table; dense: also the nearest fill to the dense output")
+    parser.add_argument("--seed", type=int_at_least(0), default=0, help="seed of the data and the masks")
     parser.add_argument("--json", metavar="PATH", help="also write every measurement to this JSON file")
     parser.add_argument("--quiet", action="store_true", help="no progress lines, only the tables")
     parser.add_argument("--validation-overhead", action="store_true",
@@ -522,12 +552,6 @@ def _check_args(args):
         args.threads = default_threads()
     if getattr(args, "gpu_layers", False):
         args.layers = tuple(args.layers) + tuple(k for k in GPU_LAYERS if k not in args.layers)
-    unknown = [name for name in args.layers if name not in LAYERS]
-    if unknown:
-        raise SystemExit(f"ponder bench: unknown layer(s) {unknown}; choose from {list(LAYERS)}")
-    bad = [r for r in args.rates if not 0 <= r < 1]
-    if bad:
-        raise SystemExit(f"ponder bench: rates must be in [0, 1), got {bad}")
     if 0.0 not in args.rates:
         args.rates = (0.0, *args.rates)  # every speedup is relative to the dense run
 
@@ -538,6 +562,8 @@ def run(args):
 
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     runners, skipped = [], {}
+    if not set(args.backends) - {"torch"} and not args.quiet:
+        print("ponder bench: only torch was asked for; it runs at rate 0 only (a dense reference)")
     for name in args.backends:
         runner, reason = make_runner(name, args.threads)
         if runner is None:
@@ -552,9 +578,7 @@ def run(args):
         info = environment(args, runners)
         print(f"ponder bench: float32, {args.output} output, {args.threads} threads, median of {args.repeat} "
               f"(numpy: {args.numpy_repeat}, at rates {list(args.numpy_rates)}) after a warm-up run")
-        for lib in info["blas"]:
-            print(f"BLAS: {lib['internal_api']} {lib['version']} kernel {lib['architecture']} "
-                  f"({lib['num_threads']} threads, {lib['prefix']})")
+        print(blas_line(info["blas"]))
         for name, device in info["devices"].items():
             print(f"{name} device: {device}")
         for name, reason in skipped.items():
@@ -563,6 +587,9 @@ def run(args):
             return _report_overhead(args, runners, rng)
         for name in args.layers:
             results += bench_layer(name, LAYERS[name], runners, args.rates, args, rng, log)
+    if not results:
+        raise UsageError(f"none of the backends {', '.join(args.backends)} can run here: "
+                         + "; ".join(f"{name}: {reason}" for name, reason in skipped.items()))
     for phase in PASSES:
         print()
         print(format_table(results, phase))
@@ -592,9 +619,14 @@ def _report_overhead(args, runners, rng):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m fastpath.bench", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fastpath.bench", description=__doc__.splitlines()[0],
+                                     formatter_class=HelpFormatter)
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    try:
+        return run(args)
+    except UsageError as exc:
+        parser.exit(2, f"{parser.prog}: error: {exc}\n")
 
 
 if __name__ == "__main__":

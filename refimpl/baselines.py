@@ -9,8 +9,11 @@ is unchanged. This *is* a perforation: the computed positions are the regular gr
 
 a different fill from the perforated layer's *nearest* one. :class:`UpsamplingPlan` is that plan, so
 the baseline runs through the same backend kernels (and the same 1×1 followers share it) and its
-FLOPs and time are comparable with the perforated networks'. :func:`stride_baseline` evaluates
-every combination of per-layer factors and marks the Pareto front.
+FLOPs and time are comparable with the perforated networks'. :func:`stride_baseline` searches the
+per-layer factors greedily, like the perforation itself: starting from the dense network, each
+step raises the factor of the one layer whose next factor costs the least loss per unit of cost
+saved. With L layers and F factors that is at most L·(F−1) steps of at most L trials each — never
+all F^L combinations (177,147 for the 11 layers of a ResNet-14 and factors 1, 2, 3).
 
 **(b) Lower input resolution.** The input is downscaled (anti-aliased); the network's pooling and
 global average pooling accept any size, so every layer's output shrinks and the cost falls roughly
@@ -22,7 +25,6 @@ theoretical and measured speedup, loss and error.
 
 from __future__ import annotations
 
-import itertools
 import time
 from functools import cached_property
 
@@ -31,9 +33,12 @@ import numpy as np
 from . import _checks
 from .conv_layer import Conv2d
 from .flops import dense_flops
-from .greedy import _as_split, _dtype, measure_loss, measure_time, use_backend
+from .greedy import move_cost
 from .impact import find_perforable_layers
+from .measurement import Bench, as_split, measure_loss, timing_batch_of, use_backend
 from .perforation import PerforationPlan
+
+COSTS = ("flops", "time")
 
 
 class UpsamplingPlan(PerforationPlan):
@@ -83,63 +88,145 @@ def set_stride_factor(model, info, factor):
             layer.forward = (lambda x, _layer=layer, mask=None, fill=None: Conv2d.forward(_layer, x, mask=plan))
 
 
-def _point(model, split, timing_x, repeats, batch_size, dense, dense_seconds, timer, runner, **extra):
-    loss, error, flops = measure_loss(model, split, batch_size)
-    seconds = measure_time(model, timing_x, repeats, timer, runner)
-    return {**extra, "flops": float(flops), "seconds": float(seconds), "theoretical_speedup": float(dense / flops),
-            "measured_speedup": float(dense_seconds / seconds), "loss": float(loss), "error": float(error)}
-
-
 def pareto_front(points, speed_key="measured_speedup"):
-    """Mark each point ``"pareto": True`` when no other point is both faster and lower in error."""
+    """Mark each point ``"pareto": True`` when no other point is both faster and lower in error.
+
+    Points without a ``speed_key`` value (not timed) are marked ``False`` and compared with nothing.
+    """
+    timed = [p for p in points if p.get(speed_key) is not None]
     for p in points:
-        p["pareto"] = not any(q is not p and q[speed_key] >= p[speed_key] and q["error"] <= p["error"]
-                              and (q[speed_key] > p[speed_key] or q["error"] < p["error"]) for q in points)
+        p["pareto"] = p in timed and not any(
+            q is not p and q[speed_key] >= p[speed_key] and q["error"] <= p["error"]
+            and (q[speed_key] > p[speed_key] or q["error"] < p["error"]) for q in timed)
     return points
 
 
-def _reference(model, split, timing_x, repeats, batch_size, timer, runner):
-    measure_loss(model, split.subset(slice(0, 1)), batch_size)
-    return dense_flops(model), measure_time(model, timing_x, repeats, timer, runner)
+def _reference_bench(model, split, timing_batch, timing_repeats, batch_size, timer, runner):
+    """A :class:`~refimpl.measurement.Bench` whose reference is ``model`` as it is (dense)."""
+    bench = Bench(split, timing_batch_of(model, split, timing_batch), timing_repeats, batch_size, timer, runner)
+    measure_loss(model, split.subset(slice(0, 1)), batch_size)  # a forward pass sets the FLOPs geometry
+    bench.set_reference(dense_flops(model), bench.seconds(model))
+    return bench
+
+
+def _progress_bar(enabled, total, desc):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, leave=False)
+
+
+def max_stride_evaluations(n_layers, n_factors):
+    """Upper bound on the networks :func:`stride_baseline` measures: the dense one, then at most
+    ``n_layers * (n_factors - 1)`` steps of at most ``n_layers`` trials each."""
+    return 1 + n_layers * n_layers * max(n_factors - 1, 0)
+
+
+def _set_level(model, info, level, factors, index):
+    """Run layer ``info`` at ``factors[index]`` and remember it in ``level``."""
+    level[info.name] = index
+    set_stride_factor(model, info, factors[index])
+
+
+def _stride_trials(model, infos, level, factors, measure, current, cost_key):
+    """Each layer not yet at the largest factor tried one factor further (then put back).
+
+    Returns ``[(move cost, measured point, layer info)]``; the move cost is the loss increase per
+    unit of ``cost_key`` saved relative to ``current`` (:func:`refimpl.greedy.move_cost`).
+    """
+    trials = []
+    for info in infos:
+        index = level[info.name]
+        if index + 1 >= len(factors):
+            continue
+        _set_level(model, info, level, factors, index + 1)
+        trial = measure()
+        trials.append((move_cost(trial["loss"], current["loss"], trial[cost_key], current[cost_key]), trial, info))
+        _set_level(model, info, level, factors, index)
+    return trials
 
 
 def stride_baseline(model, data, factors=(1, 2, 3), backend=None, timing_batch=64, timing_repeats=5, batch_size=256,
-                    layers=None, timer=time.perf_counter, runner="layers"):
-    """Baseline (a): every combination of per-layer stride factors.
+                    layers=None, timer=time.perf_counter, runner="layers", cost="flops", progress=False,
+                    until_speedup=None, time_trials=True):
+    """Baseline (a): per-layer stride factors, searched greedily from the dense network.
+
+    Each step tries, for every layer not yet at the largest factor, its next factor, and keeps the
+    trial of smallest loss increase per unit of cost saved (the move cost of
+    :func:`refimpl.greedy.move_cost`); the search ends when every layer is at the largest factor,
+    no trial lowers the cost, or the path reaches ``until_speedup``. Every network measured on the way is returned, so the points cover
+    more than the path; at most :func:`max_stride_evaluations` networks are measured.
 
     Parameters
     ----------
     model : Layer (dense; left as it was found)
     data : Split or (images, labels), the held-out subset
-    factors : the factors each perforable layer may take
+    factors : increasing stride factors, starting at 1
     backend, timing_batch, timing_repeats, batch_size, timer, runner : as in
         :func:`refimpl.greedy.perforate_network` (with ``runner="implicit"`` the strided layers
         still fill explicitly; the poolings run on the backend)
     layers : names of the perforable layers to vary (default: all)
+    cost : "flops" or "time" — what a step saves
+    progress : a progress bar over the measured networks
+    until_speedup : float or None — also stop once the path is this much faster than the dense
+        network (theoretical speedup for ``cost="flops"``, measured for ``"time"``): a comparison
+        with a perforated network needs the baseline up to that network's speed, not beyond
+    time_trials : with ``cost="flops"``, ``False`` times only the networks on the path (the trials
+        off it get ``seconds`` and ``measured_speedup`` ``None``): the search needs no time, and
+        timing is most of the work
 
     Returns
     -------
-    list of dict — per combination: ``factors`` {layer: k}, the measurements, ``pareto``
+    list of dict — per measured network: ``factors`` {layer: k}, ``step`` (the greedy step it was
+    measured in; 0 = dense), ``path`` (whether the search moved there), the measurements, ``pareto``
     """
-    split = _as_split(data)
+    _checks.choice(cost, "cost", set(COSTS))
+    split = as_split(data)
     use_backend(model, backend)
-    timing_x = np.ascontiguousarray(split.images[:timing_batch].astype(_dtype(model), copy=False))
-    infos = find_perforable_layers(model, timing_x[:2])
+    factors = tuple(int(f) for f in factors)
+    if not factors or factors[0] != 1 or any(b <= a for a, b in zip(factors, factors[1:])):
+        raise ValueError(f"factors must start at 1 and increase strictly, got {factors}")
+    infos = find_perforable_layers(model, timing_batch_of(model, split, 2))
     if layers is not None:
         unknown = set(layers) - {i.name for i in infos}
         if unknown:
             raise ValueError(f"layers must be perforable layers {[i.name for i in infos]}, got {sorted(unknown)}")
         infos = [i for i in infos if i.name in layers]
-    factors = tuple(int(f) for f in factors)
-    dense, dense_seconds = _reference(model, split, timing_x, timing_repeats, batch_size, timer, runner)
-    points = []
+    bench = _reference_bench(model, split, timing_batch, timing_repeats, batch_size, timer, runner)
+    level = {info.name: 0 for info in infos}  # index into factors
+    cost_key = "flops" if cost == "flops" else "seconds"
+    speed_key = "theoretical_speedup" if cost == "flops" else "measured_speedup"
+    bar = _progress_bar(progress, max_stride_evaluations(len(infos), len(factors)), "stride baseline")
+
+    time_each = time_trials or cost == "time"
+
+    def measure(step, timed=time_each):
+        point = bench.measure_point(model, factors={i.name: factors[level[i.name]] for i in infos}, step=step,
+                                    path=False, timed=timed)
+        if bar is not None:
+            bar.update()
+        return point
+
     try:
-        for combo in itertools.product(factors, repeat=len(infos)):
-            for info, k in zip(infos, combo):
-                set_stride_factor(model, info, k)
-            points.append(_point(model, split, timing_x, timing_repeats, batch_size, dense, dense_seconds, timer, runner,
-                                 factors={i.name: k for i, k in zip(infos, combo)}))
+        current = measure(0, timed=True)
+        current["path"] = True
+        points, step = [current], 0
+        while until_speedup is None or current[speed_key] < until_speedup:
+            step += 1
+            trials = _stride_trials(model, infos, level, factors, lambda: measure(step), current, cost_key)
+            points += [point for _, point, _ in trials]
+            best = min(trials, key=lambda t: t[0], default=None)
+            if best is None or not np.isfinite(best[0]):
+                break
+            _, current, info = best
+            _set_level(model, info, level, factors, level[info.name] + 1)
+            if current["seconds"] is None:  # a path point is always timed
+                current.update(bench.point(current["loss"], current["error"], current["flops"], bench.seconds(model)))
+            current["path"] = True
     finally:
+        if bar is not None:
+            bar.close()
         for info in infos:
             set_stride_factor(model, info, 1)
     return pareto_front(points)
@@ -156,21 +243,23 @@ def resize_images(images, size):
 
 
 def resolution_baseline(model, data, sizes, backend=None, timing_batch=64, timing_repeats=5, batch_size=256,
-                        timer=time.perf_counter, runner="layers"):
+                        timer=time.perf_counter, runner="layers", progress=False):
     """Baseline (b): the network on inputs downscaled to each of ``sizes`` (ints or (h, w) pairs).
 
     Returns a list of dicts with ``size`` [h, w], the measurements and ``pareto``. Speedups are
-    relative to the network at the data's own resolution.
+    relative to the network at the data's own resolution. ``progress``: a progress bar over the sizes.
     """
-    split = _as_split(data)
+    split = as_split(data)
     use_backend(model, backend)
-    dtype = _dtype(model)
-    timing_x = np.ascontiguousarray(split.images[:timing_batch].astype(dtype, copy=False))
-    dense, dense_seconds = _reference(model, split, timing_x, timing_repeats, batch_size, timer, runner)
+    sizes = [_checks.positive_pair(size, "sizes") for size in sizes]
+    bench = _reference_bench(model, split, timing_batch, timing_repeats, batch_size, timer, runner)
+    bar = _progress_bar(progress, len(sizes), "resolution baseline")
     points = []
-    for size in sizes:
-        h, w = _checks.positive_pair(size, "sizes")
+    for h, w in sizes:
         small = type(split)(resize_images(split.images, (h, w)), split.labels)
-        points.append(_point(model, small, np.ascontiguousarray(small.images[:timing_batch].astype(dtype, copy=False)),
-                             timing_repeats, batch_size, dense, dense_seconds, timer, runner, size=[h, w]))
+        points.append(bench.measure_point(model, small, timing_batch_of(model, small, timing_batch), size=[h, w]))
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
     return pareto_front(points)

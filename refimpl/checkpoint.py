@@ -28,6 +28,7 @@ import numpy as np
 
 FORMAT = "ponder-checkpoint"
 VERSION = 1
+ZIP_MAGIC = b"PK\x03\x04"  # every .npz (a zip archive) starts with a local file header
 
 
 class CheckpointError(ValueError):
@@ -79,8 +80,18 @@ def save_checkpoint(path, model, model_name=None, build_args=None, optimizer=Non
 def read_checkpoint(path):
     """Read every array of a checkpoint and its metadata: ``(meta dict, {key: array})``."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"checkpoint {str(path)!r} is a folder; expected a checkpoint file (.npz) written by "
+                              f"ponder train, e.g. {str(path / 'checkpoint.npz')!r}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint {str(path)!r} does not exist")
+        raise CheckpointError(f"checkpoint {str(path)!r} does not exist; expected a checkpoint file (.npz) written "
+                              "by ponder train")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head != ZIP_MAGIC:
+        kind = "an empty file" if not head else ("a text file" if _looks_like_text(path) else "not a zip archive")
+        raise CheckpointError(f"checkpoint {str(path)!r} is damaged or not a ponder checkpoint: it is {kind}; "
+                              "expected a checkpoint file (.npz, a zip archive) written by ponder train")
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
@@ -97,6 +108,16 @@ def read_checkpoint(path):
     if meta.get("version") != VERSION:
         raise CheckpointError(f"checkpoint {str(path)!r} has format version {meta.get('version')}, this ponder reads {VERSION}")
     return meta, arrays
+
+
+def _looks_like_text(path, probe=512):
+    with open(path, "rb") as f:
+        sample = f.read(probe)
+    try:
+        sample.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return b"\0" not in sample
 
 
 def _assign(target, source, key, path):

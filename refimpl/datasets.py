@@ -413,3 +413,59 @@ def load_dataset(name, seed=0, scale=1, canvas=48, n_train=5000, n_val=None, n_t
     info = {"num_classes": 10, "in_channels": int(shape[1]), "image_hw": [int(shape[2]), int(shape[3])],
             "flip": name == "cifar10"}
     return splits, info
+
+
+# =============================================================================================
+# One image from a file or a photo name (``ponder map``)
+# =============================================================================================
+
+
+def load_image(spec, channels, size=None):
+    """The image named by ``spec`` as float32 (1, channels, H, W) in [0, 1].
+
+    Parameters
+    ----------
+    spec : str or Path — an image file (PNG, JPEG, TIFF, ...) or a name in :data:`PHOTOS`
+    channels : 1 or 3 — colour is converted to gray and gray repeated to match
+    size : None, int or (H, W) — resize (anti-aliased) to this size
+
+    Raises
+    ------
+    FileNotFoundError
+        ``spec`` is neither a file nor a photo name.
+    ValueError
+        the file is a folder or not an image, or has a channel count that cannot be converted.
+    """
+    from skimage import color, io, transform
+
+    path = Path(os.path.expanduser(str(spec)))
+    if path.is_dir():
+        raise ValueError(f"image {str(spec)!r} is a folder; expected an image file (PNG, JPEG, TIFF, ...)")
+    if path.is_file():
+        try:
+            image = np.asarray(io.imread(path))
+        except Exception:  # imageio/PIL raise many types, with advice about plugins; all mean "not an image"
+            head = path.read_bytes()[:512]
+            kind = "a text file" if head and b"\0" not in head and head.isascii() else "in no image format it knows"
+            raise ValueError(f"image {str(spec)!r} is not an image file scikit-image can read: it is {kind}; "
+                             "expected PNG, JPEG, TIFF, ...") from None
+        if image.ndim not in (2, 3) or image.size == 0:
+            raise ValueError(f"image {str(spec)!r} has shape {image.shape}; expected a 2-D gray or colour image")
+        image = image.astype(np.float32) / (255.0 if image.dtype == np.uint8 else 1.0)
+        if image.ndim == 3 and image.shape[2] == 4:
+            image = image[..., :3]
+        image = image[None] if image.ndim == 2 else image.transpose(2, 0, 1)
+    elif str(spec) in PHOTOS:
+        image = load_photo(str(spec))
+    else:
+        raise FileNotFoundError(f"image {str(spec)!r} is neither an existing file nor a photo name ({', '.join(PHOTOS)})")
+    if channels == 1 and image.shape[0] == 3:
+        image = color.rgb2gray(image.transpose(1, 2, 0))[None]
+    elif channels == 3 and image.shape[0] == 1:
+        image = np.repeat(image, 3, axis=0)
+    elif image.shape[0] != channels:
+        raise ValueError(f"the model takes {channels} channels, image {str(spec)!r} has {image.shape[0]}")
+    if size is not None:
+        h, w = _checks.positive_pair(size, "size")
+        image = transform.resize(image, (image.shape[0], h, w), anti_aliasing=True)
+    return np.ascontiguousarray(image[None], dtype=np.float32)

@@ -29,18 +29,18 @@ from pathlib import Path
 import numpy as np
 
 from . import _checks
-from .backend import get_backend
 from .conv_layer import Conv2d
-from .datasets import Split
-from .flops import dense_flops, network_flops
+from .flops import dense_flops
 from .impact import find_perforable_layers, impact_mask_for, impact_maps, kept_positions, structure_mask_for
-from .losses import softmax_cross_entropy_forward
 from .masks import MASK_TYPES, grid_mask, uniform_mask
+from .measurement import RUNNERS, Bench, as_split, measure_loss, measure_time, timing_batch_of, use_backend
+
+__all__ = ["KEPT_FRACTIONS", "Profile", "apply_step", "finetune_step", "load_profile", "make_layer_mask",
+           "measure_loss", "measure_time", "move_cost", "perforate_network", "set_group_mask", "use_backend"]
 
 KEPT_FRACTIONS = (1.0, 1 / 1.5) + tuple(1.0 / k for k in range(2, 21))
 RANDOM_MASK_TYPES = ("uniform", "grid", "structure")
 COSTS = ("time", "flops")
-RUNNERS = ("layers", "implicit")
 PROFILE_FORMAT = "ponder-perforation-profile"
 
 
@@ -84,79 +84,6 @@ def make_layer_mask(mask_type, info, kept_fraction, rng, impact=None):
     return impact_mask_for(impact, kept_fraction, rng)
 
 
-def use_backend(model, backend):
-    """Run every convolution of ``model`` on ``backend`` (a name or a ConvBackend); ``None`` keeps
-    the model's own. Returns the backend of the first convolution."""
-    convs = [layer for layer in model.layers() if isinstance(layer, Conv2d)]
-    if backend is not None:
-        backend = get_backend(backend)
-        for layer in convs:
-            layer.backend = backend
-    return convs[0].backend if convs else get_backend(backend)
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring a network: loss, error, FLOPs, time
-# ---------------------------------------------------------------------------------------------
-
-
-def _as_split(data, name="data"):
-    if isinstance(data, Split):
-        return data
-    if isinstance(data, (tuple, list)) and len(data) == 2:
-        return Split(np.asarray(data[0]), np.asarray(data[1]))
-    raise TypeError(f"{name} must be a refimpl.datasets.Split or (images, labels), got {type(data).__name__}")
-
-
-def _dtype(model):
-    return next(p for _, p, _ in model.named_parameters()).dtype
-
-
-def measure_loss(model, split, batch_size=256):
-    """``(mean cross-entropy, error rate, FLOPs per image)`` of ``model`` in evaluation mode on ``split``."""
-    model.eval()
-    dtype = _dtype(model)
-    total, wrong, flops = 0.0, 0, 0.0
-    for start in range(0, len(split), batch_size):
-        x = split.images[start:start + batch_size].astype(dtype, copy=False)
-        y = split.labels[start:start + batch_size]
-        logits = model(x)
-        loss, _ = softmax_cross_entropy_forward(logits, y)
-        total += float(loss) * len(y)
-        wrong += int(np.sum(np.argmax(logits, axis=1) != y))
-        flops = network_flops(model) / len(y)
-    return total / len(split), wrong / len(split), flops
-
-
-def measure_time(model, x, repeats=5, timer=time.perf_counter, runner="layers"):
-    """Median time (seconds) of a forward pass of ``x`` in evaluation mode over ``repeats`` runs, after one warm-up.
-
-    ``runner="layers"`` times ``model(x)``; ``"implicit"`` times
-    :func:`refimpl.implicit_network.run_implicit` (compact activations read through index tables,
-    poolings on the backend). ``timer`` is the clock (a function returning seconds): wall time by
-    default, ``time.process_time`` for the CPU time of a single-threaded backend, or a fake in tests.
-    """
-    _checks.choice(runner, "runner", set(RUNNERS))
-    model.eval()
-    if runner == "implicit":
-        from .implicit_network import chain_layers, run_implicit
-
-        chain = chain_layers(model, x[:1])
-
-        def forward():
-            return run_implicit(model, x, chain=chain)
-    else:
-        def forward():
-            return model(x)
-    forward()
-    times = []
-    for _ in range(repeats):
-        start = timer()
-        forward()
-        times.append(timer() - start)
-    return float(np.median(times))
-
-
 # ---------------------------------------------------------------------------------------------
 # The profile
 # ---------------------------------------------------------------------------------------------
@@ -188,15 +115,17 @@ class Profile:
     steps : list of dict — per step: ``step``, ``move`` (layer, mask type, kept fraction, move
         cost; ``None`` for step 0), ``flops``, ``seconds``, ``theoretical_speedup``,
         ``measured_speedup``, ``loss``, ``error`` and ``perforation`` (layer -> description)
+    stop_reason : str — why the search stopped (target reached, no move left, ...)
     """
 
     settings: dict
     layers: list
     steps: list = field(default_factory=list)
+    stop_reason: str = ""  # why the search stopped, in words
 
     def to_dict(self):
         return {"format": PROFILE_FORMAT, "version": 1, "settings": self.settings, "layers": self.layers,
-                "steps": self.steps}
+                "steps": self.steps, "stop_reason": self.stop_reason}
 
     def save(self, path):
         path = Path(path)
@@ -217,7 +146,7 @@ def load_profile(path):
     data = json.loads(Path(path).read_text())
     if not isinstance(data, dict) or data.get("format") != PROFILE_FORMAT:
         raise ValueError(f"{str(path)!r} is not a ponder perforation profile (format {PROFILE_FORMAT!r})")
-    return Profile(data["settings"], data["layers"], data["steps"])
+    return Profile(data["settings"], data["layers"], data["steps"], data.get("stop_reason", ""))
 
 
 def apply_step(model, profile, step):
@@ -239,7 +168,7 @@ def apply_step(model, profile, step):
 
 
 # ---------------------------------------------------------------------------------------------
-# The greedy procedure
+# The greedy procedure: search state, candidate moves, the loop
 # ---------------------------------------------------------------------------------------------
 
 
@@ -250,17 +179,125 @@ class _LayerState:
     mask: np.ndarray | None = None  # None = dense
 
 
+@dataclass
+class Move:
+    """One candidate step: perforate ``info`` with ``mask`` (of ``mask_type``, at ``fractions[notch]``)."""
+
+    info: object
+    mask_type: str
+    notch: int
+    mask: np.ndarray
+    loss: float
+    error: float
+    flops: float
+    seconds: float | None = None
+    value: float = float("inf")  # move cost: loss increase per unit of cost saved
+
+
 def move_cost(loss, loss0, cost, cost0):
     """``(loss - loss0) / (cost0 - cost)``, or ``+inf`` when the move saves nothing."""
     saved = cost0 - cost
     return (loss - loss0) / saved if saved > 0 else float("inf")
 
 
+def check_search_arguments(target_speedup, mask_types, cost, runner, fractions):
+    """Validate the settings of :func:`perforate_network`; returns ``(mask_types, fractions)`` as tuples."""
+    _checks.choice(cost, "cost", set(COSTS))
+    _checks.choice(runner, "runner", set(RUNNERS))
+    mask_types = tuple(mask_types)
+    if not mask_types:
+        raise ValueError("mask_types must name at least one mask type")
+    for kind in mask_types:
+        _checks.choice(kind, "mask_types", set(MASK_TYPES))
+    if not (isinstance(target_speedup, (int, float)) and target_speedup >= 1):
+        raise ValueError(f"target_speedup must be a number >= 1, got {target_speedup!r}")
+    fractions = tuple(float(f) for f in fractions)
+    if not fractions or fractions[0] != 1.0 or any(b >= a for a, b in zip(fractions, fractions[1:])) or fractions[-1] <= 0:
+        raise ValueError(f"fractions must start at 1 and decrease strictly to a positive value, got {fractions}")
+    return mask_types, fractions
+
+
+def next_notch(info, state, fractions):
+    """The next kept fraction (index into ``fractions``) that keeps fewer positions, or ``None``.
+
+    On small maps several notches round to the same number of kept positions; those are no move.
+    """
+    current_kept = int(np.prod(info.out_hw)) if state.mask is None else int(state.mask.sum())
+    notch = state.notch + 1
+    while notch < len(fractions) and kept_positions(info.out_hw, fractions[notch]) >= current_kept:
+        notch += 1
+    return notch if notch < len(fractions) else None
+
+
+def best_mask_for(model, info, state, kind, kept_fraction, rng, impact, bench, tries):
+    """The lowest-loss of ``tries`` masks of ``kind`` for one layer, as ``(loss, error, flops, mask)``.
+
+    ``None`` when no draw keeps fewer positions than the layer keeps now. The model is left as found.
+    """
+    current_kept = int(np.prod(info.out_hw)) if state.mask is None else int(state.mask.sum())
+    best = None
+    for _ in range(tries):
+        mask = make_layer_mask(kind, info, kept_fraction, rng, impact)
+        if mask.sum() >= current_kept:
+            continue
+        set_group_mask(model, info, mask)
+        loss, error, flops = bench.loss(model)
+        if best is None or loss < best[0]:
+            best = (loss, error, flops, mask)
+    set_group_mask(model, info, state.mask)
+    return best
+
+
+def candidate_moves(model, infos, states, mask_types, fractions, rng, impacts, bench, random_repeats, cost):
+    """Every move one notch further, for every layer and mask type, measured (loss; time if ``cost="time"``)."""
+    for info in infos:
+        state = states[info.name]
+        notch = next_notch(info, state, fractions)
+        if notch is None:
+            continue
+        for kind in mask_types:
+            tries = random_repeats if kind in RANDOM_MASK_TYPES else 1
+            found = best_mask_for(model, info, state, kind, fractions[notch], rng, impacts.get(info.name), bench, tries)
+            if found is None:
+                continue
+            move = Move(info, kind, notch, found[3], *found[:3])
+            if cost == "time":
+                set_group_mask(model, info, move.mask)
+                move.seconds = bench.seconds(model)
+                set_group_mask(model, info, state.mask)
+            yield move
+
+
+def new_profile(settings, infos):
+    """An empty :class:`Profile` with ``settings`` and the description of the perforable layers."""
+    return Profile(settings=settings, layers=[
+        {"name": i.name, "followers": list(i.followers), "out_hw": list(i.out_hw), "next": i.next_name,
+         "window": {k: (list(v) if isinstance(v, tuple) else v) for k, v in i.window.items()}} for i in infos])
+
+
+def record_step(profile, bench, infos, states, fractions, move, loss, error, flops, seconds):
+    """Append a step to ``profile``: the measurements and the masks of every perforated layer."""
+    perforation = {info.name: describe_mask(info, st.mask_type, fractions[st.notch], st.mask)
+                   for info in infos if (st := states[info.name]).mask is not None}
+    profile.steps.append({"step": len(profile.steps), "move": move,
+                          **bench.point(loss, error, flops, seconds), "perforation": perforation})
+    return profile.steps[-1]
+
+
+def describe_step(step):
+    """One line for a recorded step (the progress output of :func:`perforate_network`)."""
+    move = step["move"]
+    return (f"step {step['step']:3d}: theoretical {step['theoretical_speedup']:.2f}x, measured "
+            f"{step['measured_speedup']:.2f}x, loss {step['loss']:.4f}, error {step['error']:.4f}"
+            + (f"  <- {move['layer']} {move['mask_type']} f={move['kept_fraction']:.3f}" if move else ""))
+
+
 def perforate_network(model, data, target_speedup, mask_types=("impact", "grid"), cost="flops", backend=None,
                       rng=None, impact_data=None, fractions=KEPT_FRACTIONS, timing_batch=64, timing_repeats=5,
                       random_repeats=2, max_steps=None, batch_size=256, progress=False, timer=time.perf_counter,
                       runner="layers"):
-    """Greedily perforate ``model`` until it is ``target_speedup`` times faster (SPEC §1.2).
+    """Greedily perforate ``model`` until it is ``target_speedup`` times faster (see the specification
+    page, docs/spec.md, on whole-network perforation).
 
     Parameters
     ----------
@@ -279,131 +316,83 @@ def perforate_network(model, data, target_speedup, mask_types=("impact", "grid")
     random_repeats : draws of each random mask type per candidate, the lowest loss kept
     max_steps : int or None — stop after this many steps
     batch_size : batch size of the loss and impact passes
-    progress : print one line per step
+    progress : print one line per step and a progress bar over each step's candidates
     timer : the clock of the time measurements (default ``time.perf_counter``)
     runner : how the timed forward runs: ``"layers"`` (``model(x)``, filled maps) or
         ``"implicit"`` (:func:`refimpl.implicit_network.run_implicit`; chain networks only)
 
     Returns
     -------
-    Profile — step 0 is the dense network; the model is left in the state of the last step
+    Profile — step 0 is the dense network; ``stop_reason`` says why the search ended; the model is
+    left in the state of the last step
     """
     rng = _checks.generator(rng)
-    split = _as_split(data)
-    impact_split = split if impact_data is None else _as_split(impact_data, "impact_data")
-    _checks.choice(cost, "cost", set(COSTS))
-    _checks.choice(runner, "runner", set(RUNNERS))
-    mask_types = tuple(mask_types)
-    if not mask_types:
-        raise ValueError("mask_types must name at least one mask type")
-    for kind in mask_types:
-        _checks.choice(kind, "mask_types", set(MASK_TYPES))
-    if not (isinstance(target_speedup, (int, float)) and target_speedup >= 1):
-        raise ValueError(f"target_speedup must be a number >= 1, got {target_speedup!r}")
-    fractions = tuple(float(f) for f in fractions)
-    if not fractions or fractions[0] != 1.0 or any(b >= a for a, b in zip(fractions, fractions[1:])) or fractions[-1] <= 0:
-        raise ValueError(f"fractions must start at 1 and decrease strictly to a positive value, got {fractions}")
+    split = as_split(data)
+    impact_split = split if impact_data is None else as_split(impact_data, "impact_data")
+    mask_types, fractions = check_search_arguments(target_speedup, mask_types, cost, runner, fractions)
     if len(split) == 0:
         raise ValueError("data must hold at least one example")
     backend = use_backend(model, backend)
-    dtype = _dtype(model)
-    timing_x = np.ascontiguousarray(split.images[:timing_batch].astype(dtype, copy=False))
-
-    infos = find_perforable_layers(model, timing_x[:2])
+    bench = Bench(split, timing_batch_of(model, split, timing_batch), timing_repeats, batch_size, timer, runner)
+    infos = find_perforable_layers(model, bench.timing_x[:2])
     if not infos:
         raise ValueError("the model has no perforable convolution (a conv that is not 1x1/stride 1 followed by a "
                          "spatial layer)")
     for info in infos:
         set_group_mask(model, info, None)
     states = {info.name: _LayerState() for info in infos}
-    uses_impact = "impact" in mask_types
 
-    def evaluate():
-        loss, error, flops = measure_loss(model, split, batch_size)
-        return loss, error, flops
-
-    def description():
-        return {info.name: describe_mask(info, st.mask_type, fractions[st.notch], st.mask)
-                for info in infos if (st := states[info.name]).mask is not None}
-
-    loss0, error0, flops0 = evaluate()
-    dense = dense_flops(model)  # per image, from the geometry of the forward just run
-    seconds0 = measure_time(model, timing_x, timing_repeats, timer, runner)
-    dense_seconds = seconds0
-    profile = Profile(
-        settings={"cost": cost, "backend": backend.name, "mask_types": list(mask_types), "fractions": list(fractions),
-                  "target_speedup": float(target_speedup), "held_out": len(split), "impact_images": len(impact_split),
-                  "timing_batch": int(timing_x.shape[0]), "timing_repeats": int(timing_repeats),
-                  "random_repeats": int(random_repeats), "runner": runner, "dense_flops": float(dense),
-                  "dense_seconds": float(dense_seconds)},
-        layers=[{"name": i.name, "followers": list(i.followers), "out_hw": list(i.out_hw), "next": i.next_name,
-                 "window": {k: (list(v) if isinstance(v, tuple) else v) for k, v in i.window.items()}}
-                for i in infos])
-
-    def record(move, loss, error, flops, seconds):
-        profile.steps.append({"step": len(profile.steps), "move": move, "flops": float(flops),
-                              "seconds": float(seconds), "theoretical_speedup": float(dense / flops),
-                              "measured_speedup": float(dense_seconds / seconds), "loss": float(loss),
-                              "error": float(error), "perforation": description()})
-        if progress:
-            s = profile.steps[-1]
-            print(f"step {s['step']:3d}: theoretical {s['theoretical_speedup']:.2f}x, measured "
-                  f"{s['measured_speedup']:.2f}x, loss {loss:.4f}, error {error:.4f}"
-                  + (f"  <- {move['layer']} {move['mask_type']} f={move['kept_fraction']:.3f}" if move else ""),
-                  flush=True)
-
-    record(None, loss0, error0, flops0, seconds0)
+    loss0, error0, flops0 = bench.loss(model)
+    seconds0 = bench.seconds(model)
+    bench.set_reference(dense_flops(model), seconds0)  # per image, from the geometry of the forward just run
+    profile = new_profile(
+        {"cost": cost, "backend": backend.name, "mask_types": list(mask_types), "fractions": list(fractions),
+         "target_speedup": float(target_speedup), "held_out": len(split), "impact_images": len(impact_split),
+         "timing_batch": int(bench.timing_x.shape[0]), "timing_repeats": int(timing_repeats),
+         "random_repeats": int(random_repeats), "runner": runner, "dense_flops": bench.dense_flops,
+         "dense_seconds": bench.dense_seconds}, infos)
+    step = record_step(profile, bench, infos, states, fractions, None, loss0, error0, flops0, seconds0)
+    if progress:
+        print(describe_step(step), flush=True)
     cost_now = seconds0 if cost == "time" else flops0
+    speed_key = "measured_speedup" if cost == "time" else "theoretical_speedup"
+    while True:
+        if profile.steps[-1][speed_key] >= target_speedup:
+            profile.stop_reason = f"target reached: {speed_key.replace('_', ' ')} {profile.steps[-1][speed_key]:.2f}x"
+            break
+        if max_steps is not None and len(profile.steps) > max_steps:
+            profile.stop_reason = f"max_steps ({max_steps}) reached"
+            break
+        impacts = (impact_maps(model, impact_split.images, impact_split.labels, [i.name for i in infos], batch_size)
+                   if "impact" in mask_types else {})
+        moves = candidate_moves(model, infos, states, mask_types, fractions, rng, impacts, bench, random_repeats, cost)
+        if progress:
+            from tqdm.auto import tqdm
 
-    def reached():
-        last = profile.steps[-1]
-        return last["measured_speedup" if cost == "time" else "theoretical_speedup"] >= target_speedup
-
-    while not reached() and (max_steps is None or len(profile.steps) <= max_steps):
-        impacts = impact_maps(model, impact_split.images, impact_split.labels, [i.name for i in infos],
-                              batch_size) if uses_impact else {}
-        best = None  # (move cost, loss, error, flops, seconds, info, kind, notch, mask)
-        for info in infos:
-            st = states[info.name]
-            current_kept = int(np.prod(info.out_hw)) if st.mask is None else int(st.mask.sum())
-            notch = st.notch + 1
-            while notch < len(fractions) and kept_positions(info.out_hw, fractions[notch]) >= current_kept:
-                notch += 1  # small maps: a notch that keeps as many positions is no move
-            if notch >= len(fractions):
-                continue
-            for kind in mask_types:
-                tries = random_repeats if kind in RANDOM_MASK_TYPES else 1
-                candidate = None
-                for _ in range(tries):
-                    mask = make_layer_mask(kind, info, fractions[notch], rng, impacts.get(info.name))
-                    if mask.sum() >= current_kept:
-                        continue
-                    set_group_mask(model, info, mask)
-                    loss, error, flops = evaluate()
-                    if candidate is None or loss < candidate[0]:
-                        candidate = (loss, error, flops, mask)
-                set_group_mask(model, info, st.mask)
-                if candidate is None:
-                    continue
-                loss, error, flops, mask = candidate
-                seconds = None
-                if cost == "time":
-                    set_group_mask(model, info, mask)
-                    seconds = measure_time(model, timing_x, timing_repeats, timer, runner)
-                    set_group_mask(model, info, st.mask)
-                value = move_cost(loss, loss0, seconds if cost == "time" else flops, cost_now)
-                if best is None or value < best[0]:
-                    best = (value, loss, error, flops, seconds, info, kind, notch, mask)
-        if best is None or not np.isfinite(best[0]):
-            break  # nothing left to perforate, or no move saves anything
-        value, loss, error, flops, _, info, kind, notch, mask = best
-        set_group_mask(model, info, mask)
-        states[info.name] = _LayerState(kind, notch, mask)
-        seconds = measure_time(model, timing_x, timing_repeats, timer, runner)
-        loss0 = loss
-        cost_now = seconds if cost == "time" else flops
-        record({"layer": info.name, "mask_type": kind, "kept_fraction": fractions[notch], "move_cost": float(value)},
-               loss, error, flops, seconds)
+            moves = tqdm(moves, desc=f"step {len(profile.steps)} candidates", leave=False,
+                         total=len(infos) * len(mask_types))
+        best = None
+        for move in moves:
+            move.value = move_cost(move.loss, loss0, move.seconds if cost == "time" else move.flops, cost_now)
+            if best is None or move.value < best.value:
+                best = move
+        if best is None:
+            profile.stop_reason = "no layer left to perforate: every layer is at its smallest kept fraction"
+            break
+        if not np.isfinite(best.value):
+            profile.stop_reason = (f"no move lowers the {cost} any more" + (" (measured time is noisy: try "
+                                   "--cost flops or --clock cpu)" if cost == "time" else ""))
+            break
+        set_group_mask(model, best.info, best.mask)
+        states[best.info.name] = _LayerState(best.mask_type, best.notch, best.mask)
+        seconds = bench.seconds(model)
+        loss0, cost_now = best.loss, (seconds if cost == "time" else best.flops)
+        step = record_step(profile, bench, infos, states, fractions,
+                           {"layer": best.info.name, "mask_type": best.mask_type,
+                            "kept_fraction": fractions[best.notch], "move_cost": float(best.value)},
+                           best.loss, best.error, best.flops, seconds)
+        if progress:
+            print(describe_step(step), flush=True)
     return profile
 
 
@@ -417,5 +406,5 @@ def finetune_step(model, profile, step, train, epochs=1, lr=0.01, rng=None, batc
 
     apply_step(model, profile, step)
     optimizer = SGD(model.named_parameters(), lr=lr, momentum=0.9)
-    return fit(model, optimizer, _as_split(train, "train"), val=None if val is None else _as_split(val, "val"),
+    return fit(model, optimizer, as_split(train, "train"), val=None if val is None else as_split(val, "val"),
                epochs=epochs, batch_size=batch_size, rng=_checks.generator(rng), progress=progress)

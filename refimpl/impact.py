@@ -234,8 +234,32 @@ def impact_maps(model, images, labels, names, batch_size=128):
     dict name -> ndarray float64 (Ho, Wo): mean over images of Σ_c |∂L_n/∂V · V|, zero where
     the layer's current mask skips the position
     """
-    names = list(names)
+    targets, images, labels = _check_impact_arguments(model, images, labels, names, batch_size)
+    totals = {name: 0.0 for name, _ in targets}
+    skipped = {}
+    dtype = targets[0][1].params["w"].dtype if targets else images.dtype
+    was_training = model.training
+    model.eval()
+    try:
+        with _recording(targets) as (outputs, upstream):
+            for start in range(0, images.shape[0], batch_size):
+                x = images[start:start + batch_size].astype(dtype, copy=False)
+                logits = model(x)
+                model.backward(_summed_loss_gradient(logits, labels[start:start + batch_size]))
+                for name, layer in targets:
+                    totals[name] = totals[name] + _impact_sum(outputs[name], upstream[name])
+                    plan = layer.cache.plan
+                    skipped[name] = None if plan.full or not plan.shared else ~plan.mask[0]
+    finally:
+        model.zero_grad()
+        model.train(was_training)
+    return {name: _mean_impact(totals[name], skipped[name], images.shape[0]) for name, _ in targets}
+
+
+def _check_impact_arguments(model, images, labels, names, batch_size):
+    """The named convolutions as ``[(name, layer)]``, the images as a float array, the labels."""
     layers = dict(model.named_layers())
+    names = list(names)
     for name in names:
         if not isinstance(layers.get(name), Conv2d):
             raise ValueError(f"names must name convolutions of the model, got {name!r}")
@@ -245,51 +269,55 @@ def impact_maps(model, images, labels, names, batch_size=128):
         raise ValueError(f"labels must have shape ({images.shape[0]},) and the subset must be non-empty, got {labels.shape}")
     if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    targets = [(name, layers[name]) for name in names]
-    outputs, upstream = {}, {}
+    return [(name, layers[name]) for name in names], images, labels
 
-    def keep_output(name, layer, forward):
+
+@contextlib.contextmanager
+def _recording(targets):
+    """While active, each target layer's latest output and upstream gradient are kept by name.
+
+    Yields ``(outputs, upstream)``, two dicts filled by the forward and backward passes.
+    """
+    outputs, upstream = {}, {}
+    with _patched(targets, "forward", _keeping_output(outputs)), \
+            _patched(targets, "backward", _keeping_gradient(upstream)):
+        yield outputs, upstream
+
+
+def _keeping_output(store):
+    def wrap(name, layer, forward):
         def forward_and_keep(x, *args, **kwargs):
-            outputs[name] = out = forward(x, *args, **kwargs)
+            store[name] = out = forward(x, *args, **kwargs)
             return out
         return forward_and_keep
+    return wrap
 
-    def keep_gradient(name, layer, backward):
+
+def _keeping_gradient(store):
+    def wrap(name, layer, backward):
         def backward_and_keep(dout):
-            upstream[name] = dout
+            store[name] = dout
             return backward(dout)
         return backward_and_keep
+    return wrap
 
-    totals = {name: 0.0 for name in names}
-    skipped = {}
-    dtype = layers[names[0]].params["w"].dtype if names else images.dtype
-    was_training = model.training
-    model.eval()
-    try:
-        with _patched(targets, "forward", keep_output), _patched(targets, "backward", keep_gradient):
-            for start in range(0, images.shape[0], batch_size):
-                x = images[start:start + batch_size].astype(dtype, copy=False)
-                y = labels[start:start + batch_size]
-                logits = model(x)
-                _, cache = softmax_cross_entropy_forward(logits, y)
-                # The mean loss's gradient times n is the gradient of the *sum* of per-image losses,
-                # whose per-image slice is ∂L_n/∂V_n.
-                dlogits = softmax_cross_entropy_backward(1.0, cache) * len(y)
-                model.backward(dlogits.astype(logits.dtype, copy=False))
-                for name, layer in targets:
-                    v, g = outputs[name].astype(np.float64), upstream[name].astype(np.float64)
-                    totals[name] = totals[name] + np.abs(v * g).sum(axis=1).sum(axis=0)
-                    plan = layer.cache.plan
-                    skipped[name] = None if plan.full or not plan.shared else ~plan.mask[0]
-    finally:
-        model.zero_grad()
-        model.train(was_training)
-    n = images.shape[0]
-    result = {}
-    for name in names:
-        mean = np.asarray(totals[name], dtype=np.float64) / n
-        result[name] = mean if skipped[name] is None else np.where(skipped[name], 0.0, mean)
-    return result
+
+def _summed_loss_gradient(logits, labels):
+    """∂(Σ_n L_n)/∂logits: the mean loss's gradient times N, whose slice n is ∂L_n/∂logits_n."""
+    _, cache = softmax_cross_entropy_forward(logits, labels)
+    dlogits = softmax_cross_entropy_backward(1.0, cache) * len(labels)
+    return dlogits.astype(logits.dtype, copy=False)
+
+
+def _impact_sum(output, gradient):
+    """Σ_n Σ_c |∂L_n/∂V · V| of one batch: float64 (Ho, Wo)."""
+    return np.abs(output.astype(np.float64) * gradient.astype(np.float64)).sum(axis=1).sum(axis=0)
+
+
+def _mean_impact(total, skipped, n):
+    """The mean over ``n`` images, zero at the positions the layer skips (``skipped`` None: none)."""
+    mean = np.asarray(total, dtype=np.float64) / n
+    return mean if skipped is None else np.where(skipped, 0.0, mean)
 
 
 def impact_mask_for(impact, kept_fraction, rng):

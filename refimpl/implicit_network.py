@@ -93,6 +93,114 @@ def _pointwise_on_compact(layer, compact):
     return layer(image)[:, :, 0, :]
 
 
+@dataclass
+class _Activation:
+    """The activation between two layers: dense ``x``, or ``compact`` (N, C, P) with its ``plan``."""
+
+    x: np.ndarray | None = None
+    compact: np.ndarray | None = None
+    plan: PerforationPlan | None = None
+
+    @property
+    def is_compact(self):
+        return self.compact is not None
+
+    def compact_bytes_if_filled(self):
+        """Bytes the filled (explicit) version of the compact tensor would take."""
+        n, c = self.compact.shape[:2]
+        return n * c * int(np.prod(self.plan.out_hw)) * self.compact.itemsize
+
+    def filled(self):
+        return fill_forward(self.compact, self.plan, "nearest")
+
+
+def _weights_and_bias(layer):
+    w = layer.params["w"]
+    return w, (layer.params["b"] if layer.has_bias else np.zeros(layer.out_channels, dtype=w.dtype))
+
+
+def _reads_compact_pointwise(layer, plan):
+    """Whether ``layer`` acts position by position on the compact tensor of ``plan``: a pointwise
+    layer, or a 1×1 convolution that is dense or shares exactly that mask."""
+    if isinstance(layer, POINTWISE_TYPES):
+        return True
+    if not is_pointwise_conv(layer):
+        return False
+    if not layer.is_perforated:
+        return True
+    own = _own_plan(layer, plan.out_hw)
+    return own is not None and np.array_equal(own.mask, plan.mask)
+
+
+def _conv_on_compact(name, layer, act, backend):
+    """A spatial convolution reading a compact input: dense output, or compact again if perforated."""
+    out_hw = layer.output_hw(act.plan.out_hw)
+    own = _own_plan(layer, out_hw)
+    w, b = _weights_and_bias(layer)
+    if own is None and not layer.is_perforated:
+        x, _ = implicit_conv2d_forward(act.compact, act.plan, w, b, layer.stride, layer.padding, backend)
+        table_bytes = int(np.prod(out_hw)) * layer.kernel[0] * layer.kernel[1] * 4
+        return _Activation(x=x), (name, x.nbytes, x.nbytes + table_bytes)
+    if own is not None:
+        table = compose_index_table(act.plan.index_map, layer.kernel, layer.stride, layer.padding,
+                                    out_positions=own.positions[0])
+        compact, _ = backend.table_conv_forward(act.compact, table, w, b)
+        new = _Activation(compact=compact, plan=own)
+        return new, (name, new.compact_bytes_if_filled(), compact.nbytes + table.nbytes)
+    x = layer(act.filled())  # a perforated convolution with a fill not read implicitly
+    return _Activation(x=x), (name, x.nbytes, x.nbytes)
+
+
+def _step_from_compact(name, layer, act, backend):
+    """Run ``layer`` on a compact activation; returns the new activation and the memory record."""
+    if _reads_compact_pointwise(layer, act.plan):
+        new = _Activation(compact=_pointwise_on_compact(layer, act.compact), plan=act.plan)
+        return new, (name, new.compact_bytes_if_filled(), new.compact.nbytes)
+    if isinstance(layer, Conv2d) and not is_pointwise_conv(layer):
+        return _conv_on_compact(name, layer, act, backend)
+    table_bytes = 0
+    if isinstance(layer, Pool2d):
+        x, _ = implicit_pool2d_forward(act.compact, act.plan, layer.mode, layer.size, layer.stride, layer.padding,
+                                       backend)
+        table_bytes = int(np.prod(x.shape[2:])) * layer.size[0] * layer.size[1] * 4
+    elif isinstance(layer, GlobalAvgPool2d):
+        # each compact entry weighs the number of positions that copy it
+        index_map = act.plan.index_map[0]
+        weights = np.bincount(index_map.ravel(), minlength=act.plan.width) / index_map.size
+        x = act.compact @ weights.astype(act.compact.dtype)
+    else:
+        x = layer(act.filled())
+    return _Activation(x=x), (name, x.nbytes, x.nbytes + table_bytes)
+
+
+def _pool_on_backend(name, layer, x, backend):
+    """A pooling of a dense map through the backend's table pooling (the identity index map)."""
+    n, c, h, w = x.shape
+    table = compose_index_table(dense_index_map((h, w)), layer.size, layer.stride, layer.padding)
+    out_hw = conv_output_shape((h, w), layer.size, layer.stride, layer.padding)
+    out, _ = backend.table_pool_forward(np.ascontiguousarray(x).reshape(n, c, h * w), table, layer.mode)
+    out = out.reshape(n, c, *out_hw)
+    return _Activation(x=out), (name, out.nbytes, out.nbytes + table.nbytes)
+
+
+def _step_from_dense(name, layer, x, backend, pool_on_backend):
+    """Run ``layer`` on a dense activation; a perforated convolution stops at its compact output."""
+    if isinstance(layer, Conv2d) and not is_pointwise_conv(layer):
+        out_hw = layer.output_hw(x.shape[2:])
+        own = _own_plan(layer, out_hw)
+        if own is not None:
+            w, b = _weights_and_bias(layer)
+            geometry = ConvGeometry(layer.kernel, layer.stride, layer.padding, tuple(x.shape[2:]), out_hw)
+            compact, _ = layer.backend.conv_forward(np.ascontiguousarray(x), w, b, own, geometry)
+            new = _Activation(compact=compact, plan=own)
+            return new, (name, new.compact_bytes_if_filled(), compact.nbytes + own.index_map.nbytes)
+    if (isinstance(layer, Pool2d) and pool_on_backend and layer.padding[0] <= layer.size[0] // 2
+            and layer.padding[1] <= layer.size[1] // 2):
+        return _pool_on_backend(name, layer, x, backend)
+    out = layer(x)
+    return _Activation(x=out), (name, out.nbytes, out.nbytes)
+
+
 def run_implicit(model, x, backend=None, chain=None, pool_on_backend=True):
     """Evaluate a chain network on ``x`` with implicit interpolation (evaluation mode, no backward).
 
@@ -119,77 +227,15 @@ def run_implicit(model, x, backend=None, chain=None, pool_on_backend=True):
     convs = [layer for _, layer in chain if isinstance(layer, Conv2d)]
     network_backend = get_backend(backend) if backend is not None else (convs[0].backend if convs else get_backend(None))
     memory = ActivationMemory()
-    compact, plan = None, None  # set while the current activation is compact
+    act = _Activation(x=x)
     for name, layer in chain:
-        table_bytes = 0
         layer_backend = getattr(layer, "backend", network_backend) if backend is None else network_backend
-        if compact is not None:
-            same_mask = isinstance(layer, Conv2d) and (not layer.is_perforated or (
-                (p := _own_plan(layer, plan.out_hw)) is not None and np.array_equal(p.mask, plan.mask)))
-            if isinstance(layer, POINTWISE_TYPES) or (is_pointwise_conv(layer) and same_mask):
-                compact = _pointwise_on_compact(layer, compact)
-                memory.per_layer.append((name, compact.shape[0] * compact.shape[1] * int(np.prod(plan.out_hw))
-                                         * compact.itemsize, compact.nbytes))
-                continue
-            if isinstance(layer, Pool2d):
-                x, _ = implicit_pool2d_forward(compact, plan, layer.mode, layer.size, layer.stride, layer.padding,
-                                               layer_backend)
-                table_bytes = int(np.prod(x.shape[2:])) * layer.size[0] * layer.size[1] * 4
-            elif isinstance(layer, GlobalAvgPool2d):
-                weights = np.bincount(plan.index_map[0].ravel(), minlength=plan.width) / plan.index_map[0].size
-                x = compact @ weights.astype(compact.dtype)
-            elif isinstance(layer, Conv2d) and not is_pointwise_conv(layer):
-                out_hw = layer.output_hw(plan.out_hw)
-                own = _own_plan(layer, out_hw)
-                w = layer.params["w"]
-                b = layer.params["b"] if layer.has_bias else np.zeros(layer.out_channels, dtype=w.dtype)
-                if own is None and not layer.is_perforated:
-                    x, _ = implicit_conv2d_forward(compact, plan, w, b, layer.stride, layer.padding, layer_backend)
-                    table_bytes = int(np.prod(out_hw)) * layer.kernel[0] * layer.kernel[1] * 4
-                elif own is not None:
-                    table = compose_index_table(plan.index_map, layer.kernel, layer.stride, layer.padding,
-                                                out_positions=own.positions[0])
-                    new_compact, _ = layer_backend.table_conv_forward(compact, table, w, b)
-                    memory.per_layer.append((name, new_compact.shape[0] * new_compact.shape[1] * int(np.prod(out_hw))
-                                             * new_compact.itemsize, new_compact.nbytes + table.nbytes))
-                    compact, plan = new_compact, own
-                    continue
-                else:  # a perforated convolution with a fill we do not read implicitly
-                    x = layer(fill_forward(compact, plan, "nearest"))
-            else:
-                x = layer(fill_forward(compact, plan, "nearest"))
-            compact, plan = None, None
-            memory.per_layer.append((name, x.nbytes, x.nbytes + table_bytes))
-            continue
-        # the current activation is dense
-        if isinstance(layer, Conv2d) and not is_pointwise_conv(layer):
-            out_hw = layer.output_hw(x.shape[2:])
-            own = _own_plan(layer, out_hw)
-            if own is not None:
-                w = layer.params["w"]
-                b = layer.params["b"] if layer.has_bias else np.zeros(layer.out_channels, dtype=w.dtype)
-                geometry = ConvGeometry(layer.kernel, layer.stride, layer.padding, tuple(x.shape[2:]), out_hw)
-                compact, _ = layer.backend.conv_forward(np.ascontiguousarray(x), w, b, own, geometry)
-                plan = own
-                memory.per_layer.append((name, compact.shape[0] * compact.shape[1] * int(np.prod(out_hw))
-                                         * compact.itemsize, compact.nbytes + own.index_map.nbytes))
-                continue
-        if isinstance(layer, Pool2d) and pool_on_backend and layer.padding[0] <= layer.size[0] // 2 \
-                and layer.padding[1] <= layer.size[1] // 2:
-            # a dense input is a compact one whose index map is the identity: the backend's table
-            # pooling serves both (and is compiled where the backend is)
-            n, c, h, w = x.shape
-            table = compose_index_table(dense_index_map((h, w)), layer.size, layer.stride, layer.padding)
-            out_hw = conv_output_shape((h, w), layer.size, layer.stride, layer.padding)
-            x, _ = layer_backend.table_pool_forward(np.ascontiguousarray(x).reshape(n, c, h * w), table, layer.mode)
-            x = x.reshape(n, c, *out_hw)
-            memory.per_layer.append((name, x.nbytes, x.nbytes + table.nbytes))
-            continue
-        x = layer(x)
-        memory.per_layer.append((name, x.nbytes, x.nbytes))
-    if compact is not None:  # the network ended on a compact tensor
-        x = fill_forward(compact, plan, "nearest")
-    return x, memory
+        if act.is_compact:
+            act, record = _step_from_compact(name, layer, act, layer_backend)
+        else:
+            act, record = _step_from_dense(name, layer, act.x, layer_backend, pool_on_backend)
+        memory.per_layer.append(record)
+    return (act.filled() if act.is_compact else act.x), memory
 
 
 __all__ = ["ActivationMemory", "chain_layers", "run_implicit"]

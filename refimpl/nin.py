@@ -42,6 +42,8 @@ class NIN(Layer):
                  mask_rng=None, dtype=np.float32):
         super().__init__()
         rng = _checks.generator(rng)
+        if len(tuple(widths)) != 3 or min(int(c) for c in widths) < 1:
+            raise ValueError(f"widths must be three positive ints (the channels of the three blocks), got {widths!r}")
         w1, w2, w3 = (int(c) for c in widths)
         kw = dict(backend=backend, dtype=dtype)
         self.conv1 = Conv2d(in_channels, w1, 3, rng, padding=1, bias=False, **kw)

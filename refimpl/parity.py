@@ -72,7 +72,7 @@ def train_parity(objective, size=64, steps=2000, batch_size=128, hidden_size=128
     tau, temperature, beta, prior_rate : objective settings (see :func:`refimpl.act_rnn.objective_forward`)
     rng : numpy.random.Generator — initialisation, data and relaxed-Bernoulli noise
     log_every : int, average the training statistics over this many steps
-    callback : callable(step, rnn) or None, called after each logged interval
+    callback : callable(step, rnn, log) or None, called after each logged interval (``log`` holds it)
 
     Returns
     -------
@@ -100,7 +100,7 @@ def train_parity(objective, size=64, steps=2000, batch_size=128, hidden_size=128
             log.step.append(step)
             sums[:] = 0
             if callback is not None:
-                callback(step, rnn)
+                callback(step, rnn, log)
     return rnn, log
 
 

@@ -108,7 +108,7 @@ def test_demo_fill_check_catches_a_wrong_fill():
 def test_demo_rejects_a_rate_outside_0_1():
     result = ponder("demo", "--rate", "1.5")
     assert result.returncode == 2
-    assert "rate must be in [0, 1)" in result.stderr
+    assert "argument --rate: must be a number in [0, 1)" in result.stderr
 
 
 def _readme_commands():
@@ -129,3 +129,102 @@ def test_ci_runs_the_readme_test_command_verbatim():
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()]
     assert _readme_commands()[1] in ci_lines
     assert "set -euo pipefail" in ci_lines
+
+
+def test_demo_tables_align_and_long_reasons_go_below_the_table():
+    result = demo.SectionResult("T", ["name", "value", "status"], [["a", 1.5, "ok"], ["bb", 22.25, "-"]],
+                                explanation="what is measured and why it differs from the ideal")
+    result.rows.append(["opencl", "-", f"skipped ({result.note('no OpenCL platform found; ' * 20)})"])
+    lines = result.format().splitlines()
+    assert lines[:3] == ["T", "=", "what is measured and why it differs from the ideal"]
+    header, rule, *rows = lines[3:8]
+    width = len(rule)
+    assert all(len(line) <= width for line in (header, *rows))
+    # numbers right-aligned under a right-aligned header: every value column ends where its rule ends
+    ends = [i for i in range(1, width + 1) if i == width or rule[i] == " " and rule[i - 1] == "-"]
+    value_end = ends[1]
+    assert header[:value_end].endswith("value") and rows[0][:value_end].endswith("1.5")
+    assert rows[2].endswith("skipped (note 1)")
+    notes = lines[8:]
+    assert notes[0].startswith("note 1: no OpenCL platform found;") and len(notes) > 1
+    assert all(len(line) <= demo.NOTE_WIDTH for line in notes)
+
+
+def test_demo_without_opencl_keeps_its_tables_narrow_and_explains_each(tmp_path):
+    import os
+
+    env = dict(os.environ, OCL_ICD_VENDORS="/nonexistent-dir")
+    result = subprocess.run([sys.executable, "-m", "refimpl", "demo", "--size", "16", "--out", str(tmp_path)],
+                            capture_output=True, text=True, timeout=300, env=env, cwd=str(tmp_path))
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    titles = [i for i, line in enumerate(lines) if line and set(line) == {"="}]
+    assert len(titles) == len(demo.SECTIONS)
+    for i in titles:
+        explanation = lines[i + 1]
+        assert explanation and not explanation.startswith("-"), explanation  # a sentence, then the header
+        rule = next(line for line in lines[i:] if line.startswith("---"))
+        table = lines[lines.index(rule, i) - 1:]
+        table = table[:table.index("")] if "" in table else table
+        assert all(len(line) <= max(len(rule), demo.NOTE_WIDTH) for line in table), table
+    assert "skipped (note 1)" in result.stdout and "note 1: opencl:" in result.stdout
+    assert "UNTRAINED" in result.stdout
+
+
+def test_a_checkpoint_runs_on_its_training_backend_or_says_which_it_takes_instead(monkeypatch):
+    from refimpl import backend as backends
+    from refimpl.commands.arguments import resolve_backend
+
+    meta = {"extra": {"arguments": {"backend": "cython"}}}
+    assert resolve_backend("numpy", meta, "evaluate") == ("numpy", None)  # asked for: no question
+    real = backends.get_backend
+    if fastpath_usable("cython"):
+        assert resolve_backend(None, meta, "evaluate") == ("cython", None)
+
+    def without_cython(name=None):
+        if name == "cython":
+            raise backends.BackendUnavailableError("the cython backend is unavailable: not compiled. Rebuild it")
+        return real(name)
+
+    monkeypatch.setattr(backends, "get_backend", without_cython)
+    name, note = resolve_backend(None, meta, "evaluate")
+    assert name in ("opencl", "numpy") and name != "cython"
+    assert note == (f"ponder evaluate: the model was trained with the cython backend, which cannot run here "
+                    f"(the cython backend is unavailable: not compiled); using {name}")
+    assert resolve_backend(None, {"extra": {}}, "map") == ("numpy", None)  # no record: the reference
+
+
+def fastpath_usable(name):
+    import fastpath
+
+    return fastpath.available_backends()[name].usable
+
+
+def _imported_modules(path, package):
+    """Absolute names of the modules ``path`` imports (relative imports resolved against ``package``)."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([node.module] if node.module else []))
+            names.add(base)
+            names.update(f"{base}.{alias.name}" for alias in node.names)
+    return names
+
+
+def test_no_command_imports_another_and_refimpl_never_names_fastpath():
+    commands = {module for module, _ in cli.COMMANDS.values()}
+    for module in commands:
+        path = ROOT / (module.replace(".", "/") + ".py")
+        imported = _imported_modules(path, "refimpl.commands")
+        assert not (imported & (commands - {module})), f"{module} imports {imported & commands}"
+    for path in (ROOT / "refimpl").rglob("*.py"):
+        package = ".".join(path.relative_to(ROOT).with_suffix("").parts[:-1])
+        assert not any(name.split(".")[0] == "fastpath" for name in _imported_modules(path, package)), path
+        assert '"fastpath' not in path.read_text(), f"{path} names fastpath in a string"

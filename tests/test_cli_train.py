@@ -69,8 +69,8 @@ def test_evaluate_reports_a_damaged_checkpoint(tmp_path):
 
 
 def test_train_reports_bad_arguments_clearly(tmp_path):
-    result = ponder("train", "--model", "resnet9", "--data", "digits", "--out", str(tmp_path / "r"), "--epochs", "0")
-    assert result.returncode != 0 and "model must be one of" in result.stderr
+    result = ponder("train", "--model", "resnet9", "--data", "digits", "--out", str(tmp_path / "r"))
+    assert result.returncode == 2 and "argument --model: invalid choice: 'resnet9'" in result.stderr
     result = ponder("train", "--model", "resnet8", "--data", "cifar10", "--out", str(tmp_path / "r"))
     assert result.returncode != 0 and "cifar-10-binary.tar.gz" in result.stderr
 
@@ -86,11 +86,19 @@ def test_option_and_perforation_parsing():
         parse_perforation(["stem=grid"])
 
 
-def test_train_digits_with_nin_zero_epochs_still_writes_a_checkpoint(tmp_path):
+def test_train_rejects_zero_epochs_and_writes_nothing(tmp_path):
     out = tmp_path / "nin"
-    result = ponder("train", "--model", "nin", "--data", "digits", "--epochs", "0", "--option", "widths=[4,4,4]",
+    result = ponder("train", "--model", "nin", "--data", "digits", "--epochs", "0", "--out", str(out))
+    assert result.returncode == 2 and "argument --epochs: must be an integer >= 1, got '0'" in result.stderr
+    assert not out.exists()
+
+
+def test_train_digits_with_nin_one_epoch_writes_a_checkpoint(tmp_path):
+    out = tmp_path / "nin"
+    result = ponder("train", "--model", "nin", "--data", "digits", "--epochs", "1", "--option", "widths=[4,4,4]",
                     "--out", str(out), "--quiet")
     assert result.returncode == 0, result.stderr
+    assert "stopped after 1 epochs (--epochs)" in result.stdout
     model, meta = load_checkpoint(out / "checkpoint.npz")
     assert meta["model"] == "nin"
     assert model(np.zeros((2, 1, 8, 8), np.float32)).shape == (2, 10)

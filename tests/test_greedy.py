@@ -237,9 +237,12 @@ def test_ponder_perforate_on_a_checkpoint_from_ponder_train(tmp_path, capsys):
     # --runner auto: the NIN CNN is a chain network, so its timed forwards run implicitly
     assert profile.settings["runner"] == "implicit" and profile.settings["clock"] == "cpu"
     baselines = json_load(out / "baselines.json")
-    assert len(baselines["stride"]) == 2 ** 3 and [p["size"] for p in baselines["resolution"]] == [[8, 8]]
+    # the stride search over 3 layers with factors 1, 2: the dense network, then 3 + 2 + 1 trials
+    assert len(baselines["stride"]) == 7 and [p["size"] for p in baselines["resolution"]] == [[8, 8]]
     assert (out / "speed_error.png").stat().st_size > 5000
-    assert "greedy steps: theoretical" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "greedy steps: theoretical" in printed
+    assert "stopped: target reached: theoretical speedup" in printed and profile.stop_reason in printed
     with pytest.raises(SystemExit, match="does not exist"):
         main(["perforate", "--checkpoint", str(tmp_path / "missing.npz"), "--out", str(out)])
 
@@ -266,4 +269,35 @@ def test_greedy_on_a_residual_network_and_its_stride_baseline():
     np.testing.assert_array_equal(apply_step(build(), profile, 3)(x), model(x))
     points = stride_baseline(build(), data, factors=(1, 2), timing_batch=2, timing_repeats=1,
                              layers=[entry["name"] for entry in profile.layers[:2]])
-    assert len(points) == 4 and points[0]["theoretical_speedup"] == 1.0
+    assert len(points) == 1 + 2 + 1 and points[0]["theoretical_speedup"] == 1.0
+
+
+def test_the_profile_says_why_the_search_stopped(tmp_path):
+    _, profile = run_greedy(max_steps=2)
+    assert profile.stop_reason == "max_steps (2) reached" and len(profile.steps) == 3
+    _, profile = run_greedy(fractions=(1.0, 0.5), max_steps=None)
+    assert profile.stop_reason.startswith("no layer left to perforate")
+    assert len(profile.steps) == 1 + 3  # each of the three layers once
+    _, profile = run_greedy(max_steps=None)
+    assert profile.stop_reason.startswith("no layer left") or profile.stop_reason.startswith("no move lowers")
+    model = tiny_nin()
+    profile = perforate_network(model, held_out(), 1.0, cost="flops", rng=np.random.default_rng(0), timing_batch=4,
+                                timing_repeats=1)
+    assert profile.stop_reason == "target reached: theoretical speedup 1.00x" and len(profile.steps) == 1
+    assert load_profile(profile.save(tmp_path / "p.json")).stop_reason == profile.stop_reason
+
+
+def test_implicit_network_fills_before_a_pointwise_conv_with_another_mask():
+    """A 1x1 convolution perforated with a mask of its own cannot read the compact tensor position
+    by position: the runner fills first, and the result still equals the explicit network."""
+    from refimpl.masks import grid_mask, uniform_mask
+
+    model = tiny_nin()
+    x = held_out(4, seed=5).images
+    info = find_perforable_layers(model, x)[0]
+    set_group_mask(model, info, grid_mask(info.out_hw, 0.5, np.random.default_rng(0)))
+    layers = dict(model.named_layers())
+    follower = layers[info.followers[0]]
+    follower.set_mask(uniform_mask(info.out_hw, 0.3, np.random.default_rng(1)), "nearest")
+    out, _ = run_implicit(model, x)
+    np.testing.assert_allclose(out, model(x), rtol=1e-12, atol=1e-14)

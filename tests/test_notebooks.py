@@ -54,9 +54,14 @@ def test_backend_requirements_name_known_backends():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path):
+def test_notebook_runs(path, tmp_path, monkeypatch):
     nb = nbformat.read(path, as_version=4)
     skip_unless_backends_usable(nb)
+    # Hypothesis in a notebook keeps its example database under the kernel's working folder
+    # (notebooks/) unless told otherwise; keep it out of the source tree.
+    stray = path.parent / ".hypothesis"
+    existed = stray.exists()
+    monkeypatch.setenv("HYPOTHESIS_STORAGE_DIRECTORY", str(tmp_path / "hypothesis"))
     deadline = time.monotonic() + NOTEBOOK_TIMEOUT_S
     # nbclient times cells one by one; giving each cell what is left of the notebook's budget
     # makes the limit apply to the notebook as a whole.
@@ -67,3 +72,4 @@ def test_notebook_runs(path):
     errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
               if out.output_type == "error"]
     assert not errors
+    assert existed or not stray.exists(), f"running {path.name} left {stray}"

@@ -233,9 +233,9 @@ def test_train_cli_with_group_latents(tmp_path, capsys):
     common = ["train", "--model", "pact-resnet8", "--data", "cluttered-digits", "--canvas", "16", "--n-train", "16",
               "--n-val", "8", "--n-test", "8", "--batch-size", "8", "--quiet", "--option", "widths=[4,4,4]"]
     with pytest.raises(SystemExit, match="group_size must be a positive int"):
-        main(common + ["--epochs", "0", "--option", "latents=group", "--out", str(tmp_path / "bad")])
+        main(common + ["--epochs", "1", "--option", "latents=group", "--out", str(tmp_path / "bad")])
     with pytest.raises(SystemExit, match="group_size must be a positive int.*got 0"):
-        main(common + ["--epochs", "0", "--option", "latents=group", "--option", "group_size=0",
+        main(common + ["--epochs", "1", "--option", "latents=group", "--option", "group_size=0",
                        "--out", str(tmp_path / "bad")])
     run = tmp_path / "group"
     assert main(common + ["--epochs", "1", "--option", "latents=group", "--option", "group_size=4",

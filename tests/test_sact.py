@@ -404,7 +404,7 @@ def test_demo_section_runs_sparse_sact_on_the_photo(tmp_path):
     import argparse
 
     from refimpl.commands import demo
-    from refimpl.commands.map import sact_demo_section
+    from refimpl.commands.demo import sact_demo_section
 
     assert sact_demo_section in demo.SECTIONS
     args = argparse.Namespace(out=tmp_path, rate=0.5, seed=0, backend="numpy", size=32)

@@ -23,7 +23,7 @@ def test_train_task_parity_runs_the_parity_trainer(tmp_path, capsys, objective):
     settings = result["settings"]
     assert (settings["objective"], settings["size"], settings["steps"], settings["hidden"]) == (objective, 3, 20, 8)
     assert (settings["batch_size"], settings["tau"], settings["seed"]) == (16, 0.002, 3)
-    assert settings["lr"] == 1e-3 and settings["temperature"] == 0.5  # `ponder parity` defaults where not given
+    assert settings["lr"] == 3e-3 and settings["temperature"] == 0.5  # `ponder parity` defaults where not given
     assert set(result["evaluation"]) == set(rules)
     assert len(result["log"]["task_loss"]) == 10
 
@@ -53,3 +53,26 @@ def test_train_task_parity_matches_ponder_parity(tmp_path, capsys):
 def test_train_task_errors(arguments, message):
     with pytest.raises(SystemExit, match=message):
         main(["train", *arguments])
+
+
+def test_parity_prints_its_log_while_training_and_warns_about_settings_known_not_to_learn(monkeypatch, capsys):
+    from refimpl import parity
+    from refimpl.commands.parity_experiment import ParitySettings, known_problems
+
+    seen = []
+    train = parity.train_parity
+
+    def spy(*args, callback=None, **kwargs):
+        def logged(step, rnn, log):
+            seen.append((step, capsys.readouterr().out))  # what was printed by the time this interval ended
+            callback(step, rnn, log)
+        return train(*args, callback=logged, **kwargs)
+
+    monkeypatch.setattr(parity, "train_parity", spy)
+    assert main(["parity", "--objective", "act", "--size", "3", "--steps", "20", "--hidden", "8", "--max-steps", "4",
+                 "--eval-size", "50"]) == 0
+    # the line of interval k is printed before interval k + 1 ends, i.e. during training
+    assert [step for step, _ in seen] == list(range(2, 21, 2))
+    assert all(f"step {seen[k][0]:6d}" in seen[k + 1][1] for k in range(len(seen) - 1))
+    assert known_problems(ParitySettings("act")) == []  # the defaults are not known to fail
+    assert any("likely too few" in p for p in known_problems(ParitySettings("act", size=64, steps=2000)))

@@ -13,7 +13,8 @@ exits with status 1 if any error exceeds :data:`TOLERANCE` for the layer's dtype
 
 from __future__ import annotations
 
-import argparse
+import re
+import textwrap
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,29 +28,29 @@ from refimpl.masks import MASK_TYPES, impact_scores, make_mask
 from refimpl.perforation import FILLS, PerforationPlan, perforated_conv2d_forward, perforated_conv_flops
 from refimpl.pooling import pool2d_forward
 
+from .arguments import add_backend_argument, float_in, int_at_least, non_negative_int
+
 #: Largest accepted ``|perforated - dense|`` at computed positions, by dtype.
 TOLERANCE = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 
 #: The pooling layer assumed to follow the convolution (structure masks, implicit pooling).
 POOL = {"size": 3, "stride": 2, "padding": 1}
 
+#: Smallest photo side: the SACT section's network downsamples by 4 and pools globally.
+MIN_SIZE = 8
+
+#: Width at which table notes (e.g. why a backend was skipped) are wrapped.
+NOTE_WIDTH = 100
+
 
 def add_arguments(parser):
-    parser.add_argument("--out", type=Path, default=Path("ponder-demo"),
-                        help="folder for the PNG figures (created; default ./ponder-demo)")
-    parser.add_argument("--rate", type=_rate, default=0.75,
-                        help="requested perforation rate r in [0, 1): the fraction of positions skipped (default 0.75)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the numpy.random.Generator (default 0)")
-    parser.add_argument("--backend", default="numpy",
-                        help="convolution backend by name (default numpy; see fastpath.available_backends())")
-    parser.add_argument("--size", type=int, default=128, help="side of the downscaled photo in pixels (default 128)")
-
-
-def _rate(text):
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"rate must be in [0, 1), got {value}")
-    return value
+    parser.add_argument("--out", type=Path, default=Path("ponder-demo"), help="folder for the PNG figures (created)")
+    parser.add_argument("--rate", type=float_in(0.0, 1.0), default=0.75,
+                        help="requested perforation rate r in [0, 1): the fraction of positions skipped")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="seed of the numpy.random.Generator")
+    add_backend_argument(parser, help_text="convolution backend of the perforated layer")
+    parser.add_argument("--size", type=int_at_least(MIN_SIZE), default=128,
+                        help=f"side of the downscaled photo in pixels (at least {MIN_SIZE})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,25 +82,50 @@ class DemoContext:
 
 @dataclass
 class SectionResult:
-    """A section's table, the checks it failed (empty = passed) and the files it wrote."""
+    """A section's table, the checks it failed (empty = passed) and the files it wrote.
+
+    ``explanation`` is one sentence printed under the title: what the numbers measure and why they
+    differ from the ideal. ``notes`` are printed wrapped below the table (long texts such as the
+    reason a backend was skipped), so they never widen a column.
+    """
 
     title: str
     columns: list
     rows: list
     failures: list = field(default_factory=list)
     files: list = field(default_factory=list)
+    explanation: str = ""
+    notes: list = field(default_factory=list)
+
+    def note(self, text):
+        """Add a note below the table; returns its marker (``"note 1"``, ...) to put in a cell."""
+        self.notes.append(text)
+        return f"note {len(self.notes)}"
 
     def format(self):
         cells = [[str(c) for c in self.columns]] + [[_cell(v) for v in row] for row in self.rows]
         widths = [max(len(r[i]) for r in cells) for i in range(len(self.columns))]
+        numeric = [all(_is_number(row[i]) for row in self.rows) for i in range(len(self.columns))]
         lines = [self.title, "=" * len(self.title)]
+        if self.explanation:
+            lines += textwrap.wrap(self.explanation, NOTE_WIDTH)
         for i, row in enumerate(cells):
-            # Text columns (the first two) left-aligned, numbers right-aligned.
-            lines.append("  ".join(v.ljust(wd) if (i == 0 or j < 2) else v.rjust(wd)
-                                   for j, (v, wd) in enumerate(zip(row, widths))))
+            # Text columns left-aligned, numbers right-aligned (their headers too).
+            lines.append("  ".join(v.rjust(wd) if num else v.ljust(wd)
+                                   for v, wd, num in zip(row, widths, numeric)).rstrip())
             if i == 0:
                 lines.append("  ".join("-" * wd for wd in widths))
+        for k, text in enumerate(self.notes, start=1):
+            lines += textwrap.wrap(text, NOTE_WIDTH, initial_indent=f"note {k}: ", subsequent_indent="  ",
+                                   break_on_hyphens=False)
         return "\n".join(lines)
+
+
+def _is_number(value):
+    """A number, or text that reads as one (``"12%"``, ``"-"`` for "not applicable")."""
+    if isinstance(value, str):
+        return re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)(e[-+]?\d+)?%?|-|", value) is not None
+    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
 
 
 def _cell(value):
@@ -155,6 +181,8 @@ def perforation_section(ctx):
         f"{kh}x{kw}, backend {ctx.backend.name}, {ctx.x.dtype}",
         ["mask", "fill", "rate", "realised", "MFLOPs", "ideal-speedup", "measured", "max|err|", "time ms"],
         [["dense", "-", 0.0, 0.0, dense_flops / 1e6, 1.0, 1.0, 0.0, dense_time * 1e3]],
+        explanation=("measured = dense / perforated time of this layer (best of 3); it stays below the ideal "
+                     "1 / (1 - realised) because gathering and filling cost the same at any rate."),
     )
     # Impact: the squared-output loss L = ½ Σ V² has ∂L/∂V = V, so impact = mean Σ_c V².
     impact = impact_scores(ctx.dense, ctx.dense)
@@ -195,7 +223,9 @@ def implicit_section(ctx):
     """Max/avg pooling read through an index table equals pooling the filled tensor."""
     result = SectionResult(
         f"Implicit interpolation: {POOL['size']}x{POOL['size']}/{POOL['stride']} pooling read from the compact tensor",
-        ["mask", "pool", "max|err| vs filled", "KiB saved", "of dense"], [])
+        ["mask", "pool", "max|err| vs filled", "KiB saved", "of dense"], [],
+        explanation=("max|err|: pooling read through an index table vs pooling the filled map (ideally 0, "
+                     "rounding at most); KiB saved: skipped positions never stored."))
     n, k = ctx.dense.shape[:2]
     dense_bytes = ctx.dense.nbytes
     for kind, mask in ctx.masks.items():
@@ -227,7 +257,9 @@ def fast_backends_section(ctx):
 
     result = SectionResult(
         "Fast backends vs the NumPy reference (same masks, same fills)",
-        ["backend", "mask/fill", "fwd max|err|", "bwd rel err", "time ms", "numpy ms", "status"], [])
+        ["backend", "mask/fill", "fwd max|err|", "bwd rel err", "time ms", "numpy ms", "status"], [],
+        explanation=("errors against the NumPy reference (float32 rounding expected); times: one forward of "
+                     "this small layer, where call overhead, not arithmetic, dominates."))
     reference = get_backend("numpy")
     dout = ctx.rng.standard_normal(ctx.dense.shape).astype(ctx.x.dtype)
     for name in known_backends():
@@ -236,10 +268,10 @@ def fast_backends_section(ctx):
         try:
             backend = get_backend(name)
         except BackendUnavailableError as exc:
-            result.rows.append([name, "-", "-", "-", "-", "-", f"skipped: {exc}"])
+            result.rows.append([name, "-", "-", "-", "-", "-", f"skipped ({result.note(f'{name}: {exc}')})"])
             continue
         if not backend.supports_dtype(ctx.x.dtype):
-            result.rows.append([name, "-", "-", "-", "-", "-", f"skipped: no {ctx.x.dtype} support"])
+            result.rows.append([name, "-", "-", "-", "-", "-", f"skipped (no {ctx.x.dtype})"])
             continue
         for (kind, fill), expected in ctx.outputs.items():
             plan = PerforationPlan(ctx.masks[kind])
@@ -266,9 +298,56 @@ def fast_backends_section(ctx):
     return result
 
 
-#: The demo, in order. A later section may use what an earlier one stored on the context.
-from refimpl.commands.map import sact_demo_section  # noqa: E402  (the SACT section lives with ponder map)
+def sact_demo_section(ctx):
+    """A tiny, *untrained* SACT network run sparsely on the photo, and its computation-time map.
 
+    A SACT-ResNet-14 (widths 4, 8, 8) takes one optimisation step on cluttered digits (τ = 0): the
+    point is the mechanics, not a learned map (training one that attends to objects takes minutes:
+    ``ponder train --model sact-resnet14`` then ``ponder map``). One step does not teach it to
+    halt, so its halting biases start at +4.6 (σ(4.6) ≈ 0.99 = 1 − ε): a position halts after the
+    first unit of a block where the random local 3×3 term pushes it over. The check: sparse
+    execution equals the dense masked execution.
+    """
+    from refimpl.datasets import load_cluttered_digits
+    from refimpl.models import build_model
+    from refimpl.optim import Adam
+    from refimpl.training import fit
+
+    from .drawing import draw_map
+
+    data = load_cluttered_digits(canvas=32, n_train=32, n_val=0, n_test=8, seed=0)
+    model = build_model("sact-resnet14", 10, 1, ctx.rng, backend=ctx.backend, widths=(4, 8, 8), tau=0.0,
+                        halting_bias=4.6)
+    fit(model, Adam(list(model.named_parameters()), lr=1e-3), data["train"], epochs=1, batch_size=32, rng=ctx.rng,
+        progress=False)
+    model.eval()
+    gray = ctx.x.mean(axis=1, keepdims=True).astype(np.float32)
+    sparse = model(gray)
+    sparse_flops, cmap = float(model.flops_per_sample[0]), model.ponder_map(gray.shape[2:])[0]
+    blocks = [(len(b.units), float(b.rho.mean()), float(b.active_masks[1].mean())) for b in model.stages]
+    model.set_execution("dense")
+    dense = model(gray)
+    dense_flops = float(model.flops_per_sample[0])
+    error = float(np.abs(sparse - dense).max())
+    result = SectionResult(
+        f"SACT mechanics: an UNTRAINED SACT-ResNet-14 (one optimisation step) run sparsely on the "
+        f"{gray.shape[2]}px photo (gray)",
+        ["block", "units", "mean rho", "active after unit 1", "MFLOPs sparse", "MFLOPs dense", "max|err| vs dense"],
+        [[f"stage {i + 1}", units, rho, active, "", "", ""] for i, (units, rho, active) in enumerate(blocks)]
+        + [["network", "-", "", "", sparse_flops / 1e6, dense_flops / 1e6, error]],
+        explanation=("UNTRAINED (halting from initial biases, not learned): rho per block and the FLOPs "
+                     "that sparse execution saves; sparse must equal dense masked execution (max|err| ~ 0)."))
+    if not error <= ctx.tolerance * max(1.0, float(np.abs(dense).max())):
+        result.failures.append(f"SACT sparse vs dense masked execution: max error {error:.3g}")
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    path = ctx.out_dir / "sact_map.png"
+    draw_map(ctx.x[0], cmap, path, f"UNTRAINED SACT network (mechanics only): {sparse_flops / 1e6:.1f} of "
+             f"{dense_flops / 1e6:.1f} MFLOPs")
+    result.files.append(path)
+    return result
+
+
+#: The demo, in order. A later section may use what an earlier one stored on the context.
 SECTIONS = [perforation_section, implicit_section, fast_backends_section, sact_demo_section]
 
 
