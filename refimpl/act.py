@@ -1,4 +1,4 @@
-r"""Adaptive computation time for residual networks (ACT, SPEC §2): halting per sample.
+r"""Adaptive computation time for residual networks (ACT, docs/spec.md §7): halting per sample.
 
 A block of ``L`` residual units :math:`U_l = U_{l-1} + f_l(U_{l-1})` gets a halting head after
 every unit but the last (:class:`~refimpl.halting_heads.HaltingHead`: global average pooling →

@@ -1,4 +1,4 @@
-r"""Adaptive computation time for recurrent networks (Graves 2016), three ways (SPEC §4).
+r"""Adaptive computation time for recurrent networks (Graves 2016), three ways (docs/spec.md §10).
 
 At every input timestep ``t`` an RNN cell is applied up to ``M`` times ("ponder steps") before
 the next input is read. Step ``n`` of timestep ``t`` is

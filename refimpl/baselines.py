@@ -1,4 +1,4 @@
-r"""The two baselines perforation is compared with, on the same axes (SPEC §1.2).
+r"""The two baselines perforation is compared with, on the same axes (docs/spec.md §6.3).
 
 **(a) Larger stride + nearest upsampling.** A layer computed with stride ``k·s`` instead of ``s``
 and its output upsampled k times by repetition has the original output size, so the network after it

@@ -245,7 +245,7 @@ def conv2d_backward(dout, cache):
 
 
 def conv_flops(n_positions, in_channels, out_channels, kernel):
-    """FLOPs of a convolution evaluated at ``n_positions`` output positions (SPEC §1).
+    """FLOPs of a convolution evaluated at ``n_positions`` output positions (docs/spec.md §5.1).
 
     A multiply-add counts 2; padding taps are included; bias, fill and gathers are not:
     ``2 · C · kh · kw · K`` per computed position. The dense cost is this with

@@ -13,7 +13,7 @@ mask is built at the first forward pass, when (Ho, Wo) is known, from the layer'
 accepts ``perforation={layer name: spec}`` so it can be perforated without rewriting it.
 A per-call ``mask=`` (shared or per-sample, e.g. SACT's active positions) overrides both.
 
-FLOPs (SPEC §1): :func:`~refimpl.conv.conv_flops` per computed output position, recorded after
+FLOPs (docs/spec.md §5.1): :func:`~refimpl.conv.conv_flops` per computed output position, recorded after
 every forward in ``flops_per_sample`` (the layer protocol's form, :mod:`refimpl.layers`).
 """
 

@@ -1,4 +1,4 @@
-r"""The distributions of probabilistic adaptive computation (PACT, SPEC §4).
+r"""The distributions of probabilistic adaptive computation (PACT, docs/spec.md §9).
 
 An adaptive computation block runs iterations ``1..L``; after iteration ``l < L`` it emits a
 halting probability :math:`h_l = \sigma(a_l)` (``a_l`` is the halting *logit*), and

@@ -1,6 +1,6 @@
 r"""FLOPs of a whole network, at the positions actually computed.
 
-One convention everywhere (SPEC §1): a multiply-add counts 2; a convolution costs
+One convention everywhere (docs/spec.md §5): a multiply-add counts 2; a convolution costs
 ``2 · C · kh · kw · K`` per *computed* output position (:func:`refimpl.conv.conv_flops`, the one
 place the formula is written; a perforated layer counts only its mask, a sparse residual unit only
 its active positions), padding taps included; a linear layer costs ``2 · D · M`` per sample. Bias

@@ -1,4 +1,4 @@
-r"""Perforating a whole network, greedily (SPEC §1.2).
+r"""Perforating a whole network, greedily (docs/spec.md §6.2).
 
 Every perforable convolution (:func:`refimpl.impact.find_perforable_layers`) starts dense, at
 kept fraction 1. The candidate kept fractions are those of the released code,

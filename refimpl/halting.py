@@ -1,7 +1,7 @@
 r"""Adaptive computation time: the halting math, as pure functions.
 
 A block of ``L`` units produces halting scores :math:`h_1, \dots, h_{L-1} \in [0, 1]` (one per
-unit but the last, :math:`h_L \equiv 1`). With :math:`\varepsilon = 0.01` (SPEC §2):
+unit but the last, :math:`h_L \equiv 1`). With :math:`\varepsilon = 0.01` (docs/spec.md §7.1):
 
 .. math::
 

@@ -1,7 +1,7 @@
 r"""Masks of a *trained network*: which layers can be perforated, what follows them, and impact.
 
 :mod:`refimpl.masks` builds a mask from numbers (a map size, a pooling window, impact scores);
-this module finds those numbers in a network (SPEC §1.1–1.2):
+this module finds those numbers in a network (docs/spec.md §3.4, §3.5 and §6.1):
 
 * **The layer graph, by tracing.** :func:`trace_layers` runs one forward pass and records every
   leaf layer in the order it ran, with its input and output shapes. A convolution is
@@ -159,7 +159,7 @@ def _is_spatial(layer):
 
 
 def find_perforable_layers(model, x):
-    """The perforable convolutions of ``model`` (SPEC §1.2), found by tracing one forward pass.
+    """The perforable convolutions of ``model`` (docs/spec.md §6.1), found by tracing one forward pass.
 
     A convolution qualifies when it is not 1×1/stride 1 and, walking the layers that run after
     it, only pointwise layers (batch norm, ReLU, dropout, 1×1/stride-1 convolutions) on the same
@@ -216,7 +216,7 @@ def structure_mask_for(info, kept_fraction, rng):
 
 
 def impact_maps(model, images, labels, names, batch_size=128):
-    """Impact of every output position of the convolutions ``names`` (SPEC §1.1).
+    """Impact of every output position of the convolutions ``names`` (docs/spec.md §3.5).
 
     Runs the network in evaluation mode, as it is (perforated layers stay perforated), over the
     subset ``images``/``labels`` in batches; per batch, one forward and one backward of the

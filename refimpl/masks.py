@@ -170,7 +170,7 @@ def structure_mask(out_hw, rate, rng, pool_size, pool_stride=None, pool_padding=
 
 
 def impact_scores(activations, gradients, already_perforated=None):
-    """First-order Taylor impact of zeroing each position (SPEC §1.1).
+    """First-order Taylor impact of zeroing each position (docs/spec.md §3.5).
 
     Parameters
     ----------

@@ -2,7 +2,7 @@ r"""A small Network-in-Network-style CNN: the conv → pool structure the perfor
 
 Three blocks, each a 3×3 convolution (batch norm, ReLU) followed by a 1×1 convolution ("cccp", the
 NIN micro-network; ReLU); the first two blocks end with a 3×3 / stride 2 / padding 1 max pooling,
-which overlaps its windows, so the *structure* mask (SPEC §1.1) is not a regular grid. The last
+which overlaps its windows, so the *structure* mask (docs/spec.md §3.4) is not a regular grid. The last
 1×1 convolution outputs one map per class and a global average pooling gives the logits
 (Lin, Chen & Yan, 2014).
 

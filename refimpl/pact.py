@@ -1,4 +1,4 @@
-r"""Probabilistic adaptive computation (PACT): one block, three interchangeable modes (SPEC §4).
+r"""Probabilistic adaptive computation (PACT): one block, three interchangeable modes (docs/spec.md §9).
 
 An *adaptive computation block* runs a sequence of ``L`` units. Unit ``l`` maps the previous
 state :math:`U_{l-1}` to its output :math:`U_l` and a halting logit :math:`a_l`

@@ -1,4 +1,4 @@
-r"""Residual networks with probabilistic adaptive computation (PACT-ResNet, SPEC §4).
+r"""Residual networks with probabilistic adaptive computation (PACT-ResNet, docs/spec.md §9.6).
 
 Every stage of a CIFAR ResNet-(6n+2) becomes an adaptive computation block
 (:mod:`refimpl.pact`) whose units are the stage's residual units, each followed (but the last) by

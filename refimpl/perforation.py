@@ -142,7 +142,7 @@ def perforated_conv2d_backward(dout, cache):
 
 
 def perforated_conv_flops(plan, batch, in_channels, out_channels, kernel):
-    """FLOPs actually spent (SPEC §1): ``2 · C · kh · kw · K`` per computed position over the batch.
+    """FLOPs actually spent (docs/spec.md §5.1): ``2 · C · kh · kw · K`` per computed position over the batch.
 
     ``plan.computed_positions(batch)`` positions: ``|M| · N`` for a shared mask, ``Σ_n |M_n|``
     for per-sample masks. Returns a Python int.

@@ -1,4 +1,4 @@
-r"""Spatially adaptive computation time (SACT, SPEC §3): ACT at every position, with sparse execution.
+r"""Spatially adaptive computation time (SACT, docs/spec.md §8): ACT at every position, with sparse execution.
 
 Every position (x, y) of a block runs its own ACT: after unit ``l`` a halting probability
 
@@ -28,7 +28,7 @@ output and gradients (a test, on every backend). Batch norm uses statistics over
 positions in both (see :mod:`refimpl.sparse_unit`), so SACT with spatially constant halting
 equals ACT.
 
-FLOPs are counted where computed (SPEC §1 convention): ``|D|`` positions for conv1, ``|A|`` for
+FLOPs are counted where computed (the convention of docs/spec.md §5): ``|D|`` positions for conv1, ``|A|`` for
 conv2 and the head's 3×3 conv, plus ``2C`` per sample for the head's global linear term.
 """
 

@@ -1,4 +1,4 @@
-"""Experiments 1–3 of the PACT issue at small scale, on the offline digits data (16×16 by default).
+"""The PACT experiments of docs/spec.md §9.8 at small scale, on the offline digits data (16×16 by default).
 
 1. Cross-mode compatibility: train PACT-ResNets in relaxed mode and evaluate the same parameters
    in relaxed, discrete and thresholded mode at several points of training (loss, accuracy, FLOPs).

@@ -1,4 +1,4 @@
-"""Experiment 4 of the PACT issue: parity with ACT, relaxed PACT and PonderNet on one RNN cell.
+"""The parity experiment of docs/spec.md §10.4: parity with ACT, relaxed PACT and PonderNet on one RNN cell.
 
 Trains the same cell (128 tanh units) with each objective on parity vectors of ``--size``
 entries, then measures accuracy and the mean number of ponder steps as a function of the number

@@ -1,6 +1,6 @@
 """ACT and SACT on cluttered digits: FLOPs–accuracy, wall-clock of sparse execution, maps vs objects.
 
-Three experiments (issue "ACT and SACT residual networks"):
+Three experiments (what docs/spec.md §8.4 asks to report):
 
 1. **FLOPs–accuracy** at two canvas sizes: plain ResNets of several depths, ACT and SACT at
    several τ. Reported: test accuracy and FLOPs per image (mean and spread) at the positions

@@ -1,4 +1,4 @@
-"""Measure the training stack's targets (issue: training stack) and print them; nothing is asserted.
+"""Measure the training stack's targets and print them; nothing is asserted.
 
     python scripts/training_targets.py digits          # NIN on the 8x8 digits: test accuracy vs training time
     python scripts/training_targets.py throughput      # images/s, training and inference, per backend

@@ -1,4 +1,4 @@
-"""ACT residual blocks and networks (SPEC §2): equivalence with ResNet, gradients, dead units, FLOPs."""
+"""ACT residual blocks and networks (docs/spec.md §7): equivalence with ResNet, gradients, dead units, FLOPs."""
 
 import numpy as np
 import pytest

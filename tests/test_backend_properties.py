@@ -1,4 +1,4 @@
-"""Every usable fast backend against refimpl's NumPy backend (SPEC §5), call by call.
+"""Every usable fast backend against refimpl's NumPy backend (docs/spec.md §11), call by call.
 
 One parametrised suite (the ``fast_backend`` fixture of :mod:`backends`): a backend that reports
 itself usable in ``fastpath.available_backends()`` joins it. Values must agree within the

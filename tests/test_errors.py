@@ -1,5 +1,5 @@
 """Bad input at the public boundary: the right exception, naming the argument, what was expected
-and what came (issue 2, "Bad input")."""
+and what came (docs/spec.md §1.4)."""
 
 import re
 

@@ -1,4 +1,4 @@
-"""Halting math of ACT (SPEC §2): golden vectors, properties and gradients."""
+"""Halting math of ACT (docs/spec.md §7): golden vectors, properties and gradients."""
 
 import numpy as np
 import pytest
@@ -16,7 +16,7 @@ from refimpl.halting import (
     weighted_output_forward,
 )
 
-# SPEC §2, verbatim: eps = 0.01, L = 5, the four given values are h_1..h_4.
+# docs/spec.md §7.5, verbatim: eps = 0.01, L = 5, the four given values are h_1..h_4.
 GOLDEN = [
     ([0.999, 0.999, 0.999, 0.999], 1, 2.0, [1, 0, 0, 0, 0], [0, 0, 0, 0]),
     ([0.01, 0.5, 0.6, 0.7], 3, 3.49, [0.01, 0.5, 0.49, 0, 0], [-1, -1, 0, 0]),

@@ -1,4 +1,4 @@
-"""Implicit interpolation (SPEC §1): reading the compact tensor through an index table equals
+"""Implicit interpolation (docs/spec.md §2.6): reading the compact tensor through an index table equals
 filling it explicitly and running the next layer."""
 
 import numpy as np

@@ -1,4 +1,4 @@
-"""Mask generators (SPEC §1.1): kept counts, FMP grid sequence, pooling structure, impact."""
+"""Mask generators (docs/spec.md §3): kept counts, FMP grid sequence, pooling structure, impact."""
 
 import math
 

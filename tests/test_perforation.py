@@ -1,4 +1,4 @@
-"""Perforated convolution (SPEC §1): computed positions equal the dense conv, fills, index map, plan."""
+"""Perforated convolution (docs/spec.md §2): computed positions equal the dense conv, fills, index map, plan."""
 
 import numpy as np
 import pytest

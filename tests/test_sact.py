@@ -1,4 +1,4 @@
-"""SACT (SPEC §3): sparse == dense masked execution on every backend, SACT == ACT for constant
+"""SACT (docs/spec.md §8): sparse == dense masked execution on every backend, SACT == ACT for constant
 halting, gradients, FLOPs at the computed positions, dead units, masked batch norm."""
 
 import numpy as np

@@ -145,7 +145,6 @@ def test_docs_and_notebooks_refer_to_nothing_outside_the_repository():
     assert not found, "references that lead outside the repository:\n" + "\n".join(found)
 
 
-@pytest.mark.xfail(strict=True, reason="py files rewritten by the lead's mapping")
 def test_code_refers_to_nothing_outside_the_repository():
     files = [(n, t) for n, t in tracked_text_files() if n.endswith(".py")]
     found = outside_references(files)

@@ -1,4 +1,4 @@
-"""SPEC §5 tolerances, keyed by dtype, in one place.
+"""The tolerances of docs/spec.md §11.1, keyed by dtype, in one place.
 
 A backend (or a second formulation of the same computation) agrees with the reference when
 
@@ -37,7 +37,7 @@ def tolerance(dtype):
 
 
 def assert_close(actual, expected, dtype=None):
-    """Assert SPEC §5 agreement: same shape, and within rtol/atol of ``dtype`` (default: expected's).
+    """Assert agreement within docs/spec.md §11.1: same shape, and within rtol/atol of ``dtype`` (default: expected's).
 
     ``atol`` is multiplied by ``max |expected|`` (the output scale); an all-zero ``expected``
     therefore has to be matched exactly.
