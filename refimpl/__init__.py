@@ -37,3 +37,8 @@ __all__ = [
     "PerforationPlan", "nearest_index", "perforated_conv2d_forward", "perforated_conv2d_backward",
     "perforated_conv_flops", "realised_rate", "pool2d_forward", "pool2d_backward",
 ]
+
+# Small pretrained networks shipped with the package (refimpl.pretrained).
+from .pretrained import list_pretrained, load_pretrained  # noqa: E402
+
+__all__ += ["list_pretrained", "load_pretrained"]
