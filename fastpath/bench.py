@@ -2,13 +2,13 @@
 
 For each reference layer (float32, NCHW) and perforation rate (grid masks), every backend runs the
 perforated convolution to the compact tensor — which the next layer reads through an index table
-(implicit interpolation, SPEC §1), so no filled tensor is formed; ``--output dense`` adds the
+(implicit interpolation, docs/spec.md §2.6), so no filled tensor is formed; ``--output dense`` adds the
 nearest fill to the dense output and its adjoint — and at rate 0 the plain convolution; forward
 alone and forward + backward. Printed per run:
 
 * median milliseconds over ``--repeat`` runs (after one warm-up run);
 * GFLOP/s dense-equivalent (the dense layer's FLOPs over the time: what the user gets) and actual
-  (the FLOPs really spent on the computed positions, SPEC §1). Forward + backward counts three
+  (the FLOPs really spent on the computed positions, docs/spec.md §5.1). Forward + backward counts three
   GEMM-sized products (forward, dX, dW), i.e. 3× the forward FLOPs;
 * speedup over the same backend's dense run, and that speedup over the ideal ``1 / (1 - r)``
   (r = the realised rate);
@@ -87,12 +87,12 @@ LAYERS = {
     "nin2": Layer("NIN conv2 96->192 5x5 @16", 32, 96, 192, 16, 5, 2),
     "alexnet2": Layer("AlexNet conv2 96->256 5x5 @27", 16, 96, 256, 27, 5, 2),
     "vgg3": Layer("VGG-16 conv3 256->256 @56", 4, 256, 256, 56),
-    # GPU-sized (issue 4): run with --gpu-layers or by name.
+    # GPU-sized (docs/spec.md §12): run with --gpu-layers or by name.
     "vgg3_n64": Layer("VGG-16 conv3 256->256 @56 N=64", 64, 256, 256, 56, default=False),
     "resnet64_n1024": Layer("ResNet 64@8 N=1024", 1024, 64, 64, 8, default=False),
 }
 GPU_LAYERS = ("vgg3_n64", "resnet64_n1024")
-# The issue's "large layers": the dense-speed target against PyTorch is 0.7x on these, 0.4x elsewhere.
+# The "large layers" of docs/spec.md §12: the dense-speed target against PyTorch is 0.7x on these, 0.4x elsewhere.
 LARGE_LAYERS = ("nin2", "alexnet2", "vgg3", "resnet64")
 
 
@@ -105,7 +105,7 @@ class ConvBackendRunner:
     """Times any :class:`refimpl.backend.ConvBackend` on the perforated layer.
 
     ``fill = None`` (``--output compact``, the default) times the convolution to the compact tensor,
-    which the next layer reads through an index table (implicit interpolation, SPEC §1);
+    which the next layer reads through an index table (implicit interpolation, docs/spec.md §2.6);
     ``fill = "nearest"`` (``--output dense``) adds the fill to the dense output and its adjoint.
     """
 
