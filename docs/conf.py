@@ -140,7 +140,7 @@ def _docs_link(match):
 
 def _note_cell(text):
     """A markdown cell that opens the page with a MyST note."""
-    return {"cell_type": "markdown", "metadata": {}, "source": f"```{{note}}\n{text}\n```"}
+    return {"cell_type": "markdown", "id": "ponder-site-note", "metadata": {}, "source": f"```{{note}}\n{text}\n```"}
 
 
 def _image_outputs(nb):
@@ -178,6 +178,9 @@ def copy_notebooks():
             if cell["cell_type"] == "markdown":
                 text = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
                 cell["source"] = _REPO_LINK.sub(_docs_link, text)
+        # An unexecuted notebook may lack the language its kernel reports; myst-nb needs it to
+        # highlight the code cells.
+        nb["metadata"].setdefault("language_info", {"name": "python", "pygments_lexer": "ipython3"})
         if note:
             title = next((i for i, cell in enumerate(nb["cells"]) if cell["cell_type"] == "markdown"
                           and cell["source"].lstrip().startswith("# ")), -1)

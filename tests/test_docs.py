@@ -207,6 +207,21 @@ def test_course_page_includes_the_measured_runtimes(built_docs):
         assert re.search(expected, row.group(0)), row.group(0)
 
 
+@pytest.mark.slow
+def test_docs_build_without_executing_the_notebooks(tmp_path):
+    """What a machine that cannot run a notebook gets: the page, unexecuted, under a note, and no
+    warning (the same path as a notebook whose backend is unusable there)."""
+    env = {**os.environ, "PONDER_DOCS_EXECUTE": "0", "PONDER_NOTEBOOK_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run([sys.executable, "-m", "sphinx", "-W", "--keep-going", "-E", "-q", "-b", "html",
+                             str(DOCS), str(tmp_path / "html")], capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for path in NOTEBOOKS:
+        page = tmp_path / "html" / "notebooks" / f"{path.stem}.html"
+        assert "without its outputs" in page.read_text(), path.name
+        assert _parse(page).output_images == 0, path.name
+    assert not (tmp_path / "cache").exists(), "nothing may be executed"
+
+
 def test_notebook_order_lists_every_notebook():
     assert sorted(NOTEBOOK_ORDER) == sorted(p.stem for p in NOTEBOOKS)
 
