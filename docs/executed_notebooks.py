@@ -110,6 +110,9 @@ def executed(path: Path, folder: Path | None = None, timeout_s: float = NOTEBOOK
     partial = target.with_suffix(f".{os.getpid()}.partial")
     nbformat.write(nb, partial)
     partial.replace(target)  # atomic: a reader never sees half a notebook
+    for stale in target.parent.glob(f"{path.stem}-*.ipynb"):  # copies made from older inputs
+        if stale != target and len(stale.stem) == len(target.stem):
+            stale.unlink(missing_ok=True)
     return nb, seconds
 
 

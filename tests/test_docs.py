@@ -259,6 +259,7 @@ def test_executed_copies_are_reused_only_for_the_same_inputs(tmp_path):
     _write_notebook(path, source="print(6 * 9)")  # another notebook: executed afresh
     changed, seconds = executed_notebooks.executed(path, tmp_path / "cache")
     assert seconds is not None and changed.cells[1].outputs[0].text == "54\n"
+    assert len(list((tmp_path / "cache").glob("tiny-*.ipynb"))) == 1, "the copy of the old inputs stays"
     assert nbformat.read(path, as_version=4).cells[1].outputs == []  # the source stays without outputs
 
 
