@@ -45,6 +45,8 @@ import executed_notebooks  # noqa: E402  (beside this file)
 from sphinx.util import logging  # noqa: E402
 
 logger = logging.getLogger("ponder.docs")
+# How busy the machine was before the notebooks ran: the course page's runtime table quotes it.
+LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 project = "ponder"
 author = "The ponder developers"
@@ -150,9 +152,8 @@ def _image_outputs(nb):
 
 def _runtime_table(rows):
     """The course page's table of execution times, from what this build executed (or read back)."""
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines = [f"Built on a machine with {os.cpu_count()} CPU cores (load average {load:.1f} when the "
-             "build started).", "",
+    lines = [f"Built on a machine with {os.cpu_count()} CPU cores (load average {LOAD_AT_START:.1f} when "
+             "the build started).", "",
              "| notebook | runs in | figures |", "|---|---|---|"]
     for name, nb, note in rows:
         seconds = nb.get("metadata", {}).get("ponder", {}).get("execution_seconds")
