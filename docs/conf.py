@@ -12,7 +12,10 @@ Layout:
   outputs (``nb_execution_mode = "off"``). A notebook that needs a backend this machine cannot
   run (metadata ``ponder.requires``) is shown without outputs, under a note saying why; a notebook
   that fails is a build warning (an error under ``-W``). ``PONDER_DOCS_EXECUTE=0`` skips execution
-  (for a quick look at prose edits; each notebook page then says it shows no outputs).
+  (for a quick look at prose edits; each notebook page then says it shows no outputs). The site is
+  the students' view: exercise solutions (nbgrader's ``### BEGIN SOLUTION`` regions) are shown as
+  stubs, with the outputs the solutions produced; ``PONDER_DOCS_SOLUTIONS=1`` builds an
+  instructors' site that shows them.
   Notebooks link for their Jupyter readers, relative to ``notebooks/``; the copy rewrites
   ``../docs/X`` to ``../X`` and ``../refimpl/a.py`` / ``../fastpath/a.py`` to that module's API page;
 * ``api/`` — one page per module of ``refimpl`` and ``fastpath``, generated at configuration time

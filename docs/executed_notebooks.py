@@ -37,7 +37,7 @@ SOURCE_FOLDERS = ("refimpl", "fastpath")
 SOURCE_SUFFIXES = {".py", ".pyx", ".pxd", ".cl", ".npz", ".json", ".npy"}
 ENVIRONMENT_PREFIXES = ("PONDER_", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                         "PYOPENCL_CTX")
-NOT_INPUTS = {"PONDER_NOTEBOOK_CACHE", "PONDER_DOCS_EXECUTE"}  # where copies go, whether to execute
+NOT_INPUTS = {"PONDER_NOTEBOOK_CACHE", "PONDER_DOCS_EXECUTE", "PONDER_DOCS_SOLUTIONS"}  # how the site shows them
 
 
 def cache_folder() -> Path:
@@ -116,18 +116,60 @@ def executed(path: Path, folder: Path | None = None, timeout_s: float = NOTEBOOK
     return nb, seconds
 
 
+SOLUTION = ("### BEGIN SOLUTION", "### END SOLUTION")  # nbgrader's delimiters
+HIDDEN_TESTS = ("### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
+CODE_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"  # what nbgrader leaves in a student's copy
+TEXT_STUB = "YOUR ANSWER HERE"
+
+
+def _strip_regions(source: str, delimiters, stub: str | None) -> str:
+    begin, end = delimiters
+    lines, kept, inside = source.split("\n"), [], False
+    for line in lines:
+        if line.strip() == begin:
+            inside = True
+            if stub is not None:
+                indent = line[: len(line) - len(line.lstrip())]
+                kept += [indent + stub_line for stub_line in stub.split("\n")]
+        elif line.strip() == end and inside:
+            inside = False
+        elif not inside:
+            kept.append(line)
+    return "\n".join(kept)
+
+
+def without_solutions(nb):
+    """The notebook as a student sees it, outputs kept: every ``### BEGIN SOLUTION`` ...
+    ``### END SOLUTION`` region replaced by nbgrader's stub, hidden tests removed.
+
+    The site shows the executed instructor version this way: the outputs a solution produces are
+    the expected outputs a student compares with; the solution's code is not shown.
+    """
+    for cell in nb.cells:
+        stub = CODE_STUB if cell.cell_type == "code" else TEXT_STUB
+        cell.source = _strip_regions(_strip_regions(cell.source, HIDDEN_TESTS, None), SOLUTION, stub)
+    return nb
+
+
 def for_the_site(path: Path, folder: Path | None = None):
     """The notebook as the docs show it: ``(notebook, note, error)``.
 
     Executed (``note`` and ``error`` are ``None``), or unexecuted with ``note``, a sentence for the
     top of its page saying why: the build was asked not to execute (``PONDER_DOCS_EXECUTE=0``), a
     backend it needs is unusable here, or it failed; then ``error`` holds the failing cell's
-    traceback (the docs build reports it as a warning).
+    traceback (the docs build reports it as a warning). Solutions are replaced by stubs
+    (:func:`without_solutions`) unless ``PONDER_DOCS_SOLUTIONS=1`` (an instructors' build).
     """
+    nb, note, error = _for_the_site(Path(path), folder)
+    if os.environ.get("PONDER_DOCS_SOLUTIONS", "0") != "1":
+        nb = without_solutions(nb)
+    return nb, note, error
+
+
+def _for_the_site(path: Path, folder: Path | None):
     import nbformat
     from nbclient.exceptions import CellExecutionError
 
-    path = Path(path)
     nb = nbformat.read(path, as_version=4)
     if os.environ.get("PONDER_DOCS_EXECUTE", "1") == "0":
         return nb, ("This build was made with `PONDER_DOCS_EXECUTE=0`: the page shows the "

@@ -50,6 +50,7 @@ def built_docs(tmp_path_factory):
     # The build executes the notebooks into this session's folder; the notebook tests reuse them.
     env = {**os.environ, "PONDER_NOTEBOOK_CACHE": str(executed_notebook_folder(tmp_path_factory))}
     env.pop("PONDER_DOCS_EXECUTE", None)
+    env.pop("PONDER_DOCS_SOLUTIONS", None)
     # -E: read every page afresh, so every warning is reported; -W: warnings are errors.
     # The timeout is a hang guard: every notebook may use its whole budget, plus the build itself.
     timeout = len(NOTEBOOKS) * executed_notebooks.NOTEBOOK_TIMEOUT_S + 600
@@ -220,6 +221,33 @@ def test_docs_build_without_executing_the_notebooks(tmp_path):
         assert "without its outputs" in page.read_text(), path.name
         assert _parse(page).output_images == 0, path.name
     assert not (tmp_path / "cache").exists(), "nothing may be executed"
+
+
+@pytest.mark.slow
+def test_the_site_shows_no_solution_and_no_hidden_test(built_docs):
+    """The notebooks as the site renders them (docs/notebooks/, written by the build) keep no
+    region between nbgrader's solution or hidden-test delimiters."""
+    delimiters = {*executed_notebooks.SOLUTION, *executed_notebooks.HIDDEN_TESTS}
+    for path in NOTEBOOKS:
+        shown = nbformat.read(DOCS / "notebooks" / path.name, as_version=4)
+        lines = [line.strip() for cell in shown.cells for line in cell.source.split("\n")]
+        assert not delimiters & set(lines), path.name
+
+
+def test_solutions_become_stubs_and_hidden_tests_disappear():
+    nb = nbformat.v4.new_notebook()
+    nb.cells = [nbformat.v4.new_code_cell("def double(x):\n    ### BEGIN SOLUTION\n    return 2 * x\n"
+                                          "    ### END SOLUTION\n\nprint(double(21))"),
+                nbformat.v4.new_code_cell("assert double(1) == 2\n### BEGIN HIDDEN TESTS\n"
+                                          "assert double(-3) == -6\n### END HIDDEN TESTS"),
+                nbformat.v4.new_markdown_cell("Why?\n\n### BEGIN SOLUTION\nBecause.\n### END SOLUTION")]
+    nb.cells[0].outputs = [nbformat.v4.new_output("stream", name="stdout", text="42\n")]
+    student = executed_notebooks.without_solutions(nb)
+    assert student.cells[0].source == ("def double(x):\n    # YOUR CODE HERE\n    raise NotImplementedError()\n"
+                                       "\nprint(double(21))")
+    assert student.cells[0].outputs[0].text == "42\n"  # the expected output stays
+    assert student.cells[1].source == "assert double(1) == 2"
+    assert student.cells[2].source == "Why?\n\nYOUR ANSWER HERE"
 
 
 def test_notebook_order_lists_every_notebook():
