@@ -1,16 +1,28 @@
 """Sphinx configuration for the ponder documentation.
 
-Layout (drop a page into a folder and it appears; nothing here needs editing):
+Layout:
 
-* ``theory/*.md``, ``howto/*.md`` — hand-written pages, picked up by glob toctrees in ``index.md``;
-* ``notebooks/`` — copied at configuration time from the repository's ``notebooks/*.ipynb`` and
-  rendered by myst-nb **without executing them** (``nb_execution_mode = "off"``): the notebooks are
-  stored without outputs and executed by the test suite (``tests/test_notebooks.py``), so the docs
-  build stays fast and a broken notebook fails a test rather than the docs. Notebooks link for
-  their Jupyter readers, relative to ``notebooks/``; the copy rewrites ``../docs/X`` to ``../X``
-  and ``../refimpl/a.py`` / ``../fastpath/a.py`` to that module's API page;
+* ``theory/*.md``, ``howto/*.md``, ``course/*.md`` — hand-written pages, listed in reading order by
+  the toctrees of ``index.md``: a new page goes into its place there (a page in no toctree is a
+  warning, so ``-W`` fails until it has one). Notebooks are listed there the same way;
+* ``notebooks/`` — copied at configuration time from the repository's ``notebooks/*.ipynb``
+  **with their outputs**: each notebook is executed (from ``notebooks/``, as in Jupyter) by
+  ``executed_notebooks.py`` beside this file, which keeps the executed copy in a cache that the
+  notebook tests share, so CI executes every notebook once. myst-nb then renders the stored
+  outputs (``nb_execution_mode = "off"``). A notebook that needs a backend this machine cannot
+  run (metadata ``ponder.requires``) is shown without outputs, under a note saying why; a notebook
+  that fails is a build warning (an error under ``-W``). ``PONDER_DOCS_EXECUTE=0`` skips execution
+  (for a quick look at prose edits; each notebook page then says it shows no outputs). The site is
+  the students' view: exercise solutions (nbgrader's ``### BEGIN SOLUTION`` regions) are shown as
+  stubs, with the outputs the solutions produced; ``PONDER_DOCS_SOLUTIONS=1`` builds an
+  instructors' site that shows them.
+  Notebooks link for their Jupyter readers, relative to ``notebooks/``; the copy rewrites
+  ``../docs/X`` to ``../X`` and ``../refimpl/a.py`` / ``../fastpath/a.py`` to that module's API page;
 * ``api/`` — one page per module of ``refimpl`` and ``fastpath``, generated at configuration time
   from :func:`pkgutil.walk_packages`, so a new module is documented without editing anything.
+
+Equations are typeset by a copy of MathJax served with the site (``sphinx-mathjax-offline``), so
+the pages read offline and load nothing from a CDN.
 
 ``notebooks/`` and ``api/`` are build products (ignored by git). Build with
 ``sphinx-build -W --keep-going docs docs/_build/html``.
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import pkgutil
 import re
 import shutil
@@ -29,6 +42,14 @@ from pathlib import Path
 DOCS = Path(__file__).resolve().parent
 ROOT = DOCS.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(DOCS))
+
+import executed_notebooks  # noqa: E402  (beside this file)
+from sphinx.util import logging  # noqa: E402
+
+logger = logging.getLogger("ponder.docs")
+# How busy the machine was before the notebooks ran: the course page's runtime table quotes it.
+LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
 project = "ponder"
 author = "The ponder developers"
@@ -39,12 +60,13 @@ extensions = [
     "sphinx.ext.autodoc",
     "sphinx.ext.napoleon",  # numpydoc-style docstrings
     "sphinx.ext.mathjax",
+    "sphinx-mathjax-offline",  # MathJax served from _static/mathjax, not from a CDN
     "sphinx.ext.viewcode",
     "myst_nb",  # Markdown pages and notebooks (includes myst-parser)
 ]
 
 source_suffix = {".rst": "restructuredtext", ".md": "myst-nb", ".ipynb": "myst-nb"}
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
+exclude_patterns = ["_build", "_generated", "**.ipynb_checkpoints", "Thumbs.db", ".DS_Store"]
 
 napoleon_google_docstring = False
 napoleon_numpy_docstring = True
@@ -54,7 +76,8 @@ autodoc_default_options = {"members": True, "show-inheritance": True}
 
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
 myst_heading_anchors = 3
-nb_execution_mode = "off"  # executed by tests/test_notebooks.py instead; stored without outputs
+# The notebooks arrive executed (see copy_notebooks); myst-nb renders their stored outputs.
+nb_execution_mode = "off"
 
 # Napoleon turns parameter types into cross-references; a bare type name that several modules
 # define (``Layer``, ``labels``, ...) is ambiguous and Sphinx warns, although the rendered type is
@@ -120,21 +143,60 @@ def _docs_link(match):
     return match.group(0)
 
 
+def _note_cell(text):
+    """A markdown cell that opens the page with a MyST note."""
+    return {"cell_type": "markdown", "id": "ponder-site-note", "metadata": {}, "source": f"```{{note}}\n{text}\n```"}
+
+
+def _image_outputs(nb):
+    return sum(1 for cell in nb["cells"] if cell["cell_type"] == "code" for output in cell.get("outputs", [])
+               if any(kind.startswith("image/") for kind in output.get("data", {})))
+
+
+def _runtime_table(rows):
+    """The course page's table of execution times, from what this build executed (or read back)."""
+    lines = [f"Built on a machine with {os.cpu_count()} CPU cores (load average {LOAD_AT_START:.1f} when "
+             "the build started).", "",
+             "| notebook | runs in | figures |", "|---|---|---|"]
+    for name, nb, note in rows:
+        seconds = nb.get("metadata", {}).get("ponder", {}).get("execution_seconds")
+        runs_in = f"{seconds:.0f} s" if note is None and seconds is not None else "not executed (see its page)"
+        lines.append(f"| [{name}](../notebooks/{name}) | {runs_in} | {_image_outputs(nb) if note is None else '–'} |")
+    return "\n".join(lines) + "\n"
+
+
 def copy_notebooks():
-    """Mirror ../notebooks/*.ipynb into docs/notebooks/ (rendered, not executed), links rewritten."""
+    """Mirror ../notebooks/*.ipynb into docs/notebooks/ with their outputs, links rewritten;
+    write the table of their execution times that the course page includes."""
     target = DOCS / "notebooks"
     target.mkdir(exist_ok=True)
     sources = {p.name: p for p in sorted((ROOT / "notebooks").glob("*.ipynb"))}
+    rows = []
     for name, source in sources.items():
-        nb = json.loads(source.read_text())
+        nb, note, error = executed_notebooks.for_the_site(source)
+        if error:
+            last_lines = "\n".join(error.strip().splitlines()[-15:])
+            logger.warning(f"notebook {name} failed to execute; its page shows no outputs:\n{last_lines}")
+        nb = json.loads(json.dumps(nb))  # plain dicts and lists, whatever nbformat returned
         for cell in nb["cells"]:
             if cell["cell_type"] == "markdown":
                 text = "".join(cell["source"]) if isinstance(cell["source"], list) else cell["source"]
                 cell["source"] = _REPO_LINK.sub(_docs_link, text)
+        # An unexecuted notebook may lack the language its kernel reports; myst-nb needs it to
+        # highlight the code cells.
+        nb["metadata"].setdefault("language_info", {"name": "python", "pygments_lexer": "ipython3"})
+        if note:
+            title = next((i for i, cell in enumerate(nb["cells"]) if cell["cell_type"] == "markdown"
+                          and cell["source"].lstrip().startswith("# ")), -1)
+            nb["cells"].insert(title + 1, _note_cell(note))  # under the title, which names the page
         _write_if_changed(target / name, json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+        rows.append((name, nb, note))
     for stale in target.glob("*.ipynb"):
         if stale.name not in sources:
             stale.unlink()
+    generated = DOCS / "_generated"
+    generated.mkdir(exist_ok=True)
+    _write_if_changed(generated / "notebook_runtimes.md", _runtime_table(rows))
 
 
 generate_api_pages()

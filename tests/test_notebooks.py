@@ -4,7 +4,7 @@ Parametrised by file name, so a new notebook is tested by being there. ``PONDER_
 environment runs the notebooks with their full settings instead (much slower).
 """
 
-import time
+import importlib.util
 from pathlib import Path
 
 import pytest
@@ -52,23 +52,26 @@ def test_backend_requirements_name_known_backends():
         assert set(required) <= known, f"{path.name}: unknown backends in metadata ponder.requires: {required}"
 
 
+def _load_executed_notebooks():
+    path = Path(__file__).resolve().parents[1] / "docs" / "executed_notebooks.py"
+    spec = importlib.util.spec_from_file_location("executed_notebooks", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.name for p in NOTEBOOKS])
-def test_notebook_runs(path, tmp_path, monkeypatch):
+def test_notebook_runs(path, tmp_path_factory):
     nb = nbformat.read(path, as_version=4)
     skip_unless_backends_usable(nb)
-    # Hypothesis in a notebook keeps its example database under the kernel's working folder
-    # (notebooks/) unless told otherwise; keep it out of the source tree.
-    stray = path.parent / ".hypothesis"
+    stray = path.parent / ".hypothesis"  # where Hypothesis would keep its database if not told otherwise
     existed = stray.exists()
-    monkeypatch.setenv("HYPOTHESIS_STORAGE_DIRECTORY", str(tmp_path / "hypothesis"))
-    deadline = time.monotonic() + NOTEBOOK_TIMEOUT_S
-    # nbclient times cells one by one; giving each cell what is left of the notebook's budget
-    # makes the limit apply to the notebook as a whole.
-    client = nbclient.NotebookClient(nb, kernel_name="python3",
-                                     timeout_func=lambda cell: max(1, int(deadline - time.monotonic())),
-                                     resources={"metadata": {"path": str(path.parent)}})
-    client.execute()  # raises CellExecutionError with the failing cell's traceback
+    # Executed once per test session: the docs build (tests/test_docs.py, which runs first)
+    # executes every notebook into this folder and this test reads its copy; run alone, this
+    # test executes the notebook itself. Raises CellExecutionError with the failing cell's traceback.
+    nb, _ = _load_executed_notebooks().executed(path, tmp_path_factory.getbasetemp() / "executed-notebooks",
+                                                timeout_s=NOTEBOOK_TIMEOUT_S)
     errors = [out for cell in nb.cells if cell.cell_type == "code" for out in cell.outputs
               if out.output_type == "error"]
     assert not errors
