@@ -16,6 +16,8 @@ import weakref
 
 import numpy as np
 
+from refimpl.conv import window_coordinates
+
 
 def conv_tap_table(plan, geometry):
     """Input pixel ``iy * W + ix`` read by tap ``t = i * kw + j`` of each computed position.
@@ -25,9 +27,7 @@ def conv_tap_table(plan, geometry):
     """
     (kh, kw), (sh, sw), (ph, pw), (h, w), (_, wo) = geometry
     position = plan.positions
-    oy, ox = np.divmod(np.maximum(position, 0), wo)
-    iy = oy[..., None, None] * sh - ph + np.arange(kh)[:, None]
-    ix = ox[..., None, None] * sw - pw + np.arange(kw)[None, :]
+    iy, ix = window_coordinates(np.maximum(position, 0), (kh, kw), (sh, sw), (ph, pw), wo)
     inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w) & (position >= 0)[..., None, None]
     table = np.where(inside, iy * w + ix, -1)
     return table.reshape(*position.shape, kh * kw).astype(np.int32)

@@ -68,6 +68,33 @@ def conv_output_shape(in_hw, kernel, stride=1, padding=0):
     return (h + 2 * ph - kh) // sh + 1, (w + 2 * pw - kw) // sw + 1
 
 
+def window_coordinates(positions, kernel, stride, padding, out_width):
+    r"""Input coordinates read by the window of each output position.
+
+    The window of output position :math:`(o_y, o_x)` reads input pixel
+    :math:`(o_y s_h - p_h + i,\; o_x s_w - p_w + j)` for tap :math:`(i, j)`, :math:`0 \le i < k_h`,
+    :math:`0 \le j < k_w`. A coordinate outside the input is a tap in the zero padding.
+
+    Parameters
+    ----------
+    positions : integer ndarray, any shape
+        Raster indices :math:`o_y W_o + o_x` of output positions.
+    kernel, stride, padding : pairs of ints
+        ``padding=(0, 0)`` gives coordinates in the padded input instead.
+    out_width : int
+        :math:`W_o`, the output's width.
+
+    Returns
+    -------
+    iy, ix : int ndarrays of shape ``positions.shape + (kh, kw)``
+    """
+    (kh, kw), (sh, sw), (ph, pw) = kernel, stride, padding
+    oy, ox = np.divmod(np.asarray(positions), out_width)
+    iy = oy[..., None, None] * sh - ph + np.arange(kh)[:, None]
+    ix = ox[..., None, None] * sw - pw + np.arange(kw)[None, :]
+    return np.broadcast_arrays(iy, ix)
+
+
 def check_conv_args(x, w, b, stride, padding, check_finite=True):
     """Validate the arguments of a convolution and return them converted, plus the geometry.
 

@@ -37,7 +37,7 @@ import numpy as np
 from . import _checks
 from .backend import get_backend
 from .backend_checks import POOL_MODES
-from .conv import conv_output_shape
+from .conv import conv_output_shape, window_coordinates
 from .numpy_kernels import (  # noqa: F401  (re-exported: importable from here as before)
     TableConvCache,
     TablePoolCache,
@@ -47,6 +47,7 @@ from .numpy_kernels import (  # noqa: F401  (re-exported: importable from here a
     table_pool_forward,
 )
 from .plan import INDEX_DTYPE, PerforationPlan, frozen_copy
+from .pooling import check_pool_padding
 
 
 def compose_index_table(index_map, kernel, stride=1, padding=0, out_positions=None):
@@ -88,10 +89,7 @@ def compose_index_table(index_map, kernel, stride=1, padding=0, out_positions=No
     if out_positions.size and not (0 <= out_positions.min() and out_positions.max() < ho * wo):
         raise ValueError(f"out_positions must be raster indices in [0, {ho * wo}), got values in "
                          f"[{out_positions.min()}, {out_positions.max()}]")
-    oy, ox = np.divmod(out_positions, wo)
-    iy = oy[:, None, None] * sh - ph + np.arange(kh)[None, :, None]  # (R, kh, 1)
-    ix = ox[:, None, None] * sw - pw + np.arange(kw)[None, None, :]  # (R, 1, kw)
-    iy, ix = np.broadcast_arrays(iy, ix)
+    iy, ix = window_coordinates(out_positions, (kh, kw), (sh, sw), (ph, pw), wo)  # (R, kh, kw) each
     inside = (iy >= 0) & (iy < h) & (ix >= 0) & (ix < w)
     table = index_map[:, np.clip(iy, 0, h - 1), np.clip(ix, 0, w - 1)]  # (B, R, kh, kw)
     table = np.where(inside[None], table, -1)
@@ -205,8 +203,7 @@ def implicit_pool2d_forward(compact, plan, mode="max", size=2, stride=None, padd
     size = _checks.positive_pair(size, "size")
     stride = size if stride is None else _checks.positive_pair(stride, "stride")
     padding = _checks.as_pair(padding, "padding")
-    if padding[0] > size[0] // 2 or padding[1] > size[1] // 2:
-        raise ValueError(f"padding must be at most half the pooling size {size}, got {padding}")
+    check_pool_padding(size, padding)
     out_hw = conv_output_shape(plan.out_hw, size, stride, padding)
     table = compose_index_table(plan.index_map, size, stride, padding)
     backend = get_backend(backend)

@@ -32,6 +32,7 @@ from .impact import POINTWISE_TYPES, is_pointwise_conv, trace_layers
 from .implicit import compose_index_table, dense_index_map, implicit_conv2d_forward, implicit_pool2d_forward
 from .layers import GlobalAvgPool2d, Pool2d
 from .perforation import PerforationPlan, fill_forward
+from .pooling import pool_padding_is_valid
 
 
 @dataclass
@@ -194,8 +195,7 @@ def _step_from_dense(name, layer, x, backend, pool_on_backend):
             compact, _ = layer.backend.conv_forward(np.ascontiguousarray(x), w, b, own, geometry)
             new = _Activation(compact=compact, plan=own)
             return new, (name, new.compact_bytes_if_filled(), compact.nbytes + own.index_map.nbytes)
-    if (isinstance(layer, Pool2d) and pool_on_backend and layer.padding[0] <= layer.size[0] // 2
-            and layer.padding[1] <= layer.size[1] // 2):
+    if isinstance(layer, Pool2d) and pool_on_backend and pool_padding_is_valid(layer.size, layer.padding):
         return _pool_on_backend(name, layer, x, backend)
     out = layer(x)
     return _Activation(x=out), (name, out.nbytes, out.nbytes)

@@ -25,6 +25,7 @@ import numpy as np
 
 from . import _checks
 from .conv import conv_output_shape
+from .pooling import check_pool_padding
 
 MASK_TYPES = ("uniform", "grid", "structure", "impact")
 
@@ -139,8 +140,7 @@ def pooling_structure_scores(out_hw, pool_size, pool_stride=None, pool_padding=0
     (kh, kw) = _checks.positive_pair(pool_size, "pool_size")
     (sh, sw) = (kh, kw) if pool_stride is None else _checks.positive_pair(pool_stride, "pool_stride")
     (ph, pw) = _checks.as_pair(pool_padding, "pool_padding")
-    if ph > kh // 2 or pw > kw // 2:  # the rule of refimpl.pooling: every window reads a real value
-        raise ValueError(f"pool_padding must be at most half the pooling size {(kh, kw)}, got {(ph, pw)}")
+    check_pool_padding((kh, kw), (ph, pw), "pool_padding")
     ph_out, pw_out = conv_output_shape((ho, wo), (kh, kw), (sh, sw), (ph, pw))
     scores = np.zeros((ho + 2 * ph, wo + 2 * pw), dtype=np.int64)
     for y in range(ph_out):

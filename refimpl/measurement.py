@@ -34,9 +34,6 @@ def as_split(data, name="data"):
     raise TypeError(f"{name} must be a refimpl.datasets.Split or (images, labels), got {type(data).__name__}")
 
 
-def parameter_dtype(model):
-    """The dtype of ``model``'s parameters (inputs are cast to it)."""
-    return next(p for _, p, _ in model.named_parameters()).dtype
 
 
 def use_backend(model, backend):
@@ -52,13 +49,13 @@ def use_backend(model, backend):
 
 def timing_batch_of(model, split, size):
     """The first ``size`` images of ``split`` in the model's dtype, C-contiguous: the timed batch."""
-    return np.ascontiguousarray(split.images[:size].astype(parameter_dtype(model), copy=False))
+    return np.ascontiguousarray(split.images[:size].astype(model.param_dtype, copy=False))
 
 
 def measure_loss(model, split, batch_size=256):
     """``(mean cross-entropy, error rate, FLOPs per image)`` of ``model`` in evaluation mode on ``split``."""
     model.eval()
-    dtype = parameter_dtype(model)
+    dtype = model.param_dtype
     total, wrong, flops = 0.0, 0, 0.0
     for start in range(0, len(split), batch_size):
         x = split.images[start:start + batch_size].astype(dtype, copy=False)

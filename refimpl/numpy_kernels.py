@@ -22,7 +22,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .conv import ConvGeometry, im2row, row2im
+from .conv import ConvGeometry, im2row, row2im, window_coordinates
 
 
 # ---------------------------------------------------------------------------------------------
@@ -41,13 +41,9 @@ class CompactConvCache(NamedTuple):
     geometry: ConvGeometry
 
 
-def _window_coordinates(position, geometry):
+def _padded_window_coordinates(position, geometry):
     """Padded-input coordinates ``(iy, ix)``, each (T, kh, kw), of the window of each raster output position."""
-    (kh, kw), (sh, sw), (_, wo) = geometry.kernel, geometry.stride, geometry.out_hw
-    oy, ox = np.divmod(position, wo)
-    iy = oy[:, None, None] * sh + np.arange(kh)[None, :, None]
-    ix = ox[:, None, None] * sw + np.arange(kw)[None, None, :]
-    return np.broadcast_arrays(iy, ix)
+    return window_coordinates(position, geometry.kernel, geometry.stride, (0, 0), geometry.out_hw[1])
 
 
 def gather_rows(x, plan, geometry):
@@ -71,7 +67,7 @@ def gather_rows(x, plan, geometry):
         return im2row(x, geometry), (sample, slot, position)
     ph, pw = geometry.padding
     xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    iy, ix = _window_coordinates(position, geometry)
+    iy, ix = _padded_window_coordinates(position, geometry)
     windows = xp[sample[:, None, None], :, iy, ix]  # (T, kh, kw, C): advanced indices first
     rows = windows.transpose(0, 3, 1, 2).reshape(sample.size, -1)
     return rows, (sample, slot, position)
@@ -128,7 +124,7 @@ def compact_conv_backward(dcompact, cache):
         return row2im(drows.reshape(sample.size, -1), cache.x_shape, cache.geometry), dw, db
     (kh, kw), (ph, pw) = cache.geometry.kernel, cache.geometry.padding
     dxp = np.zeros((n, c, h + 2 * ph, wd + 2 * pw), dtype=dcompact.dtype)
-    iy, ix = _window_coordinates(position, cache.geometry)
+    iy, ix = _padded_window_coordinates(position, cache.geometry)
     for i in range(kh):
         for j in range(kw):
             # For one kernel offset, distinct (sample, position) rows read distinct pixels,

@@ -27,6 +27,21 @@ class Pool2dCache(NamedTuple):
     padding: tuple
 
 
+def pool_padding_is_valid(size, padding):
+    """Whether every window of a pooling with this ``size`` and ``padding`` reads a real value.
+
+    That holds when the padding is at most half the window in each direction; with more, a window
+    at the border would read nothing but padding (undefined for max, a division by zero for avg).
+    """
+    return padding[0] <= size[0] // 2 and padding[1] <= size[1] // 2
+
+
+def check_pool_padding(size, padding, name="padding"):
+    """Raise ``ValueError`` naming ``name`` unless :func:`pool_padding_is_valid`."""
+    if not pool_padding_is_valid(size, padding):
+        raise ValueError(f"{name} must be at most half the pooling size {tuple(size)}, got {tuple(padding)}")
+
+
 def check_pool_args(x, mode, size, stride, padding):
     """Validate pooling arguments; ``stride=None`` means ``stride = size``. Returns them converted."""
     x = _checks.nonempty(_checks.float_array(x, "x", ndim=4), "x")
@@ -34,8 +49,7 @@ def check_pool_args(x, mode, size, stride, padding):
     size = _checks.positive_pair(size, "size")
     stride = size if stride is None else _checks.positive_pair(stride, "stride")
     padding = _checks.as_pair(padding, "padding")
-    if padding[0] > size[0] // 2 or padding[1] > size[1] // 2:
-        raise ValueError(f"padding must be at most half the pooling size {size}, got {padding}")
+    check_pool_padding(size, padding)
     return x, size, stride, padding
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from layer_checks import layer_gradient_errors
-from tolerances import GRADCHECK_RTOL
+from tolerances import FLOAT64_REFORMULATION_RTOL, GRADCHECK_RTOL
 
 from refimpl.conv import conv2d_forward
 from refimpl.conv_layer import Conv2d, PerforationSpec, apply_perforation, as_perforation_spec
@@ -123,7 +123,7 @@ def test_cross_entropy_is_stable_and_correct_for_huge_logits():
     logits = np.array([[1000.0, 0.0, -1000.0], [0.0, 0.0, 0.0]])
     loss, _ = softmax_cross_entropy_forward(logits, np.array([1, 2]))
     assert np.isfinite(loss)
-    np.testing.assert_allclose(loss, (1000.0 + np.log(3.0)) / 2, rtol=1e-12)
+    np.testing.assert_allclose(loss, (1000.0 + np.log(3.0)) / 2, rtol=FLOAT64_REFORMULATION_RTOL)
 
 
 def test_cross_entropy_rejects_bad_labels():
@@ -141,9 +141,9 @@ def test_batchnorm_train_normalises_and_updates_running_statistics():
     np.testing.assert_allclose(out.mean(axis=(0, 2, 3)), 0.0, atol=1e-12)
     np.testing.assert_allclose(out.var(axis=(0, 2, 3)), 1.0, rtol=1e-4)  # eps = 1e-5 shrinks it slightly
     m = 8 * 4 * 4
-    np.testing.assert_allclose(layer.buffers["running_mean"], 0.25 * x.mean(axis=(0, 2, 3)), rtol=1e-12)
+    np.testing.assert_allclose(layer.buffers["running_mean"], 0.25 * x.mean(axis=(0, 2, 3)), rtol=FLOAT64_REFORMULATION_RTOL)
     np.testing.assert_allclose(layer.buffers["running_var"], 0.75 + 0.25 * x.var(axis=(0, 2, 3)) * m / (m - 1),
-                               rtol=1e-12)
+                               rtol=FLOAT64_REFORMULATION_RTOL)
 
 
 def test_batchnorm_eval_uses_running_statistics_and_leaves_them_alone():
@@ -156,7 +156,7 @@ def test_batchnorm_eval_uses_running_statistics_and_leaves_them_alone():
     x = np.full((1, 2, 1, 1), 1.0)  # a single sample: batch statistics would be meaningless
     out = layer.forward(x)
     expected = (x[0, :, 0, 0] - before["running_mean"]) / np.sqrt(before["running_var"] + layer.eps)
-    np.testing.assert_allclose(out[0, :, 0, 0], expected, rtol=1e-12)
+    np.testing.assert_allclose(out[0, :, 0, 0], expected, rtol=FLOAT64_REFORMULATION_RTOL)
     for k in before:
         np.testing.assert_array_equal(layer.buffers[k], before[k])
     np.testing.assert_allclose(before["running_mean"], [1.0, -2.0], atol=0.1)
@@ -190,7 +190,7 @@ def test_dense_conv_layer_equals_reference_convolution():
     layer = Conv2d(3, 5, 3, r, stride=2, padding=1, dtype=F64)
     x = r.standard_normal((2, 3, 7, 8))
     expected, _ = conv2d_forward(x, layer.params["w"], layer.params["b"], stride=2, padding=1)
-    np.testing.assert_allclose(layer.forward(x), expected, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(layer.forward(x), expected, rtol=FLOAT64_REFORMULATION_RTOL, atol=1e-12)
     assert layer.flops == 2 * 3 * 9 * 5 * 4 * 4 * 2
 
 
@@ -202,10 +202,10 @@ def test_perforated_conv_layer_fills_from_computed_positions_and_counts_their_fl
     mask = grid_mask((8, 8), 0.75, rng(1))  # the same generator state gives the same mask
     np.testing.assert_array_equal(layer.cache.plan.mask[0], mask)
     dense, _ = conv2d_forward(x, layer.params["w"], layer.params["b"], padding=1)
-    np.testing.assert_allclose(out[:, :, mask], dense[:, :, mask], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out[:, :, mask], dense[:, :, mask], rtol=FLOAT64_REFORMULATION_RTOL, atol=1e-12)
     plan = PerforationPlan(mask)
     compact = dense.reshape(3, 4, 64)[:, :, plan.positions[0]]
-    np.testing.assert_allclose(out, fill_forward(compact, plan, "nearest"), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out, fill_forward(compact, plan, "nearest"), rtol=FLOAT64_REFORMULATION_RTOL, atol=1e-12)
     assert layer.flops == 2 * 2 * 9 * 4 * int(mask.sum()) * 3
     np.testing.assert_array_equal(layer.flops_per_sample, [2 * 2 * 9 * 4 * int(mask.sum())] * 3)
 

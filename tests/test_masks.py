@@ -21,6 +21,7 @@ from refimpl.masks import (
 )
 from refimpl.perforation import realised_rate
 from strategies import fmp_lengths, map_sizes, pool_windows, rates, seeds, unit_floats
+from tolerances import FLOAT64_REFORMULATION_RTOL
 
 
 
@@ -152,7 +153,7 @@ def test_impact_scores_brute_force_and_mask(shape, seed, rate):
         for x in range(wo):
             expected[y, x] = sum(abs(g[i, k, y, x] * v[i, k, y, x]) for i in range(n) for k in range(c)) / n
     impact = impact_scores(v, g)
-    np.testing.assert_allclose(impact, expected, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(impact, expected, rtol=FLOAT64_REFORMULATION_RTOL, atol=1e-15)
     done = rng.random((ho, wo)) < 0.3
     np.testing.assert_array_equal(impact_scores(v, g, done)[done], 0.0)
     mask = impact_mask(impact, rate, rng)

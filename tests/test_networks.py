@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from layer_checks import layer_gradient_errors
-from tolerances import GRADCHECK_RTOL
+from tolerances import FLOAT64_REFORMULATION_RTOL, GRADCHECK_RTOL
 
 from refimpl.backend import BackendUnavailableError, get_backend
 from refimpl.conv_layer import Conv2d
@@ -97,7 +97,7 @@ def test_residual_unit_parts_compose_to_the_unit():
     unit = ResidualUnit(3, 5, r, stride=2, dtype=F64)
     x = r.standard_normal((2, 3, 6, 6))
     out = unit.forward(x)
-    np.testing.assert_allclose(out, unit.shortcut_forward(x) + unit.branch_forward(x), rtol=1e-12)
+    np.testing.assert_allclose(out, unit.shortcut_forward(x) + unit.branch_forward(x), rtol=FLOAT64_REFORMULATION_RTOL)
     d = r.standard_normal(out.shape)
     unit.zero_grad()
     dx = unit.backward(d)
@@ -105,9 +105,9 @@ def test_residual_unit_parts_compose_to_the_unit():
     unit.zero_grad()
     unit.branch_forward(x)
     dx_parts = unit.branch_backward(d) + unit.shortcut_backward(d)
-    np.testing.assert_allclose(dx, dx_parts, rtol=1e-12)
+    np.testing.assert_allclose(dx, dx_parts, rtol=FLOAT64_REFORMULATION_RTOL)
     for n, _, g in unit.named_parameters():
-        np.testing.assert_allclose(g, grads[n], rtol=1e-12)
+        np.testing.assert_allclose(g, grads[n], rtol=FLOAT64_REFORMULATION_RTOL)
     assert unit.downsamples and [name for name, _ in unit.children()][:6] == [
         "bn1", "relu1", "conv1", "bn2", "relu2", "conv2"]
 

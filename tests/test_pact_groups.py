@@ -17,6 +17,7 @@ from refimpl.pact_resnet import (
 from refimpl.sparse_unit import branch_forward
 
 from pact_checks import fixed_noise, network_gradient_errors, tiny_net
+from tolerances import FLOAT64_REFORMULATION_RTOL
 
 GRAD_TOL = 1e-6
 
@@ -135,12 +136,12 @@ def test_one_group_covering_each_map_is_one_latent_per_block(mode):
     for net in (per_block, grouped):
         fixed_noise(net)  # per-block noise (N, L-1) and one-group noise (N, 1, 1, L-1): the same draws
     (out_a, dx_a, grads_a), (out_b, dx_b, grads_b) = (train_step(net, x, labels) for net in (per_block, grouped))
-    np.testing.assert_allclose(out_b, out_a, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(out_b, out_a, rtol=FLOAT64_REFORMULATION_RTOL, atol=1e-12)
     np.testing.assert_allclose(dx_b, dx_a, rtol=1e-9, atol=1e-12)
     for block_a, block_b in zip(per_block.stages, grouped.stages):
         expected_b = block_b.expected_steps
         np.testing.assert_allclose(expected_b, np.broadcast_to(block_a.expected_steps[:, None, None], expected_b.shape),
-                                   rtol=1e-12)
+                                   rtol=FLOAT64_REFORMULATION_RTOL)
     for name, grad in grads_a.items():
         if ".heads." not in name:
             np.testing.assert_allclose(grads_b[name], grad, rtol=1e-9, atol=1e-12, err_msg=name)
@@ -153,7 +154,7 @@ def test_one_group_covering_each_map_is_one_latent_per_block(mode):
     grouped.eval()
     for net in (per_block, grouped):
         net.set_mode("thresholded")
-    np.testing.assert_allclose(grouped(x), per_block(x), rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(grouped(x), per_block(x), rtol=FLOAT64_REFORMULATION_RTOL, atol=1e-12)
     for block_a, block_b in zip(per_block.stages, grouped.stages):
         np.testing.assert_array_equal(block_b.steps, np.broadcast_to(block_a.steps[:, None, None], block_b.steps.shape))
 
@@ -258,7 +259,7 @@ def test_ponder_map_sums_the_blocks_per_latent():
     assert len(np.unique(cmap)) > 1
     net.set_mode("relaxed")
     net(x)
-    np.testing.assert_allclose(net.ponder_map((8, 8)).mean(), net.ponder_cost, rtol=1e-12)
+    np.testing.assert_allclose(net.ponder_map((8, 8)).mean(), net.ponder_cost, rtol=FLOAT64_REFORMULATION_RTOL)
     _, per_block, _ = tiny_net("per-block", "relaxed")
     per_block(x)
     np.testing.assert_allclose(per_block.ponder_map((8, 8)),

@@ -23,6 +23,7 @@ import numpy as np
 
 from refimpl.backend import get_backend
 from refimpl.conv import conv2d_forward, conv_flops
+from refimpl.datasets import load_photo
 from refimpl.implicit import implicit_memory_saved, implicit_pool2d_forward
 from refimpl.masks import MASK_TYPES, impact_scores, make_mask
 from refimpl.perforation import FILLS, PerforationPlan, perforated_conv2d_forward, perforated_conv_flops
@@ -134,17 +135,9 @@ def _cell(value):
     return str(value)
 
 
-def load_photo(size):
-    """scikit-image's bundled astronaut photo, downscaled to (1, 3, size, size) float32 in [0, 1]."""
-    from skimage import data, transform
-
-    rgb = transform.resize(data.astronaut(), (size, size), anti_aliasing=True)  # float64 in [0, 1]
-    return np.ascontiguousarray(rgb.transpose(2, 0, 1)[None], dtype=np.float32)
-
-
 def make_context(args):
     rng = np.random.default_rng(args.seed)
-    x = load_photo(args.size)
+    x = load_photo("astronaut", size=(args.size, args.size))[None]  # (1, 3, size, size) in [0, 1]
     k = 8
     w = (rng.standard_normal((k, 3, 3, 3)) / np.sqrt(3 * 9)).astype(np.float32)
     # Channel 0 is a horizontal edge detector on the grey image, so the pictures show structure.

@@ -105,8 +105,7 @@ def choose_runner(model, images, runner):
     if runner != "auto":
         return runner
     try:
-        dtype = next(p for _, p, _ in model.named_parameters()).dtype
-        chain_layers(model, images[:1].astype(dtype))
+        chain_layers(model, images[:1].astype(model.param_dtype))
         return "implicit"
     except ValueError:
         return "layers"
