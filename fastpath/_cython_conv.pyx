@@ -399,7 +399,10 @@ def partition_tasks(const int64_t[::1] start, const int64_t[::1] tasks, Py_ssize
     """
     n_tasks = tasks.shape[0] - 1
     bounds = np.asarray(start)[np.asarray(tasks)]  # first column of every task, then the total
-    targets = (np.arange(parts + 1, dtype=np.int64) * bounds[-1]) // parts
+    # No negative index here: the module is compiled with wraparound=False, under which bounds[-1]
+    # is undefined (on Python 3.12 with NumPy 2.5 it read index -18 of a 17-element array).
+    total_columns = bounds[n_tasks]
+    targets = (np.arange(parts + 1, dtype=np.int64) * total_columns) // parts
     first = np.minimum(np.searchsorted(bounds, targets, side="left"), n_tasks).astype(np.int64)
     first[0], first[parts] = 0, n_tasks
     return first
