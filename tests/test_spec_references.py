@@ -117,7 +117,7 @@ def test_citation_patterns_find_what_they_should():
     assert [c[0] for c in citations(text)] == ["3.4", "3.5", "6.1", "1.1", "1.2", "7.5", "2", "7.5", "2"]
     assert [c[1] for c in citations(text)] == [1, 1, 1, 2, 2, 3, 3, 3, 3]
     assert citations("PerforationSpec, the spec is silent, §7 alone") == []
-    bad = [("a.py", "(SPEC §2)"), ("b.md", "see .." + "/shared/DESIGN.md"), ("c.py", "# GPU-sized (" + "issue 4)"),
+    bad = [("a.py", "(SPEC §2)"), ("b.md", "see .." + "/shared/DESIGN.md"), ("c.py", "# GPU-sized (issue " + "4)"),
            ("d.md", "The issue" + "'s closing note"), ("e.py", "Experiments of the PACT issue"),
            ("f.py", "targets (issue: training stack)"), ("g.md", "the contract (SPEC) left room")]
     assert len({line.split(":")[0] for line in outside_references(bad)}) == len(bad)
