@@ -168,7 +168,7 @@ def test_demo_without_opencl_keeps_its_tables_narrow_and_explains_each(tmp_path)
         table = table[:table.index("")] if "" in table else table
         assert all(len(line) <= max(len(rule), demo.NOTE_WIDTH) for line in table), table
     assert "skipped (note 1)" in result.stdout and "note 1: opencl:" in result.stdout
-    assert "UNTRAINED" in result.stdout
+    assert "the shipped sact-resnet14-digits32 (trained" in result.stdout
 
 
 def test_a_checkpoint_runs_on_its_training_backend_or_says_which_it_takes_instead(monkeypatch):

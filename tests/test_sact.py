@@ -400,7 +400,7 @@ def test_ponder_train_then_map_end_to_end(tmp_path):
     assert (run / "map.png").stat().st_size > 0
 
 
-def test_demo_section_runs_sparse_sact_on_the_photo(tmp_path):
+def test_demo_section_runs_the_shipped_sact_sparsely(tmp_path):
     import argparse
 
     from refimpl.commands import demo
