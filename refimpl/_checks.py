@@ -19,8 +19,8 @@ def _is_int(value):
     return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
 
 
-def as_pair(value, name):
-    """Return ``value`` as a pair of non-negative ints (``3 -> (3, 3)``, ``(1, 2) -> (1, 2)``).
+def int_pair(value, name):
+    """Return ``value`` as a pair of ints (``3 -> (3, 3)``, ``(1, 2) -> (1, 2)``), any sign.
 
     Floats (even ``2.0``), bools and strings are refused: a stride of ``1.5`` is a mistake to
     report, not to truncate.
@@ -39,14 +39,20 @@ def as_pair(value, name):
         if len(items) != 2:
             raise ValueError(f"{name} must be an int or a pair of ints, got {len(items)} values {value!r}")
         pair = (int(items[0]), int(items[1]))
-    if any(v < 0 for v in pair):
+    return pair
+
+
+def as_pair(value, name):
+    """:func:`int_pair` whose entries must be non-negative (a padding)."""
+    pair = int_pair(value, name)
+    if min(pair) < 0:
         raise ValueError(f"{name} must be non-negative, got {value!r}")
     return pair
 
 
 def positive_pair(value, name):
-    """Like :func:`as_pair` but every entry must be at least 1."""
-    pair = as_pair(value, name)
+    """:func:`int_pair` whose entries must be at least 1 (a kernel size or a stride)."""
+    pair = int_pair(value, name)
     if min(pair) < 1:
         raise ValueError(f"{name} must be at least 1, got {value!r}")
     return pair

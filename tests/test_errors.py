@@ -335,3 +335,11 @@ def test_realised_rate_wants_a_boolean_mask():
 
     with pytest.raises(TypeError, match="mask must have dtype bool, got float64"):
         realised_rate(np.full((2, 2), 0.3))
+
+
+@pytest.mark.parametrize("stride", [-1, 0, (1, -2)])
+def test_a_stride_below_one_is_reported_as_such(stride):
+    # -1 used to be reported as "must be non-negative", although 0 is refused as well.
+    x, w = np.zeros((1, 1, 5, 5)), np.zeros((1, 1, 3, 3))
+    with pytest.raises(ValueError, match=re.escape(f"stride must be at least 1, got {stride!r}")):
+        perforated_conv2d_forward(x, w, None, None, stride, 0)
