@@ -28,6 +28,8 @@ import sys
 import time
 from pathlib import Path
 
+from refimpl import course
+
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
 DEFAULT_CACHE = ROOT / "docs" / "_build" / "executed-notebooks"
@@ -126,26 +128,8 @@ def executed(path: Path, folder: Path | None = None, timeout_s: float = NOTEBOOK
     return nb, seconds
 
 
-SOLUTION = ("### BEGIN SOLUTION", "### END SOLUTION")  # nbgrader's delimiters
-HIDDEN_TESTS = ("### BEGIN HIDDEN TESTS", "### END HIDDEN TESTS")
-CODE_STUB = "# YOUR CODE HERE\nraise NotImplementedError()"  # what nbgrader leaves in a student's copy
-TEXT_STUB = "YOUR ANSWER HERE"
-
-
-def _strip_regions(source: str, delimiters, stub: str | None) -> str:
-    begin, end = delimiters
-    lines, kept, inside = source.split("\n"), [], False
-    for line in lines:
-        if line.strip() == begin:
-            inside = True
-            if stub is not None:
-                indent = line[: len(line) - len(line.lstrip())]
-                kept += [indent + stub_line for stub_line in stub.split("\n")]
-        elif line.strip() == end and inside:
-            inside = False
-        elif not inside:
-            kept.append(line)
-    return "\n".join(kept)
+SOLUTION = (course.BEGIN_SOLUTION, course.END_SOLUTION)  # nbgrader's delimiters
+HIDDEN_TESTS = (course.BEGIN_HIDDEN, course.END_HIDDEN)
 
 
 def without_solutions(nb):
@@ -155,9 +139,8 @@ def without_solutions(nb):
     The site shows the executed instructor version this way: the outputs a solution produces are
     the expected outputs a student compares with; the solution's code is not shown.
     """
-    for cell in nb.cells:
-        stub = CODE_STUB if cell.cell_type == "code" else TEXT_STUB
-        cell.source = _strip_regions(_strip_regions(cell.source, HIDDEN_TESTS, None), SOLUTION, stub)
+    for cell in nb.cells:  # the same stubs as the student version (refimpl.course)
+        cell.source = course.stub_source(cell.source, cell.cell_type)
     return nb
 
 

@@ -102,8 +102,13 @@ def _regions(source, where):
     return found
 
 
-def _stub_source(source, cell_type):
-    """The student version of one cell's source (delimiters already checked)."""
+def stub_source(source, cell_type):
+    """The student version of one cell's source (delimiters already checked by :func:`check_notebook`).
+
+    A solution region becomes nbgrader's stub (code: the hint after ``### BEGIN SOLUTION`` as a
+    comment, or ``# YOUR CODE HERE``, then ``raise NotImplementedError()``; text: ``YOUR ANSWER
+    HERE``); a hidden-test region disappears.
+    """
     lines, out, skipping = source.splitlines(), [], False
     for line in lines:
         marker = _marker(line)
@@ -182,7 +187,7 @@ def student_notebook(nb, path):
     student = _nbformat().from_dict(nb)  # a deep copy
     for cell in student.cells:
         if _regions(cell.source, ""):
-            cell.source = _stub_source(cell.source, cell.cell_type)
+            cell.source = stub_source(cell.source, cell.cell_type)
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     student.metadata.setdefault("ponder", {})["version"] = "student"
