@@ -71,35 +71,33 @@ def _number(kind, text, accepted):
     return value
 
 
+def _at_least(kind, low, strict=False):
+    """Argument type: a finite ``kind`` (int or float) ``>= low`` (``> low`` when ``strict``)."""
+    accepted = f"{'an integer' if kind is int else 'a number'} {'>' if strict else '>='} {low:g}"
+
+    def parse(text):
+        value = _number(kind, text, accepted)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {accepted}, got {text!r}")
+        return value
+    parse.__name__ = f"{kind.__name__}{'>' if strict else '>='}{low:g}"
+    return parse
+
+
 def int_at_least(low):
     """Argument type: an integer >= ``low``."""
-    def parse(text):
-        value = _number(int, text, f"an integer >= {low}")
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an integer >= {low}, got {text!r}")
-        return value
-    parse.__name__ = f"int>={low}"
-    return parse
+    return _at_least(int, low)
+
+
+def float_at_least(low):
+    """Argument type: a finite number >= ``low``."""
+    return _at_least(float, low)
 
 
 non_negative_int = int_at_least(0)
 positive_int = int_at_least(1)
-
-
-def positive_float(text):
-    """Argument type: a finite number > 0."""
-    value = _number(float, text, "a number > 0")
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be a number > 0, got {text!r}")
-    return value
-
-
-def non_negative_float(text):
-    """Argument type: a finite number >= 0."""
-    value = _number(float, text, "a number >= 0")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
+non_negative_float = float_at_least(0)
+positive_float = _at_least(float, 0, strict=True)  # a finite number > 0
 
 
 def float_in(low, high, closed_low=True, closed_high=False):
@@ -112,16 +110,6 @@ def float_in(low, high, closed_low=True, closed_high=False):
         below = value <= high if closed_high else value < high
         if not (above and below):
             raise argparse.ArgumentTypeError(f"must be {accepted}, got {text!r}")
-        return value
-    return parse
-
-
-def float_at_least(low):
-    """Argument type: a finite number >= ``low``."""
-    def parse(text):
-        value = _number(float, text, f"a number >= {low:g}")
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be a number >= {low:g}, got {text!r}")
         return value
     return parse
 
