@@ -35,7 +35,6 @@ import json
 import os
 import pkgutil
 import re
-import shutil
 import sys
 from pathlib import Path
 
