@@ -36,7 +36,7 @@ import numpy as np
 
 from . import halting
 from .layers import Layer
-from .sparse_unit import EXECUTIONS, check_sparse_unit, sparse_unit_backward, sparse_unit_forward
+from .sparse_unit import EXECUTIONS, check_sparse_unit, unit_executor
 
 
 def expand_latent(latent, state):
@@ -87,13 +87,14 @@ class SparseUnitStep:
     """Unit ``l`` at the active positions: the sparse residual unit (per-position latents).
 
     ``execution="dense"`` is the masked reference: every unit and head computed everywhere on every
-    sample, the residual and the halting scores multiplied by the active mask.
+    sample, the residual and the halting scores multiplied by the active mask. ``fused=True`` runs a
+    unit through its backend's fused unit where there is one (:func:`~refimpl.sparse_unit.unit_executor`).
     """
 
-    def __init__(self, execution="sparse"):
+    def __init__(self, execution="sparse", fused=True):
         if execution not in EXECUTIONS:
             raise ValueError(f"execution must be one of {list(EXECUTIONS)}, got {execution!r}")
-        self.execution = execution
+        self.execution, self.fused = execution, bool(fused)
 
     def check(self, units):
         for unit in units[1:]:
@@ -107,10 +108,13 @@ class SparseUnitStep:
         return np.arange(len(active)) if self.execution == "dense" and rows.size else rows
 
     def forward(self, unit, state, active):
-        return sparse_unit_forward(unit, state, active, self.execution)
+        forward, backward = unit_executor(unit, self.execution, self.fused)
+        out, cache, flops = forward(unit, state, active)
+        return out, (backward, cache), flops
 
     def backward(self, unit, dout, cache):
-        return sparse_unit_backward(unit, dout, cache)
+        backward, inner = cache
+        return backward(unit, dout, inner)
 
 
 # ---------------------------------------------------------------------------------------------

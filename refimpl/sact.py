@@ -58,13 +58,15 @@ class SACTBlock(PonderCostBlock):
     heads : list of SpatialHaltingHead, ``len(units) - 1``
     eps : float, halting margin ε
     execution : "sparse" or "dense"
+    fused : bool, run sparse units through the backend's fused unit where it has one (the
+        attribute can be switched later, e.g. to time the composition of reference layers)
     """
 
     per_position = True
 
-    def __init__(self, units, heads, eps=halting.EPS, execution="sparse"):
+    def __init__(self, units, heads, eps=halting.EPS, execution="sparse", fused=True):
         super().__init__(units, heads, eps)
-        self.execution = execution
+        self.execution, self.fused = execution, bool(fused)
         self.step().check(self.units)
 
     @property
@@ -78,7 +80,7 @@ class SACTBlock(PonderCostBlock):
         self._execution = value
 
     def step(self):
-        return SparseUnitStep(self.execution)
+        return SparseUnitStep(self.execution, self.fused)
 
     def __repr__(self):
         return f"SACTBlock({len(self.units)} units, eps={self.eps}, execution={self.execution!r})"

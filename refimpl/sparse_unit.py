@@ -28,8 +28,12 @@ output and gradients.
 **The executor's interface** — :func:`sparse_unit_forward` ``(unit, x, active, execution) ->
 (U, cache, flops)`` and :func:`sparse_unit_backward` ``(unit, dU, cache) -> dx`` (accumulating the
 unit's parameter gradients), training or evaluation batch norm after ``unit.training`` — is the one
-ACT-style spatial blocks (SACT, PACT per position) call; a fused implementation can replace the
-bodies without touching them.
+ACT-style spatial blocks (SACT, PACT per position) call. **Fused units.** A convolution backend
+may offer a fused implementation of the same pair as its attribute ``fused_unit`` (an object with
+``forward(unit, x, active) -> (U, cache, flops)`` and ``backward(unit, dU, cache) -> dx``, the
+same semantics, ``execution="sparse"`` only); :func:`unit_executor` picks it when the unit's
+convolutions run on such a backend, and this module's composition stays the definition the fused
+unit is tested against.
 
 FLOPs are counted where computed: ``|D|`` positions for conv1, ``|A|`` for conv2.
 """
@@ -220,3 +224,24 @@ def sparse_unit_forward(unit, x, active, execution="sparse"):
 def sparse_unit_backward(unit, dout, cache):
     """Gradient w.r.t. ``x`` of :func:`sparse_unit_forward`: the identity path plus the branch."""
     return dout + branch_backward(unit, dout, cache)
+
+
+def unit_executor(unit, execution="sparse", fused=True):
+    """The ``(forward, backward)`` pair that runs ``unit``: the fused unit of its backend or the composition here.
+
+    Parameters
+    ----------
+    unit : ResidualUnit accepted by :func:`check_sparse_unit`
+    execution : "sparse" or "dense"; the dense masked reference is never fused
+    fused : bool, use the backend's ``fused_unit`` when both convolutions run on a backend that has one
+
+    Returns
+    -------
+    forward : ``forward(unit, x, active) -> (U, cache, flops)``
+    backward : ``backward(unit, dU, cache) -> dx``
+    """
+    backend = unit.conv1.backend
+    fused_unit = getattr(backend, "fused_unit", None)
+    if fused and execution == "sparse" and fused_unit is not None and unit.conv2.backend is backend:
+        return fused_unit.forward, fused_unit.backward
+    return (lambda u, x, active: sparse_unit_forward(u, x, active, execution)), sparse_unit_backward

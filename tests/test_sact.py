@@ -415,3 +415,40 @@ def test_demo_section_runs_the_shipped_sact_sparsely(tmp_path):
     sparse_mflops, dense_mflops, error = result.rows[3][4:7]
     assert sparse_mflops < dense_mflops and error <= 1e-5
     assert (tmp_path / "sact_map.png").is_file()
+
+
+# ---------------------------------------------------------------------------------------------
+# The fused-unit seam: a backend's fused unit is used by sparse SACT blocks, never by the reference
+# ---------------------------------------------------------------------------------------------
+
+
+class CountingFusedUnit:
+    """A fused unit that delegates to the reference composition and counts its calls."""
+
+    def __init__(self):
+        self.calls = {"forward": 0, "backward": 0}
+
+    def forward(self, unit, x, active):
+        self.calls["forward"] += 1
+        return sparse_unit_forward(unit, x, active)
+
+    def backward(self, unit, dout, cache):
+        self.calls["backward"] += 1
+        return sparse_unit_backward(unit, dout, cache)
+
+
+@pytest.mark.parametrize("execution, fused, used", [("sparse", True, True), ("sparse", False, False),
+                                                    ("dense", True, False)])
+def test_sact_block_uses_the_backends_fused_unit_only_for_fused_sparse_execution(execution, fused, used):
+    backend = NumpyBackend()
+    backend.fused_unit = CountingFusedUnit()
+    rng = np.random.default_rng(21)
+    net = SACTResNet(2, 4, 3, rng, widths=(4, 4, 4), backend=backend, dtype=np.float64, halting_bias=-3.0,
+                     execution=execution)
+    for block in net.stages:
+        block.fused = fused
+    x = rng.standard_normal((2, 3, 8, 8))
+    logits = net(x)
+    net.backward(rng.standard_normal(logits.shape))
+    calls = backend.fused_unit.calls
+    assert (calls["forward"] > 0) == used and calls["forward"] == calls["backward"], calls
