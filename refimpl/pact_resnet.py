@@ -217,6 +217,10 @@ class PACTBlock(Layer):
         self.rng = _checks.generator(rng)
         self.expected_steps = self.steps = None
 
+    def set_rng(self, rng):
+        """Draw this block's noise (relaxed and discrete modes) from ``rng`` (a numpy.random.Generator) from now on."""
+        self.rng = _checks.generator(rng)
+
     @property
     def mode(self):
         return self._mode
@@ -428,6 +432,21 @@ class PACTResNet(AdaptiveResNet):
     def set_mode(self, mode):
         for block in self.stages:
             block.mode = mode
+
+    def reseed(self, rng):
+        """Draw the noise of the relaxed and discrete modes from ``rng`` from now on.
+
+        Every block shares the one generator, so after ``reseed(np.random.default_rng(seed))`` two
+        evaluations in a sampling mode draw the same noise: that is how the recorded figures of a
+        shipped PACT model are recomputed exactly (:func:`refimpl.pretrained.evaluate_pretrained`).
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+        """
+        self._noise_rng = _checks.generator(rng)
+        for block in self.stages:
+            block.set_rng(self._noise_rng)
 
     def learning_signals(self, per_example_loss):
         """Per block, the REINFORCE learning signal ``(f - b) / N`` of per-example losses ``f`` (N,).

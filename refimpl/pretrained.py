@@ -108,13 +108,6 @@ def pretrained_test_split(metadata):
                                  n_test=data["n_test"], seed=data["seed"])["test"]
 
 
-def _reset_noise(model, seed):
-    """Put the (shared) noise generator of PACT's relaxed and discrete modes in the state of ``default_rng(seed)``."""
-    state = np.random.default_rng(seed).bit_generator.state
-    for block in model.stages:
-        block.rng.bit_generator.state = state
-
-
 def _figures(model, split, maps=False, batch_size=250):
     """Accuracy and FLOPs per image of ``model`` on ``split`` and, if ``maps``, its computation-time maps' scores.
 
@@ -175,7 +168,7 @@ def evaluate_pretrained(model, metadata, split=None):
     modes = {}
     for mode in PACT_MODES:
         model.set_mode(mode)
-        _reset_noise(model, metadata["seed"])
+        model.reseed(np.random.default_rng(metadata["seed"]))
         modes[mode] = _figures(model, split, maps=True)
     model.set_mode(metadata["settings"]["options"].get("mode", "relaxed"))
     return {**modes[PACT_MODES[0]], "centre_auc": centre_auc, "modes": modes}

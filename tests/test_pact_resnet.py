@@ -184,3 +184,27 @@ def test_reinforce_inputs_are_refused_where_no_estimator_uses_them():
     out = block(net.stem(x))
     with pytest.raises(ValueError, match="learning_signal"):
         block.backward(np.zeros_like(out), None, np.ones(3))
+
+
+@pytest.mark.parametrize("mode", ["relaxed", "discrete"])
+def test_reseed_makes_the_sampling_modes_repeat_their_noise(mode):
+    _, net, x = tiny_net("per-position", mode)
+    net.eval()
+    net.reseed(np.random.default_rng(7))
+    first = (net(x), [b.ponder_cost_map().copy() for b in net.stages])
+    second_draw = net(x)
+    net.reseed(np.random.default_rng(7))
+    again = (net(x), [b.ponder_cost_map().copy() for b in net.stages])
+    np.testing.assert_array_equal(first[0], again[0])
+    for a, b in zip(first[1], again[1]):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(first[0], second_draw), "the noise does not move on between draws"
+    assert len({id(block.rng) for block in net.stages}) == 1, "the blocks no longer share one generator"
+
+
+def test_reseed_and_set_rng_refuse_what_is_not_a_generator():
+    _, net, _ = tiny_net("per-block")
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator.*got int"):
+        net.reseed(3)
+    with pytest.raises(TypeError, match="rng must be a numpy.random.Generator.*got NoneType"):
+        net.stages[0].set_rng(None)

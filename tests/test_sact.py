@@ -452,3 +452,20 @@ def test_sact_block_uses_the_backends_fused_unit_only_for_fused_sparse_execution
     net.backward(rng.standard_normal(logits.shape))
     calls = backend.fused_unit.calls
     assert (calls["forward"] > 0) == used and calls["forward"] == calls["backward"], calls
+
+
+def test_ponder_map_without_a_checkpoint_draws_the_shipped_sact_model(tmp_path, capsys):
+    import matplotlib.image
+
+    from refimpl.cli import build_parser, main
+    from refimpl.commands.map import DEFAULT_MODEL
+    from refimpl.pretrained import list_pretrained, load_pretrained
+
+    assert DEFAULT_MODEL in list_pretrained() and load_pretrained(DEFAULT_MODEL)[1]["kind"] == "sact"
+    out = tmp_path / "map.png"
+    assert main(["map", "--image", "coffee", "--size", "32", "--out", str(out), "--backend", "numpy"]) == 0
+    printed = capsys.readouterr().out
+    assert f"shipped model {DEFAULT_MODEL}" in printed and "sact-resnet14" in printed
+    assert matplotlib.image.imread(out).ndim == 3
+    map_help = build_parser()._subparsers._group_actions[0].choices["map"].format_help()
+    assert DEFAULT_MODEL in " ".join(map_help.split())

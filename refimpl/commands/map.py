@@ -1,8 +1,11 @@
-"""``ponder map``: the computation-time map of an ACT/SACT checkpoint on one image, drawn over it.
+"""``ponder map``: the computation-time map of an ACT/SACT/PACT network on one image, drawn over it.
 
 The map is Σ_blocks ρ(x, y) — how many residual units (plus remainders) each position ran —
-upsampled (nearest) to the image size. Example::
+upsampled (nearest) to the image size. Without ``--checkpoint`` the command uses the shipped SACT
+model (:data:`DEFAULT_MODEL`, see :mod:`refimpl.pretrained`), so it works right after installing.
+Examples::
 
+    ponder map --image coffee --size 64 --out map.png        # the shipped sact-resnet14-digits32
     ponder train --model sact-resnet14 --tau 0.01 --data cluttered-digits --canvas 48 --out runs/sact
     ponder map --checkpoint runs/sact/checkpoint.npz --image astronaut --size 96 --out map.png
 
@@ -18,13 +21,17 @@ import numpy as np
 
 from .arguments import UsageError, add_backend_argument, positive_int, required_group, resolve_backend
 
+#: The shipped model drawn when no ``--checkpoint`` is given (a name of :func:`refimpl.pretrained.list_pretrained`).
+DEFAULT_MODEL = "sact-resnet14-digits32"
+
 
 def add_arguments(parser):
     from ..datasets import PHOTOS
 
     required = required_group(parser)
-    required.add_argument("--checkpoint", required=True, type=Path,
-                          help="an ACT/SACT checkpoint (.npz) written by ponder train")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="an ACT/SACT/PACT checkpoint (.npz) written by ponder train (default: the shipped "
+                             f"{DEFAULT_MODEL}, trained on 32x32 cluttered digits)")
     required.add_argument("--image", required=True,
                           help=f"an image file, or a scikit-image photo name ({', '.join(PHOTOS)})")
     parser.add_argument("--out", type=Path, default=Path("map.png"), help="output PNG")
@@ -35,16 +42,18 @@ def add_arguments(parser):
 
 
 def run(args):
-    from ..checkpoint import load_checkpoint, read_checkpoint
     from ..datasets import load_image
 
     if args.size is not None and len(args.size) > 2:
         raise UsageError(f"--size takes one or two integers (SIZE or H W), got {len(args.size)}")
-    meta, _ = read_checkpoint(args.checkpoint)
-    backend, note = resolve_backend(args.backend, meta, "map")
-    if note:
-        print(note)
-    model, meta = load_checkpoint(args.checkpoint, backend=backend)
+    if args.checkpoint is None:
+        from ..pretrained import pretrained_file
+
+        with pretrained_file(DEFAULT_MODEL) as path:
+            model, meta, backend = _load(path, args.backend)
+        print(f"no --checkpoint: using the shipped model {DEFAULT_MODEL}")
+    else:
+        model, meta, backend = _load(args.checkpoint, args.backend)
     if not hasattr(model, "ponder_map"):
         raise UsageError(f"--checkpoint {str(args.checkpoint)!r} holds a {meta.get('model')!r} model, which has no "
                          "computation-time map; expected an act-resnetN, sact-resnetN or pact-resnetN checkpoint")
@@ -66,3 +75,16 @@ def run(args):
     draw_map(image[0], cmap, out, title)
     print(f"{title} (backend {backend})\nmap range {cmap.min():.2f} .. {cmap.max():.2f} residual units; wrote {out}")
     return 0
+
+
+def _load(path, backend_name):
+    """``(model, metadata, backend)`` of the checkpoint at ``path``, on ``backend_name`` (None: the one it was
+    trained with, if usable here)."""
+    from ..checkpoint import load_checkpoint, read_checkpoint
+
+    meta, _ = read_checkpoint(path)
+    backend, note = resolve_backend(backend_name, meta, "map")
+    if note:
+        print(note)
+    model, meta = load_checkpoint(path, backend=backend)
+    return model, meta, backend
