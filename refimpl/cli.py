@@ -29,6 +29,7 @@ COMMANDS = {
     "train": ("refimpl.commands.train", "train a model (resnet14, nin, ...) on an offline data set; writes checkpoint, history, curves"),
     "evaluate": ("refimpl.commands.evaluate", "evaluate a checkpoint written by ponder train"),
     "map": ("refimpl.commands.map", "draw the computation-time map of an ACT/SACT checkpoint over an image"),
+    "course": ("refimpl.commands.course", "the course kit: write the student notebooks, list the exercises, check solutions"),
     "parity": ("refimpl.commands.parity", "train an ACT RNN on parity (act | pact | pondernet) and report ponder steps"),
     "perforate": ("refimpl.commands.perforate", "greedily perforate a trained network to a target speedup; profile JSON and speed-error plot with baselines"),
 }

@@ -20,10 +20,14 @@ are removed, outputs cleared. :func:`exercise_namespace` executes one exercise's
 fresh namespace (what ``tests/exercises`` checks). Only ``nbformat`` is needed (the ``notebooks``
 and ``test`` extras), imported when used.
 
-Command line (``ponder course`` calls :func:`main`)::
+:func:`check_exercises` runs every exercise's cells of a folder of notebooks and says which pass
+(an instructor checking the solutions, or a student's copies before handing them in).
 
-    python -m refimpl.course student --out student_notebooks [--src notebooks]
-    python -m refimpl.course list [--src notebooks]
+Command line (``ponder course``, or ``python -m refimpl.course`` with the same arguments)::
+
+    ponder course student --out student_notebooks [--src notebooks]
+    ponder course list [--src notebooks]
+    ponder course check [--src my_notebooks] [--exercise ex06_2 ...]
 """
 
 from __future__ import annotations
@@ -259,28 +263,97 @@ def exercise_namespace(path, exercise, roles=("solution", "tests")):
     return namespace
 
 
-def main(argv=None):
-    """``course student --out DIR [--src DIR]`` or ``course list [--src DIR]``; returns the exit code."""
-    parser = argparse.ArgumentParser(prog="ponder course", description=__doc__.split("\n\n")[0])
-    commands = parser.add_subparsers(dest="command", required=True)
-    student = commands.add_parser("student", help="write the student version (stubs, no hidden tests)")
-    student.add_argument("--out", required=True, type=Path, help="folder to write the student notebooks to")
-    listing = commands.add_parser("list", help="list the exercises of every notebook")
-    for sub in (student, listing):
+STATUSES = ("passes", "not done", "fails")
+
+
+def check_exercises(src_dir, exercises=None):
+    """Run the code cells of each exercise of the notebooks in ``src_dir`` and say whether they pass.
+
+    Each exercise runs alone (:func:`exercise_namespace`: its solution cell, then its test cells;
+    conceptual questions have none and are left out). ``exercises`` (ids such as ``"ex06_2"``)
+    restricts the run; an id that no notebook holds is an error.
+
+    Returns
+    -------
+    list of (notebook file name, exercise id, status, detail): status ``"passes"``, ``"not done"``
+    (the stub's ``NotImplementedError``) or ``"fails"`` (detail: the exception's type and first line)
+    """
+    nbformat = _nbformat()
+    wanted = None if exercises is None else list(exercises)
+    found, rows = set(), []
+    for path in _notebooks(src_dir):
+        for exercise in check_notebook(nbformat.read(path, as_version=4), path):
+            if not exercise.startswith("ex") or (wanted is not None and exercise not in wanted):
+                continue
+            found.add(exercise)
+            try:
+                exercise_namespace(path, exercise)
+            except NotImplementedError:
+                rows.append((path.name, exercise, "not done", "raise NotImplementedError() still in place"))
+            except Exception as error:  # a student's code may raise anything; report it, go on
+                first = (str(error).strip().splitlines() or [""])[0][:160]
+                rows.append((path.name, exercise, "fails", f"{type(error).__name__}: {first}".rstrip(": ")))
+            else:
+                rows.append((path.name, exercise, "passes", ""))
+    missing = [e for e in (wanted or []) if e not in found]
+    if missing:
+        raise ValueError(f"exercises must be ids of autograded exercises in {str(src_dir)!r} "
+                         f"(e.g. ex06_2, see 'list'), got {missing}")
+    return rows
+
+
+def add_arguments(parser):
+    """The subcommands ``student``, ``list`` and ``check`` on ``parser`` (``ponder course`` uses this too)."""
+    commands = parser.add_subparsers(dest="course_command", required=True, metavar="{student,list,check}")
+    student = commands.add_parser("student", help="write the student version (stubs, no hidden tests)",
+                                  description="Write the student version of the notebooks: solutions replaced "
+                                              "by stubs under their hints, hidden tests removed, outputs cleared.")
+    student.add_argument_group("required arguments").add_argument(
+        "--out", required=True, type=Path, help="folder to write the student notebooks to")
+    listing = commands.add_parser("list", help="list the exercises of every notebook",
+                                  description="List the exercises (and conceptual questions) of every notebook.")
+    checking = commands.add_parser("check", help="run every exercise's cells and say which pass",
+                                   description="Run each autograded exercise's solution and test cells (never "
+                                               "the notebooks' slow cells) and report passes / not done / fails. "
+                                               "Exit status 1 unless all pass.")
+    checking.add_argument("--exercise", nargs="+", default=None, metavar="ID",
+                          help="only these exercises (e.g. ex06_2; default: all)")
+    for sub in (student, listing, checking):
         sub.add_argument("--src", type=Path, default=default_notebook_dir(),
-                         help="folder of instructor notebooks (default: notebooks/ of this checkout)")
+                         help="folder of notebooks (default: notebooks/ of this checkout, the instructor version)")
+
+
+def run(args):
+    """Carry out the subcommand parsed by :func:`add_arguments`; returns the exit status.
+
+    Raises :class:`CourseError`, ``FileNotFoundError`` or ``ValueError`` for bad notebooks or arguments.
+    """
+    if args.course_command == "student":
+        for path in build_student_notebooks(args.src, args.out):
+            print(path)
+        return 0
+    if args.course_command == "list":
+        for name, exercise, title in list_exercises(args.src):
+            print(f"{name:36s} {exercise:7s} {title}")
+        return 0
+    rows = check_exercises(args.src, args.exercise)
+    for name, exercise, status, detail in rows:
+        print(f"{name:36s} {exercise:7s} {status:8s} {detail}".rstrip())
+    counts = {status: sum(row[2] == status for row in rows) for status in STATUSES}
+    print(", ".join(f"{count} {status}" for status, count in counts.items()) + f" (of {len(rows)} exercises)")
+    return 0 if counts["passes"] == len(rows) else 1
+
+
+def main(argv=None):
+    """``python -m refimpl.course {student,list,check} ...``; returns the exit code (2 for bad input)."""
+    parser = argparse.ArgumentParser(prog="python -m refimpl.course", description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
     args = parser.parse_args(argv)
     try:
-        if args.command == "student":
-            for path in build_student_notebooks(args.src, args.out):
-                print(path)
-        else:
-            for name, exercise, title in list_exercises(args.src):
-                print(f"{name:36s} {exercise:7s} {title}")
+        return run(args)
     except (CourseError, FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ would; bad option values are refused by the parser, bad input files by the comma
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import subprocess
 import sys
@@ -160,14 +161,17 @@ def test_an_internal_error_is_one_line_unless_debug(monkeypatch, capsys):
 
 def test_every_option_with_a_default_shows_it_in_help():
     parser = cli.build_parser()
-    commands = parser._subparsers._group_actions[0].choices
+    commands = dict(parser._subparsers._group_actions[0].choices)
+    for name, sub in list(commands.items()):  # and the subcommands of a command (ponder course student, ...)
+        nested = [a for a in sub._actions if isinstance(a, argparse._SubParsersAction)]
+        commands.update({f"{name} {n}": p for action in nested for n, p in action.choices.items()})
     for name, sub in commands.items():
         text = sub.format_help()
         for action in sub._actions:
             if action.option_strings and action.default not in (None, False, "==SUPPRESS==") and not action.required:
                 help_text = sub._get_formatter()._expand_help(action)
                 assert "default" in help_text, f"ponder {name} {action.option_strings[0]}: {help_text!r}"
-        required = [a.option_strings[0] for a in sub._actions if a.required]
+        required = [a.option_strings[0] for a in sub._actions if a.required and a.option_strings]
         if required:
             section = text.split("required arguments:", 1)
             assert len(section) == 2, f"ponder {name}: no 'required arguments' section"

@@ -284,6 +284,44 @@ def test_command_line(tmp_path, capsys):
         course.main(["student"])  # --out is required
 
 
+def test_ponder_course_builds_lists_and_checks(tmp_path, capsys, student_dir):
+    from refimpl.cli import main
+    from refimpl.commands.arguments import UsageExit
+
+    assert main(["course", "student", "--out", str(tmp_path / "s")]) == 0
+    assert sorted(p.name for p in (tmp_path / "s").glob("*.ipynb")) == [p.name for p in NOTEBOOKS]
+    assert main(["course", "list"]) == 0
+    listing = capsys.readouterr().out
+    assert all(exercise in listing for exercise in CHECKS)
+    # the instructor version: every solution passes its cells
+    assert main(["course", "check"]) == 0
+    out = capsys.readouterr().out
+    assert f"{len(CHECKS)} passes, 0 not done, 0 fails (of {len(CHECKS)} exercises)" in out
+    # a student version: the stubs are reported not done, status 1; one exercise can be picked
+    assert main(["course", "check", "--src", str(student_dir), "--exercise", "ex06_2", "ex01_1"]) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[1:3] for line in lines[:-1]] == [["ex01_1", "not"], ["ex06_2", "not"]]
+    assert lines[-1] == "0 passes, 2 not done, 0 fails (of 2 exercises)"
+    with pytest.raises(UsageExit, match=r"ponder course: error: exercises must be ids .* got \['ex99_1'\]"):
+        main(["course", "check", "--exercise", "ex99_1"])
+    with pytest.raises(UsageExit, match="src_dir must be a directory"):
+        main(["course", "list", "--src", str(tmp_path / "nowhere")])
+
+
+def test_check_reports_a_wrong_solution_as_failing(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    path = course.find_notebook(ROOT / "notebooks", "06")
+    nb = read(path)
+    for cell in nb.cells:  # break exercise 06.1's answer: N is 4, not 3
+        if cell.metadata.get("ponder", {}).get("exercise") == "ex06_1" and cell.metadata["ponder"]["role"] == "solution":
+            cell.source = cell.source.replace("n_by_hand = 4", "n_by_hand = 3")
+    nbformat.write(nb, src / path.name)
+    rows = course.check_exercises(src, ["ex06_1", "ex06_2"])
+    assert [row[1:3] for row in rows] == [("ex06_1", "fails"), ("ex06_2", "passes")]
+    assert rows[0][3].startswith("AssertionError")
+
+
 def test_exercise_namespace_names_a_missing_exercise():
     with pytest.raises(KeyError, match="no code cells of exercise 'ex01_9'"):
         course.exercise_namespace(NOTEBOOKS[0], "ex01_9")
