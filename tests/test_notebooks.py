@@ -2,9 +2,16 @@
 
 Parametrised by file name, so a new notebook is tested by being there. ``PONDER_FULL=1`` in the
 environment runs the notebooks with their full settings instead (much slower).
+
+Notebooks 05–07 end with a "What this run measured" cell (metadata ``ponder.results``) that prints
+the run's figures as JSON; the tests below read that output from the executed notebook and assert
+that each notebook shows its phenomenon at default settings, and that the sentences the notebooks
+print agree with those figures.
 """
 
 import importlib.util
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -76,3 +83,84 @@ def test_notebook_runs(path, tmp_path_factory):
               if out.output_type == "error"]
     assert not errors
     assert existed or not stray.exists(), f"running {path.name} left {stray}"
+
+
+def _executed(name, tmp_path_factory):
+    path = next(p for p in NOTEBOOKS if p.name.startswith(name))
+    nb = nbformat.read(path, as_version=4)
+    skip_unless_backends_usable(nb)
+    nb, _ = _load_executed_notebooks().executed(path, tmp_path_factory.getbasetemp() / "executed-notebooks",
+                                                timeout_s=NOTEBOOK_TIMEOUT_S)
+    return nb
+
+
+def _stdout(cell):
+    return "".join(out.text for out in cell.outputs if out.output_type == "stream" and out.name == "stdout")
+
+
+def run_results(nb):
+    """The JSON printed by the notebook's results cell (metadata ``ponder.results``)."""
+    cells = [c for c in nb.cells if c.cell_type == "code" and c.metadata.get("ponder", {}).get("results")]
+    assert len(cells) == 1, "expected one results cell (metadata ponder.results)"
+    return json.loads(_stdout(cells[0]))
+
+
+def printed(nb):
+    return "\n".join(_stdout(c) for c in nb.cells if c.cell_type == "code")
+
+
+def test_results_cells_are_marked_in_the_notebooks_that_assert_on_them():
+    for name in ("05_", "06_", "07_"):
+        nb = nbformat.read(next(p for p in NOTEBOOKS if p.name.startswith(name)), as_version=4)
+        marked = [c for c in nb.cells if c.metadata.get("ponder", {}).get("results")]
+        assert len(marked) == 1 and "json.dumps(results" in marked[0].source, name
+
+
+@pytest.mark.slow
+def test_notebook_06_shows_a_trained_sact_whose_map_finds_the_digit(tmp_path_factory):
+    nb = _executed("06_", tmp_path_factory)
+    results = run_results(nb)
+    assert results["sact_accuracy"] >= 0.9
+    assert results["sact_map_auc"] > results["centre_auc"]
+    assert results["mflops"]["sact"] < results["mflops"]["resnet"]
+    assert results["flops_ratio_dense_over_sparse"] > 1
+    text = printed(nb)
+    assert f"({results['sact_map_auc']:.3f} against {results['centre_auc']:.3f})" in text
+    assert "The SACT map's AUC is higher than the centre baseline's" in text
+
+
+@pytest.mark.slow
+def test_notebook_07_evaluates_pact_in_three_modes_with_a_varying_map(tmp_path_factory):
+    nb = _executed("07_", tmp_path_factory)
+    results = run_results(nb)
+    modes = results["modes"]
+    assert set(modes) == {"thresholded", "discrete", "relaxed"}
+    thresholded = modes["thresholded"]
+    assert thresholded["map_std_over_positions"] > 0 and thresholded["map_varies_fraction"] > 0.5
+    assert results["shown_map_range"][1] > results["shown_map_range"][0]
+    assert thresholded["flops_per_image"] < modes["relaxed"]["flops_per_image"]
+    assert all(m["accuracy"] >= 0.9 for m in modes.values())
+    saving = 1 - thresholded["flops_per_image"] / modes["relaxed"]["flops_per_image"]
+    assert f"Thresholded evaluation ran {saving:.0%} fewer FLOPs than relaxed evaluation" in printed(nb)
+    # the REINFORCE toy: unbiased (within a few standard errors) and its SNR falls with the latents
+    assert results["reinforce_max_deviation_se"] < 5 and results["reinforce_snr_slope"] < -0.25
+
+
+@pytest.mark.slow
+def test_notebook_05_states_the_mask_comparison_its_run_measured(tmp_path_factory):
+    nb = _executed("05_", tmp_path_factory)
+    results = run_results(nb)
+    errors, rates = results["single_layer_errors"], results["rates"]
+    assert set(errors) == {"uniform", "grid", "structure", "impact"}
+    assert all(len(e) == len(rates) for e in errors.values())
+    text = printed(nb)
+    for kind in ("grid", "structure", "impact"):
+        wins = sum(e < u for e, u in zip(errors[kind], errors["uniform"]))
+        assert f"{kind} beats uniform at {wins} of {len(rates)} rates" in text
+    # perforating a layer at the highest rate costs accuracy over the dense network, with every mask
+    assert all(e[-1] > results["dense_test_error"] for e in errors.values())
+    # the greedy procedure reaches a speed-up; the sentence names the method with the lowest error at 2x
+    reached = {name: e for name, e in results["error_at_2x_theoretical"].items() if e is not None}
+    assert reached
+    best = min(reached, key=reached.get)
+    assert re.search(rf"the lowest validation error is {re.escape(best)}'s", text)
