@@ -164,3 +164,20 @@ def test_notebook_05_states_the_mask_comparison_its_run_measured(tmp_path_factor
     assert reached
     best = min(reached, key=reached.get)
     assert re.search(rf"the lowest validation error is {re.escape(best)}'s", text)
+
+
+def test_notebook_08_quotes_committed_parity_runs_written_by_the_script():
+    """The parity figures notebook 08 quotes come from JSON that scripts/parity_experiment.py wrote."""
+    root = Path(__file__).resolve().parents[1]
+    runs = sorted((root / "docs" / "_static" / "parity").glob("parity-size*.json"))
+    assert runs, "docs/_static/parity holds no committed parity run"
+    for path in runs:
+        run = json.loads(path.read_text())
+        settings = run["settings"]
+        assert path.stem == f"parity-size{settings['size']}"
+        for objective in settings["objectives"]:
+            for e in run[objective]["evaluation"].values():
+                assert 0 <= e["accuracy"] <= 1 and 1 <= e["mean_steps"] <= settings["max_steps"]
+    source = "\n".join(c.source for c in nbformat.read(next(p for p in NOTEBOOKS if p.name.startswith("08_")),
+                                                           as_version=4).cells)
+    assert "docs/_static/parity" in source and "parity_experiment.py" in source
