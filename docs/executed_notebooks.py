@@ -9,7 +9,8 @@ the docs build (``tests/test_docs.py``) executes each notebook and ``tests/test_
 asserts on those results, so CI executes every notebook once.
 
 A cached copy is reused only while everything that could change its outputs is unchanged: the
-notebook file, the sources of ``refimpl`` and ``fastpath`` (and their data files), the Python
+notebook file, the sources of ``refimpl`` and ``fastpath`` (and their data files), the committed
+results the notebooks read (JSON under ``docs/_static``, e.g. notebook 08's parity runs), the Python
 version and the ``PONDER_*`` / thread-count environment variables. The folder is
 ``$PONDER_NOTEBOOK_CACHE`` if set (the test suite points it at its session's temporary folder),
 else ``docs/_build/executed-notebooks`` (ignored by git), so a rebuild of the docs after editing
@@ -35,7 +36,7 @@ NOTEBOOKS = ROOT / "notebooks"
 DEFAULT_CACHE = ROOT / "docs" / "_build" / "executed-notebooks"
 NOTEBOOK_TIMEOUT_S = 900  # for a whole notebook: a hang guard, not a performance check
 # Inputs a notebook's outputs depend on besides its own text.
-SOURCE_FOLDERS = ("refimpl", "fastpath")
+SOURCE_FOLDERS = ("refimpl", "fastpath", "docs/_static")  # the last: committed JSON that notebooks read
 SOURCE_SUFFIXES = {".py", ".pyx", ".pxd", ".cl", ".npz", ".json", ".npy"}
 ENVIRONMENT_PREFIXES = ("PONDER_", "OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
                         "PYOPENCL_CTX")
