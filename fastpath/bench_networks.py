@@ -472,20 +472,10 @@ def training_runners(depth, backend, seed, skipped, lr=0.01):
 
 
 def interleaved_times(calls, repeat):
-    """Milliseconds of ``repeat`` rounds; each round calls every callable once, order rotated per round.
+    """Milliseconds of ``repeat`` interleaved rounds (:func:`refimpl.measurement.interleaved_times`)."""
+    from refimpl.measurement import interleaved_times as seconds
 
-    Every callable runs once untimed first (warm-up). Returns one list per callable.
-    """
-    for call in calls:
-        call()
-    times = [[] for _ in calls]
-    for round_ in range(repeat):
-        for offset in range(len(calls)):
-            i = (round_ + offset) % len(calls)
-            start = time.perf_counter()
-            calls[i]()
-            times[i].append((time.perf_counter() - start) * 1e3)
-    return times
+    return [[t * 1e3 for t in times] for times in seconds(calls, repeat)]
 
 
 @dataclass
