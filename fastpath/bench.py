@@ -341,14 +341,20 @@ def make_plan(layer, rate, rng):
     return plan
 
 
-def bench_layer(name, layer, runners, rates, args, rng, log):
-    """Time every runner on one layer; returns a list of :class:`Result`."""
+def layer_arrays(layer, rng):
+    """Random float32 ``(x, w, b, geometry, dout)`` of ``layer`` (input, weights, bias, geometry, upstream gradient)."""
     x = rng.standard_normal((layer.n, layer.c, layer.hw, layer.hw), dtype=np.float32)
     w = (rng.standard_normal((layer.k, layer.c, layer.kernel, layer.kernel), dtype=np.float32)
          / np.sqrt(layer.c * layer.kernel**2)).astype(np.float32)
     b = rng.standard_normal(layer.k, dtype=np.float32)
     x, w, b, geometry = check_conv_args(x, w, b, 1, layer.padding)
     dout = rng.standard_normal((layer.n, layer.k, *layer.out_hw), dtype=np.float32)
+    return x, w, b, geometry, dout
+
+
+def bench_layer(name, layer, runners, rates, args, rng, log):
+    """Time every runner on one layer; returns a list of :class:`Result`."""
+    x, w, b, geometry, dout = layer_arrays(layer, rng)
     plans = {rate: make_plan(layer, rate, rng) for rate in rates}
     results = []
     for runner in runners:
