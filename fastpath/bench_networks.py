@@ -70,7 +70,7 @@ QUICK = {"sizes": (16,), "threads": (1,), "ratios": (1.0, 2.0), "repeat": 2, "ba
 HALTING_SPREAD = 4.0
 #: Bisection of the halting-bias offset: the interval searched and the number of halvings.
 BIAS_RANGE = (-12.0, 12.0)
-BISECTION_STEPS = 14
+BISECTION_STEPS = 11
 CALIBRATION_BATCH = 16
 NUM_CLASSES = 10
 
