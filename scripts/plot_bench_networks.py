@@ -5,7 +5,7 @@ lines over their realised FLOPs ratio, the dense ones (ponder, PyTorch) as horiz
 bars span the fastest and slowest of the interleaved repeats (the median is the marker)::
 
     python scripts/plot_bench_networks.py docs/_static/bench/networks-before-cpu.json \
-        --out docs/_static/bench/networks.png
+        docs/_static/bench/networks-before-cpu-64px.json --out docs/_static/bench/networks.png
 """
 
 from __future__ import annotations
@@ -22,12 +22,17 @@ ADAPTIVE = ("SACT", "SACT unfused", "PACT")
 DENSE = {"torch dense": ("C3", ":"), "ponder dense": ("k", "--")}
 
 
-def plot(data, title=None):
-    """The figure of a benchmark result dict (the JSON as loaded)."""
-    rows = [r for r in data["rows"] if r["part"] == "inference"]
+def plot(datasets, title=None):
+    """The figure of benchmark result dicts (JSON files as loaded): one panel per size and thread count."""
+    data = datasets[0]
+    rows = [r for d in datasets for r in d["rows"] if r["part"] == "inference"]
     settings = sorted({(r["size"], r["threads"]) for r in rows})
-    fig, axes = plt.subplots(1, len(settings), figsize=(5.2 * len(settings), 4.2), squeeze=False)
-    for ax, (size, threads) in zip(axes[0], settings):
+    columns = min(3, len(settings))
+    lines = -(-len(settings) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(5.6 * columns, 4.4 * lines), squeeze=False)
+    for ax in axes.flat[len(settings):]:
+        ax.set_visible(False)
+    for ax, (size, threads) in zip(axes.flat, settings):
         chosen = [r for r in rows if r["size"] == size and r["threads"] == threads]
         for i, name in enumerate(ADAPTIVE):
             points = sorted((r for r in chosen if r["runner"] == name), key=lambda r: r["ratio"])
@@ -56,13 +61,15 @@ def plot(data, title=None):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("json", help="the benchmark's JSON file")
+    parser.add_argument("json", nargs="+", help="the benchmark's JSON files (their panels side by side)")
     parser.add_argument("--out", required=True, help="the PNG to write")
     parser.add_argument("--title", help="the figure title (default: CPU, date and a noise note)")
     args = parser.parse_args(argv)
-    with open(args.json) as f:
-        data = json.load(f)
-    plot(data, args.title).savefig(args.out, dpi=110)
+    datasets = []
+    for path in args.json:
+        with open(path) as f:
+            datasets.append(json.load(f))
+    plot(datasets, args.title).savefig(args.out, dpi=110)
     print(f"wrote {args.out}")
 
 
