@@ -28,6 +28,9 @@ rate 0 only — see ``--numpy-rates`` / ``--numpy-repeat``), ``cython``, ``openc
 data goes through its ``to_device`` once, the clock stops after its ``synchronize()`` if it has
 one, and its ``device_name`` is printed if it has one. ``--threads`` sets the OpenMP threads of the
 Cython backend, PyTorch's threads and every BLAS library's (via threadpoolctl).
+
+``--networks`` times whole networks instead (dense, SACT and PACT ResNets against PyTorch's dense
+one, inference and training): :mod:`fastpath.bench_networks`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from fastpath import bench_networks
 from refimpl.commands.arguments import HelpFormatter, UsageError, int_at_least, positive_int
 from refimpl.conv import check_conv_args, conv_flops
 from refimpl.masks import grid_mask
@@ -337,14 +341,20 @@ def make_plan(layer, rate, rng):
     return plan
 
 
-def bench_layer(name, layer, runners, rates, args, rng, log):
-    """Time every runner on one layer; returns a list of :class:`Result`."""
+def layer_arrays(layer, rng):
+    """Random float32 ``(x, w, b, geometry, dout)`` of ``layer`` (input, weights, bias, geometry, upstream gradient)."""
     x = rng.standard_normal((layer.n, layer.c, layer.hw, layer.hw), dtype=np.float32)
     w = (rng.standard_normal((layer.k, layer.c, layer.kernel, layer.kernel), dtype=np.float32)
          / np.sqrt(layer.c * layer.kernel**2)).astype(np.float32)
     b = rng.standard_normal(layer.k, dtype=np.float32)
     x, w, b, geometry = check_conv_args(x, w, b, 1, layer.padding)
     dout = rng.standard_normal((layer.n, layer.k, *layer.out_hw), dtype=np.float32)
+    return x, w, b, geometry, dout
+
+
+def bench_layer(name, layer, runners, rates, args, rng, log):
+    """Time every runner on one layer; returns a list of :class:`Result`."""
+    x, w, b, geometry, dout = layer_arrays(layer, rng)
     plans = {rate: make_plan(layer, rate, rng) for rate in rates}
     results = []
     for runner in runners:
@@ -518,9 +528,11 @@ def _rates(text):
 
 
 def add_arguments(parser):
-    parser.add_argument("--threads", type=positive_int, default=None,
-                        help="CPU threads for every backend and BLAS (default: PONDER_THREADS or the CPU count)")
-    parser.add_argument("--repeat", type=positive_int, default=5, help="timed runs per measurement (median)")
+    parser.add_argument("--threads", type=_positive_ints, default=None,
+                        help="CPU threads for every backend and BLAS (default: PONDER_THREADS or the CPU count); "
+                             "with --networks a comma-separated list (default 1,2)")
+    parser.add_argument("--repeat", type=positive_int, default=None,
+                        help="timed runs per measurement (median; default 5, with --networks --quick 2)")
     parser.add_argument("--numpy-repeat", type=positive_int, default=1, help="timed runs of the slow NumPy reference")
     parser.add_argument("--numpy-rates", type=_rates, default="0", help="rates at which the NumPy reference runs")
     parser.add_argument("--layers", type=_csv_of(tuple(LAYERS), "layer"),
@@ -541,9 +553,34 @@ def add_arguments(parser):
     parser.add_argument("--validation-overhead", action="store_true",
                         help="instead of the speed tables: the cost of the backends' argument checks as a share "
                              "of each layer's dense forward (the smallest layer gives the largest share)")
+    bench_networks.add_arguments(parser.add_argument_group(
+        "whole networks (--networks; see fastpath.bench_networks)"))
+
+
+def _positive_ints(text):
+    """``--threads``: a comma-separated list of positive integers (one for the per-layer benchmark)."""
+    return bench_networks._list_of(positive_int, "integers >= 1")(text)
+
+
+def _layer_defaults():
+    """The per-layer options and their parsed defaults (``--networks`` refuses any other value)."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    parsed = vars(parser.parse_args([]))
+    return {name: parsed[name] for name in ("numpy_repeat", "numpy_rates", "layers", "backends", "gpu_layers", "rates",
+                                            "output", "validation_overhead")}
 
 
 def _check_args(args):
+    if hasattr(args, "networks"):
+        bench_networks.resolve(args, {})  # refuses the --networks options here
+    if args.repeat is None:
+        args.repeat = 5
+    if args.threads is not None:
+        if len(args.threads) > 1:
+            raise UsageError(f"--threads: the per-layer benchmark takes one thread count, got "
+                             f"{','.join(map(str, args.threads))} (lists are for --networks)")
+        args.threads = args.threads[0]
     if args.threads is None:
         # Resolved here, not in add_arguments: building the ``ponder`` parser must not load the
         # compiled extension (nor its OpenMP runtime, which reads OMP_* variables when loaded).
@@ -557,6 +594,10 @@ def _check_args(args):
 
 
 def run(args):
+    if getattr(args, "networks", False):
+        bench_networks.resolve(args, _layer_defaults())
+        bench_networks.run(args)
+        return 0
     _check_args(args)
     from threadpoolctl import threadpool_limits
 

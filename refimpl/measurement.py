@@ -5,7 +5,9 @@ Shared by the greedy perforation (:mod:`refimpl.greedy`) and the baselines it is
 
 * :func:`measure_loss` — mean cross-entropy, error rate and FLOPs per image on a held-out split;
 * :func:`measure_time` — median forward time of a fixed batch (after one warm-up run);
-* :func:`measure_point` — both, as the speedups relative to a dense reference.
+* :func:`measure_point` — both, as the speedups relative to a dense reference;
+* :func:`interleaved_times` — several callables timed side by side, round after round, so that a
+  slow moment of a shared machine slows them all alike rather than whichever ran then.
 """
 
 from __future__ import annotations
@@ -95,6 +97,37 @@ def measure_time(model, x, repeats=5, timer=time.perf_counter, runner="layers"):
         forward()
         times.append(timer() - start)
     return float(np.median(times))
+
+
+def interleaved_times(calls, repeat, timer=time.perf_counter):
+    """Seconds of ``repeat`` rounds in which every callable of ``calls`` runs once, the order rotated per round.
+
+    Each callable first runs once untimed (warm-up). Rotating the order means no callable always
+    runs first (after a pause) or last. Compare the medians; the spread (min to max) shows the noise.
+
+    Parameters
+    ----------
+    calls : sequence of callables taking no argument
+    repeat : int >= 1, timed rounds
+    timer : the clock, a function returning seconds
+
+    Returns
+    -------
+    list of lists: ``times[i]`` holds the ``repeat`` durations of ``calls[i]``, in seconds.
+    """
+    calls = list(calls)
+    if not isinstance(repeat, (int, np.integer)) or isinstance(repeat, bool) or repeat < 1:
+        raise ValueError(f"repeat must be a positive int, got {repeat!r}")
+    for call in calls:
+        call()
+    times = [[] for _ in calls]
+    for round_ in range(repeat):
+        for offset in range(len(calls)):
+            i = (round_ + offset) % len(calls)
+            start = timer()
+            calls[i]()
+            times[i].append(timer() - start)
+    return times
 
 
 @dataclass

@@ -344,8 +344,70 @@ def sact_demo_section(ctx):
     return result
 
 
+def dense_twin(model, backend=None):
+    """The plain :class:`~refimpl.resnet.ResNet` with the stem, units and head of an adaptive ResNet ``model``.
+
+    Same names, same arrays (copied): the dense network the adaptive one saves FLOPs against.
+    """
+    from refimpl.resnet import ResNet
+
+    dense = ResNet(model.n, model.head[3].out_features, model.stem.params["w"].shape[1], np.random.default_rng(0),
+                   widths=model.widths, backend=backend, dtype=model.param_dtype)
+    params = {name: p for name, p, _ in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    for name, p, _ in dense.named_parameters():
+        p[...] = params[name]
+    for name, b in dense.named_buffers():
+        b[...] = buffers[name]
+    dense.eval()
+    return dense
+
+
+#: Images and interleaved rounds of the speed section (small: the demo stays short).
+SPEED_IMAGES, SPEED_ROUNDS = 16, 5
+
+
+def adaptive_speed_section(ctx):
+    """Images per second of the shipped SACT-ResNet-14 against its dense twin, timed in interleaved rounds.
+
+    Both networks run on the demo's backend in evaluation mode on the same new cluttered digits;
+    each round runs each once (:func:`refimpl.measurement.interleaved_times`), so a busy moment of
+    the machine slows both. The table shows the median and the min–max of the rounds: on a shared
+    machine the spread says how far to trust the ratio. ``ponder bench --networks`` (from
+    ``fastpath``) is the full benchmark.
+    """
+    from refimpl.datasets import load_cluttered_digits
+    from refimpl.measurement import interleaved_times
+    from refimpl.pretrained import load_pretrained
+
+    model, meta = load_pretrained(SACT_MODEL, backend=ctx.backend)
+    model.eval()
+    dense = dense_twin(model, ctx.backend)
+    seed = int(ctx.rng.integers(2**31))
+    images = load_cluttered_digits(canvas=meta["data"]["canvas"], n_train=0, n_val=0, n_test=SPEED_IMAGES,
+                                   seed=seed)["test"].images
+    images = np.ascontiguousarray(images, dtype=model.param_dtype)
+    networks = {"dense ResNet-14": dense, "SACT-ResNet-14": model}
+    times = interleaved_times([lambda m=m: m(images) for m in networks.values()], SPEED_ROUNDS)
+    flops = {name: float(m.flops_per_sample.mean()) for name, m in networks.items()}
+    medians = {name: float(np.median(t)) for name, t in zip(networks, times)}
+    dense_name = "dense ResNet-14"
+    rows = [[name, flops[name] / 1e6, flops[dense_name] / flops[name], medians[name] * 1e3, min(t) * 1e3,
+             max(t) * 1e3, len(images) / medians[name], medians[dense_name] / medians[name]]
+            for name, t in zip(networks, times)]
+    sact_speedup = rows[1][-1]
+    verdict = ("faster than" if sact_speedup > 1 else "not faster than") + " its dense twin here"
+    return SectionResult(
+        f"Speed: SACT against its dense twin, {len(images)} images, {SPEED_ROUNDS} interleaved rounds, "
+        f"{ctx.backend.name} backend",
+        ["network", "MFLOPs/image", "FLOPs ratio", "ms median", "ms min", "ms max", "images/s", "speedup"], rows,
+        explanation=(f"Measured now: SACT is {verdict} ({sact_speedup:.2f}x the dense images/s for "
+                     f"{rows[1][2]:.2f}x fewer FLOPs). Timings of a busy machine vary; the min-max columns "
+                     f"show by how much. ponder bench --networks times the full set."))
+
+
 #: The demo, in order. A later section may use what an earlier one stored on the context.
-SECTIONS = [perforation_section, implicit_section, fast_backends_section, sact_demo_section]
+SECTIONS = [perforation_section, implicit_section, fast_backends_section, sact_demo_section, adaptive_speed_section]
 
 
 # ---------------------------------------------------------------------------------------------
