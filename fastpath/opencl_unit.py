@@ -43,15 +43,18 @@ from refimpl.sparse_unit import check_sparse_unit, dilate
 
 from . import profiling
 from .opencl_runtime import build_program
-from .opencl_tables import invert_table
 
 KERNEL_FILE = "sparse_unit.cl"
 #: Rows per partial sum of the reductions (statistics, parameter gradients): fixed, so the order in
 #: which values are added, hence the result, does not depend on the device.
 CHUNK = 64
-#: Work-group shape (channels, rows) of the two-dimensional kernels; global sizes are rounded up
-#: to it (PoCL compiles one specialisation per work-group shape).
-GROUP = (16, 4)
+#: Rows per partial sum of the weight gradients (longer: each chunk is a small GEMM).
+WEIGHT_CHUNK = 256
+#: Work-items per work-group along the first axis (the others: 1); global sizes are rounded up to it
+#: (PoCL compiles one specialisation per work-group shape).
+GROUP = 16
+#: Output channels held in registers per work-item of the GEMM kernels (the kernel's BM).
+BM = 16
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -73,16 +76,21 @@ class UnitRows(NamedTuple):
     a_counts: np.ndarray  # int64 (n,)
 
 
-def _tap_table(positions, row_of, shape, kernel):
-    """The row of ``row_of`` read by each tap of a stride-1 "same" window at ``positions``; -1 outside the image."""
+def _tap_table(positions, row_of, shape, kernel, mirrored=False):
+    """The row of ``row_of`` read by each tap of a stride-1 "same" window at ``positions``; -1 outside the image.
+
+    ``mirrored``: the window's offsets negated, which gives the inverse table: for each position
+    and tap, the row whose window reads this position through that tap.
+    """
     n, h, w = shape
     kh, kw = kernel
+    sign = -1 if mirrored else 1
     b, rest = np.divmod(positions, h * w)
     y, x = np.divmod(rest, w)
     table = np.full((positions.size, kh * kw), -1, dtype=np.int64)
     for i in range(kh):
         for j in range(kw):
-            yy, xx = y + i - kh // 2, x + j - kw // 2
+            yy, xx = y + sign * (i - kh // 2), x + sign * (j - kw // 2)
             inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
             table[inside, i * kw + j] = row_of[((b * h + yy) * w + xx)[inside]]
     return table.astype(np.int32)
@@ -103,6 +111,22 @@ def unit_rows(active, kernel1, kernel2):
     return UnitRows(d_positions.size, e_positions.size, a_positions.size, e_positions, a_positions,
                     conv1_table, conv2_table, d_mask.sum(axis=(1, 2)).astype(np.int64),
                     active.sum(axis=(1, 2)).astype(np.int64))
+
+
+def inverse_tables(rows, shape, kernel1, kernel2):
+    """The gather form of both convolutions' scatter: for every E row (D row) and tap of conv1 (conv2),
+    the D row (A row) whose window reads it through that tap, -1 if none.
+
+    A stride-1 window has at most one such reader per (row, tap), at the mirrored offset; this is
+    what :func:`fastpath.opencl_tables.invert_table` computes for any table, in one pass per tap.
+    """
+    size = int(np.prod(shape))
+    d_row = np.full(size, -1, dtype=np.int64)
+    d_row[rows.e_positions[: rows.n_d]] = np.arange(rows.n_d)
+    a_row = np.full(size, -1, dtype=np.int64)
+    a_row[rows.a_positions] = np.arange(rows.n_a)
+    return (_tap_table(rows.e_positions, d_row, shape, kernel1, mirrored=True),
+            _tap_table(rows.e_positions[: rows.n_d], a_row, shape, kernel2, mirrored=True))
 
 
 class _BatchNormState(NamedTuple):
@@ -151,9 +175,7 @@ class OpenCLFusedUnit:
     # -- plumbing ------------------------------------------------------------------------------
 
     def _launch(self, name, dtype, global_size, *args):
-        local = GROUP[: len(global_size)] if len(global_size) > 1 else (GROUP[0],)
-        if len(global_size) == 3:
-            local = (GROUP[0], 1, 1)
+        local = (GROUP,) + (1,) * (len(global_size) - 1)
         glob = tuple(_round_up(g, l) for g, l in zip(global_size, local))
         return self.backend._launch(KERNEL_FILE, name, dtype, glob, local, *args)
 
@@ -242,24 +264,31 @@ class OpenCLFusedUnit:
     # -- convolutions --------------------------------------------------------------------------
 
     def _packed(self, conv, dtype):
-        """conv's weights (K, C, kh, kw) as (taps, C, K) for the forward and (taps, K, C) for dX."""
+        """conv's weights (K, C, kh, kw) as (taps, C, K) for the forward and (taps, K, C) for dX,
+        the last axis zero-padded to a multiple of BM."""
         w = conv.params["w"]
         k, c = w.shape[:2]
         matrix = w.reshape(k, c, -1)
-        return self._upload(matrix.transpose(2, 1, 0), dtype), self._upload(matrix.transpose(2, 0, 1), dtype)
+        packed = []
+        for order in ((2, 1, 0), (2, 0, 1)):
+            m = matrix.transpose(order)
+            padded = np.zeros(m.shape[:2] + (_round_up(m.shape[2], BM),), dtype)
+            padded[..., : m.shape[2]] = m
+            packed.append(self._upload(padded))
+        return tuple(packed)
 
     def _gemm(self, rows, table, taps, src, cin, w, cout, dtype, bias=None, gate=None):
         out = self._empty((rows, cout), dtype)
-        self._launch("table_gemm", dtype, (cout, rows), rows, taps, cin, cout, table, src, w,
+        self._launch("table_gemm", dtype, (rows, -(-cout // BM)), rows, taps, cin, cout, w.shape[2], table, src, w,
                      int(bias is not None), bias if bias is not None else w,
                      int(gate is not None), gate if gate is not None else w, out)
         return out
 
     def _weight_grad(self, rows, table, taps, src, cin, dout, cout, dtype):
-        groups = -(-rows // CHUNK)
+        groups = -(-rows // WEIGHT_CHUNK)
         partial = self._empty((groups, cout, cin * taps), dtype)
-        self._launch("weight_grad_partials", dtype, (cin * taps, cout, groups), rows, taps, cin, cout, CHUNK,
-                     table, src, dout, partial)
+        self._launch("weight_grad_partials", dtype, (cin * taps, -(-cout // BM), groups), rows, taps, cin, cout,
+                     WEIGHT_CHUNK, table, src, dout, partial)
         dw = self._empty((cout * cin * taps,), dtype)
         self._launch("reduce_partials", dtype, (cout * cin * taps,), groups, cout * cin * taps, dtype.type(1),
                      partial, dw)
@@ -344,11 +373,8 @@ class OpenCLFusedUnit:
         taps1, taps2 = rows.conv1_table.shape[1], rows.conv2_table.shape[1]
         queue = self.backend.queue
         with self._phase("other"):
-            inverse1, depth1 = invert_table(rows.conv1_table[None], max(rows.n_e, 1))
-            inverse2, depth2 = invert_table(rows.conv2_table[None], max(rows.n_d, 1))
-            assert depth1 == depth2 == 1, "a stride-1 window has one reader per (position, tap)"
-            inverse1 = self._upload(inverse1[0])
-            inverse2 = self._upload(inverse2[0])
+            inverse1, inverse2 = inverse_tables(rows, (n, h, w), unit.conv1.kernel, unit.conv2.kernel)
+            inverse1, inverse2 = self._upload(inverse1), self._upload(inverse2)
         with self._phase("gather"):
             dx = self._upload(dout.reshape(-1))
             dres = self._empty((rows.n_a, k), dtype)

@@ -66,28 +66,43 @@ __kernel void scatter_add(const int rows, const int channels, const int cstride,
     dense[offset[r] + c * cstride] += compact[r * channels + c];
 }
 
-/* out[r, m] = bias[m] + sum_t sum_c w[(t*cin + c)*cout + m] * src[table[r*taps + t]*cin + c],
- * times [gate[r, m] > 0] when use_gate. One work-item per (m, r): neighbours along m read the
- * same source value and consecutive weights (what a CPU compiler vectorises across work-items). */
-__kernel void table_gemm(const int rows, const int taps, const int cin, const int cout,
+#ifndef BM
+#define BM 16
+#endif
+
+/* out[r, m] = bias[m] + sum_t sum_c w[(t*cin + c)*ldw + m] * src[table[r*taps + t]*cin + c],
+ * times [gate[r, m] > 0] when use_gate. Global size (rows, ceil(cout / BM)): a work-item holds BM
+ * output channels of one row in registers; neighbouring work-items are neighbouring rows and read
+ * the same weights (the CPU compilers vectorise across work-items). w has ldw >= ceil(cout/BM)*BM
+ * zero-padded columns, so the inner loop needs no bounds check. */
+__kernel void table_gemm(const int rows, const int taps, const int cin, const int cout, const int ldw,
                          __global const int *table, __global const REAL *src, __global const REAL *w,
                          const int use_bias, __global const REAL *bias,
                          const int use_gate, __global const REAL *gate, __global REAL *out)
 {
-    const int m = get_global_id(0);
-    const int r = get_global_id(1);
-    if (m >= cout || r >= rows) return;
-    REAL acc = use_bias ? bias[m] : (REAL)0;
+    const int r = get_global_id(0);
+    const int m0 = get_global_id(1) * BM;
+    if (r >= rows || m0 >= cout) return;
+    REAL acc[BM];
+    for (int i = 0; i < BM; ++i) acc[i] = (REAL)0;
     for (int t = 0; t < taps; ++t) {
         const int s = table[r * taps + t];
         if (s < 0) continue;
         __global const REAL *row = src + (size_t)s * cin;
-        __global const REAL *wt = w + (size_t)t * cin * cout + m;
-        for (int c = 0; c < cin; ++c)
-            acc += wt[c * cout] * row[c];
+        __global const REAL *wt = w + (size_t)t * cin * ldw + m0;
+        for (int c = 0; c < cin; ++c) {
+            const REAL v = row[c];
+            __global const REAL *a = wt + (size_t)c * ldw;
+            for (int i = 0; i < BM; ++i) acc[i] += a[i] * v;
+        }
     }
-    if (use_gate && !(gate[r * cout + m] > (REAL)0)) acc = (REAL)0;
-    out[r * cout + m] = acc;
+    const int block = min(BM, cout - m0);
+    for (int i = 0; i < block; ++i) {
+        const int m = m0 + i;
+        REAL value = acc[i] + (use_bias ? bias[m] : (REAL)0);
+        if (use_gate && !(gate[r * cout + m] > (REAL)0)) value = (REAL)0;
+        out[r * cout + m] = value;
+    }
 }
 
 /* partial[g, c] = sum over rows r of chunk g of v, v = src[offset[r] + c*cstride] (squared_from_mean
@@ -184,24 +199,36 @@ __kernel void bn_backward_scatter(const int rows, const int channels, const int 
     out[o] = accumulate ? out[o] + d : d;
 }
 
-/* partial[g, m, c, t] = sum over rows r of chunk g of dout[r, m] * src[table[r, t], c]: the chunk's
- * share of the weight gradient (K, C, kh*kw), the layout of the layer's weights. */
+/* partial[g, m, c*taps + t] = sum over rows r of chunk g of dout[r, m] * src[table[r, t], c]: the
+ * chunk's share of the weight gradient (K, C, kh*kw), the layout of the layer's weights. Global size
+ * (cin*taps, ceil(cout / BM), chunks): a work-item holds BM output channels in registers;
+ * neighbouring work-items read the same dout values. */
 __kernel void weight_grad_partials(const int rows, const int taps, const int cin, const int cout,
                                    const int chunk, __global const int *table,
                                    __global const REAL *src, __global const REAL *dout,
                                    __global REAL *partial)
 {
     const int ct = get_global_id(0);  /* c * taps + t */
-    const int m = get_global_id(1);
+    const int m0 = get_global_id(1) * BM;
     const int g = get_global_id(2);
     const int start = g * chunk;
-    if (ct >= cin * taps || m >= cout || start >= rows) return;
+    if (ct >= cin * taps || m0 >= cout || start >= rows) return;
     const int c = ct / taps, t = ct % taps;
     const int stop = min(rows, start + chunk);
-    REAL acc = (REAL)0;
+    const int block = min(BM, cout - m0);
+    REAL acc[BM];
+    for (int i = 0; i < BM; ++i) acc[i] = (REAL)0;
     for (int r = start; r < stop; ++r) {
         const int s = table[r * taps + t];
-        if (s >= 0) acc += dout[r * cout + m] * src[(size_t)s * cin + c];
+        if (s < 0) continue;
+        const REAL v = src[(size_t)s * cin + c];
+        __global const REAL *d = dout + (size_t)r * cout + m0;
+        if (block == BM) {
+            for (int i = 0; i < BM; ++i) acc[i] += d[i] * v;
+        } else {
+            for (int i = 0; i < block; ++i) acc[i] += d[i] * v;
+        }
     }
-    partial[((size_t)g * cout + m) * cin * taps + ct] = acc;
+    for (int i = 0; i < block; ++i)
+        partial[((size_t)g * cout + m0 + i) * cin * taps + ct] = acc[i];
 }
