@@ -346,3 +346,24 @@ def test_fused_unit_with_other_odd_windows_and_biases_equals_the_reference(backe
     for key, value in ref.items():
         if key not in exact_zero | {"flops"}:
             assert_close(got[key], value, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels", [16, 20])
+def test_fused_unit_with_whole_channel_blocks_equals_the_reference(backend, channels, dtype):
+    """16 channels fill the kernels' register block exactly; 20 add a partial block (the property
+    test's 1-8 channels only ever have a partial one)."""
+    if not backend.supports_dtype(dtype):
+        pytest.skip(f"{backend.device_name} has no {np.dtype(dtype)}")
+    rng = np.random.default_rng(channels)
+    reference, fused = make_unit_pair(rng, channels, dtype, backend, training=True)
+    x = rng.standard_normal((2, channels, 6, 5)).astype(dtype)
+    active = rng.random((2, 6, 5)) < 0.4
+    active[:, 3, 2] = True
+    dout = rng.standard_normal(x.shape).astype(dtype)
+    ref = run_unit(reference, sparse_unit_forward, sparse_unit_backward, x, active, dout)
+    got = run_unit(fused, backend.fused_unit.forward, backend.fused_unit.backward, x, active, dout)
+    np.testing.assert_array_equal(got["flops"], ref["flops"])
+    for key, value in ref.items():
+        if key != "flops":
+            assert_close(got[key], value, dtype)
