@@ -81,19 +81,30 @@ def _tap_table(positions, row_of, shape, kernel, mirrored=False):
 
     ``mirrored``: the window's offsets negated, which gives the inverse table: for each position
     and tap, the row whose window reads this position through that tap.
+
+    Parameters
+    ----------
+    positions : int64 (P,), flat positions ``b * H*W + y * W + x``
+    row_of : int (n*H*W,), the row of every position, -1 where there is none
+    shape : (n, H, W)
+    kernel : (kh, kw), odd
+
+    Returns
+    -------
+    int32 (P, kh*kw), tap ``t = i * kw + j``.
     """
     n, h, w = shape
     kh, kw = kernel
-    sign = -1 if mirrored else 1
+    rh, rw = kh // 2, kw // 2
+    hp, wp = h + 2 * rh, w + 2 * rw
+    padded = np.full((n, hp, wp), -1, dtype=np.int32)  # the border reads "no row": zero padding
+    padded[:, rh : rh + h, rw : rw + w] = row_of.reshape(n, h, w)
     b, rest = np.divmod(positions, h * w)
     y, x = np.divmod(rest, w)
-    table = np.full((positions.size, kh * kw), -1, dtype=np.int64)
-    for i in range(kh):
-        for j in range(kw):
-            yy, xx = y + sign * (i - kh // 2), x + sign * (j - kw // 2)
-            inside = (yy >= 0) & (yy < h) & (xx >= 0) & (xx < w)
-            table[inside, i * kw + j] = row_of[((b * h + yy) * w + xx)[inside]]
-    return table.astype(np.int32)
+    centre = (b * hp + y + rh) * wp + x + rw
+    sign = -1 if mirrored else 1
+    offsets = np.array([sign * ((i - rh) * wp + (j - rw)) for i in range(kh) for j in range(kw)], dtype=np.int64)
+    return padded.reshape(-1)[centre[:, None] + offsets[None, :]]
 
 
 def unit_rows(active, kernel1, kernel2):
