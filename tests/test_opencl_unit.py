@@ -367,3 +367,18 @@ def test_fused_unit_with_whole_channel_blocks_equals_the_reference(backend, chan
     for key, value in ref.items():
         if key != "flops":
             assert_close(got[key], value, dtype)
+
+
+def test_fused_unit_reports_its_phases_while_profiling_records(backend):
+    from fastpath import profiling
+
+    rng = np.random.default_rng(6)
+    _, unit = make_unit_pair(rng, 4, np.float32, backend, training=True)
+    x = rng.standard_normal((2, 4, 6, 6)).astype(np.float32)
+    active = rng.random((2, 6, 6)) < 0.5
+    active[:, 0, 0] = True
+    with profiling.recording() as phases:
+        out, cache, _ = backend.fused_unit.forward(unit, x, active)
+        backend.fused_unit.backward(unit, np.ones_like(out), cache)
+    assert set(phases) == {"gather", "compute", "scatter", "other"}
+    assert all(seconds > 0 for seconds in phases.values())
