@@ -53,8 +53,11 @@ WEIGHT_CHUNK = 256
 #: Work-items per work-group along the first axis (the others: 1); global sizes are rounded up to it
 #: (PoCL compiles one specialisation per work-group shape).
 GROUP = 16
-#: Output channels held in registers per work-item of the GEMM kernels (the kernel's BM).
+#: Output channels held in registers per work-item of the GEMM kernels (the kernel's BM), and
+#: rows per work-item of table_gemm (its RB), input channels per work-item of the weight gradient (CB).
 BM = 16
+RB = 4
+CB = 4
 _INT32_MAX = np.iinfo(np.int32).max
 
 
@@ -290,7 +293,7 @@ class OpenCLFusedUnit:
 
     def _gemm(self, rows, table, taps, src, cin, w, cout, dtype, bias=None, gate=None):
         out = self._empty((rows, cout), dtype)
-        self._launch("table_gemm", dtype, (rows, -(-cout // BM)), rows, taps, cin, cout, w.shape[2], table, src, w,
+        self._launch("table_gemm", dtype, (-(-rows // RB), -(-cout // BM)), rows, taps, cin, cout, w.shape[2], table, src, w,
                      int(bias is not None), bias if bias is not None else w,
                      int(gate is not None), gate if gate is not None else w, out)
         return out
@@ -298,7 +301,7 @@ class OpenCLFusedUnit:
     def _weight_grad(self, rows, table, taps, src, cin, dout, cout, dtype):
         groups = -(-rows // WEIGHT_CHUNK)
         partial = self._empty((groups, cout, cin * taps), dtype)
-        self._launch("weight_grad_partials", dtype, (cin * taps, -(-cout // BM), groups), rows, taps, cin, cout,
+        self._launch("weight_grad_partials", dtype, (taps * -(-cin // CB), -(-cout // BM), groups), rows, taps, cin, cout,
                      WEIGHT_CHUNK, table, src, dout, partial)
         dw = self._empty((cout * cin * taps,), dtype)
         self._launch("reduce_partials", dtype, (cout * cin * taps,), groups, cout * cin * taps, dtype.type(1),

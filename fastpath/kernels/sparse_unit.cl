@@ -79,35 +79,53 @@ __kernel void scatter_add(const int rows, const int channels, const int cstride,
 #define VSTORE vstore16
 
 /* out[r, m] = bias[m] + sum_t sum_c w[(t*cin + c)*ldw + m] * src[table[r*taps + t]*cin + c],
- * times [gate[r, m] > 0] when use_gate. Global size (rows, ceil(cout / BM)): a work-item holds BM
- * output channels of one row as one vector (explicit vectors: on PoCL about six times faster than
- * leaving the vectorisation to the compiler); neighbouring work-items read the same weights. w has
- * ldw >= ceil(cout/BM)*BM zero-padded columns, so the vector loads need no bounds check. */
+ * times [gate[r, m] > 0] when use_gate. Global size (ceil(rows / RB), ceil(cout / BM)): a
+ * work-item holds BM output channels of RB rows as RB vectors (explicit vectors: on PoCL several
+ * times faster than leaving the vectorisation to the compiler), so each weight vector loaded
+ * serves RB rows. w has ldw >= ceil(cout/BM)*BM zero-padded columns, so the vector loads need no
+ * bounds check; a padding tap or a row past the end reads row 0 and uses zero instead. */
+#define RB 4
 __kernel void table_gemm(const int rows, const int taps, const int cin, const int cout, const int ldw,
                          __global const int *table, __global const REAL *src, __global const REAL *w,
                          const int use_bias, __global const REAL *bias,
                          const int use_gate, __global const REAL *gate, __global REAL *out)
 {
-    const int r = get_global_id(0);
+    const int r0 = get_global_id(0) * RB;
     const int m0 = get_global_id(1) * BM;
-    if (r >= rows || m0 >= cout) return;
-    REALV acc = (REALV)0;
+    if (r0 >= rows || m0 >= cout) return;
+    REALV acc0 = (REALV)0, acc1 = (REALV)0, acc2 = (REALV)0, acc3 = (REALV)0;
     for (int t = 0; t < taps; ++t) {
-        const int s = table[r * taps + t];
-        if (s < 0) continue;
-        __global const REAL *row = src + (size_t)s * cin;
+        int s[RB];
+        for (int j = 0; j < RB; ++j)
+            s[j] = r0 + j < rows ? table[(r0 + j) * taps + t] : -1;
+        if (s[0] < 0 && s[1] < 0 && s[2] < 0 && s[3] < 0) continue;
+        __global const REAL *p0 = src + (size_t)max(s[0], 0) * cin;
+        __global const REAL *p1 = src + (size_t)max(s[1], 0) * cin;
+        __global const REAL *p2 = src + (size_t)max(s[2], 0) * cin;
+        __global const REAL *p3 = src + (size_t)max(s[3], 0) * cin;
         __global const REAL *wt = w + (size_t)t * cin * ldw + m0;
-        for (int c = 0; c < cin; ++c)
-            acc += VLOAD(0, wt + (size_t)c * ldw) * row[c];
+        for (int c = 0; c < cin; ++c) {
+            const REALV a = VLOAD(0, wt + (size_t)c * ldw);
+            acc0 += a * (s[0] >= 0 ? p0[c] : (REAL)0);
+            acc1 += a * (s[1] >= 0 ? p1[c] : (REAL)0);
+            acc2 += a * (s[2] >= 0 ? p2[c] : (REAL)0);
+            acc3 += a * (s[3] >= 0 ? p3[c] : (REAL)0);
+        }
     }
-    REAL values[BM];
-    VSTORE(acc, 0, values);
+    REAL values[RB][BM];
+    VSTORE(acc0, 0, values[0]);
+    VSTORE(acc1, 0, values[1]);
+    VSTORE(acc2, 0, values[2]);
+    VSTORE(acc3, 0, values[3]);
     const int block = min(BM, cout - m0);
-    for (int i = 0; i < block; ++i) {
-        const int m = m0 + i;
-        REAL value = values[i] + (use_bias ? bias[m] : (REAL)0);
-        if (use_gate && !(gate[r * cout + m] > (REAL)0)) value = (REAL)0;
-        out[r * cout + m] = value;
+    for (int j = 0; j < RB && r0 + j < rows; ++j) {
+        const int r = r0 + j;
+        for (int i = 0; i < block; ++i) {
+            const int m = m0 + i;
+            REAL value = values[j][i] + (use_bias ? bias[m] : (REAL)0);
+            if (use_gate && !(gate[r * cout + m] > (REAL)0)) value = (REAL)0;
+            out[r * cout + m] = value;
+        }
     }
 }
 
@@ -207,39 +225,55 @@ __kernel void bn_backward_scatter(const int rows, const int channels, const int 
 
 /* partial[g, m, c*taps + t] = sum over rows r of chunk g of dout[r, m] * src[table[r, t], c]: the
  * chunk's share of the weight gradient (K, C, kh*kw), the layout of the layer's weights. Global size
- * (cin*taps, ceil(cout / BM), chunks): a work-item holds BM output channels as one vector
- * (a scalar loop for a last, partial block); neighbouring work-items read the same dout values. */
+ * (taps * ceil(cin / CB), ceil(cout / BM), chunks): a work-item holds BM output channels of CB input
+ * channels of one tap as CB vectors, so each dout vector loaded serves CB input channels (a scalar
+ * loop for the partial blocks at the ends). */
+#define CB 4
 __kernel void weight_grad_partials(const int rows, const int taps, const int cin, const int cout,
                                    const int chunk, __global const int *table,
                                    __global const REAL *src, __global const REAL *dout,
                                    __global REAL *partial)
 {
-    const int ct = get_global_id(0);  /* c * taps + t */
+    const int t = get_global_id(0) % taps;
+    const int c0 = get_global_id(0) / taps * CB;
     const int m0 = get_global_id(1) * BM;
     const int g = get_global_id(2);
     const int start = g * chunk;
-    if (ct >= cin * taps || m0 >= cout || start >= rows) return;
-    const int c = ct / taps, t = ct % taps;
+    if (c0 >= cin || m0 >= cout || start >= rows) return;
     const int stop = min(rows, start + chunk);
     const int block = min(BM, cout - m0);
-    REAL acc[BM];
-    if (block == BM) {  /* whole vectors of dout: the fast path */
-        REALV sum = (REALV)0;
-        for (int r = start; r < stop; ++r) {
-            const int s = table[r * taps + t];
-            if (s >= 0) sum += VLOAD(0, dout + (size_t)r * cout + m0) * src[(size_t)s * cin + c];
-        }
-        VSTORE(sum, 0, acc);
-    } else {
-        for (int i = 0; i < BM; ++i) acc[i] = (REAL)0;
+    const int cblock = min(CB, cin - c0);
+    REAL acc[CB][BM];
+    if (block == BM && cblock == CB) {  /* whole vectors: the fast path */
+        REALV sum0 = (REALV)0, sum1 = (REALV)0, sum2 = (REALV)0, sum3 = (REALV)0;
         for (int r = start; r < stop; ++r) {
             const int s = table[r * taps + t];
             if (s < 0) continue;
-            const REAL v = src[(size_t)s * cin + c];
+            const REALV d = VLOAD(0, dout + (size_t)r * cout + m0);
+            __global const REAL *v = src + (size_t)s * cin + c0;
+            sum0 += d * v[0];
+            sum1 += d * v[1];
+            sum2 += d * v[2];
+            sum3 += d * v[3];
+        }
+        VSTORE(sum0, 0, acc[0]);
+        VSTORE(sum1, 0, acc[1]);
+        VSTORE(sum2, 0, acc[2]);
+        VSTORE(sum3, 0, acc[3]);
+    } else {
+        for (int k = 0; k < CB; ++k)
+            for (int i = 0; i < BM; ++i) acc[k][i] = (REAL)0;
+        for (int r = start; r < stop; ++r) {
+            const int s = table[r * taps + t];
+            if (s < 0) continue;
             __global const REAL *d = dout + (size_t)r * cout + m0;
-            for (int i = 0; i < block; ++i) acc[i] += d[i] * v;
+            for (int k = 0; k < cblock; ++k) {
+                const REAL v = src[(size_t)s * cin + c0 + k];
+                for (int i = 0; i < block; ++i) acc[k][i] += d[i] * v;
+            }
         }
     }
-    for (int i = 0; i < block; ++i)
-        partial[((size_t)g * cout + m0 + i) * cin * taps + ct] = acc[i];
+    for (int k = 0; k < cblock; ++k)
+        for (int i = 0; i < block; ++i)
+            partial[((size_t)g * cout + m0 + i) * cin * taps + (c0 + k) * taps + t] = acc[k][i];
 }
