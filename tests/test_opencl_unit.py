@@ -1,10 +1,11 @@
 """The OpenCL fused sparse residual unit (fastpath.opencl_unit) against the reference composition.
 
 The reference is refimpl.sparse_unit.sparse_unit_forward / sparse_unit_backward on a NumPy unit
-with the same parameters: U, FLOPs, dx, every parameter gradient and the running statistics must
-agree within docs/spec.md §11.1, for random shapes, per-sample masks (empty and full included),
-training and evaluation, float32 and float64. Its backward is also checked by central differences,
-and a SACT-ResNet with fused units must equal the same network composed layer by layer.
+with the same parameters (its dense masked execution where a sample has no active position, which
+the sparse composition refuses): U, FLOPs, dx, every parameter gradient and the running statistics
+must agree within docs/spec.md §11.1, for random shapes, per-sample masks (empty and full
+included), training and evaluation, float32 and float64. Its backward is also checked by central
+differences, and a SACT-ResNet with fused units must equal the same network composed layer by layer.
 """
 
 from __future__ import annotations

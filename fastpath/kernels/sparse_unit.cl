@@ -19,7 +19,7 @@
  * - scatter_add       dense[offset[r] + c*stride] += compact[r, c]: the residual add of the forward;
  * - bn_backward_scatter  the batch-norm input gradient written to compact rows or added into dense dx;
  * - column_partials, bn_grad_partials, weight_grad_partials: reductions over rows as per-chunk
- *                     partial sums (CHUNK rows each, summed sequentially), then reduce_partials adds
+ *                     partial sums (a fixed number of rows each, summed sequentially), then reduce_partials adds
  *                     the chunks in index order. No atomics: the result does not depend on scheduling.
  *
  * Every kernel checks its bounds: the host rounds global sizes up to a fixed work-group shape so
