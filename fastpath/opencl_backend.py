@@ -35,7 +35,8 @@ reference in ``perforated_conv_oracle.cl``). The tests compare all three.
 
 One job per module: this one is the backend. pyopencl, the kernel programs and the device choice
 are in :mod:`fastpath.opencl_runtime`; the host-side index tables in :mod:`fastpath.opencl_tables`;
-the transfer measurement in :mod:`fastpath.opencl_transfer`. Their public names are also importable
+the transfer measurement in :mod:`fastpath.opencl_transfer`; the fused sparse residual unit
+(attribute ``fused_unit``) in :mod:`fastpath.opencl_unit`. Their public names are also importable
 from here. Without pyopencl or a working device, :class:`OpenCLBackend` raises
 :class:`refimpl.backend.BackendUnavailableError` with the reason, like every backend.
 """
@@ -66,6 +67,7 @@ from .opencl_runtime import (  # noqa: F401  (re-exported: importable from here 
 )
 from .opencl_tables import IndexCache, conv_tap_table, invert_table, zero_fill_index  # noqa: F401
 from .opencl_transfer import chain_transfer_share, copy_seconds  # noqa: F401
+from .opencl_unit import OpenCLFusedUnit
 
 KERNEL_VARIANTS = ("tiled", "direct", "oracle")
 #: Output channels per work-item of the "direct" kernels (-D BM).
@@ -155,6 +157,9 @@ class OpenCLBackend(ConvBackend):
         # Build the float32 programs now (cached per context): a bad tile fails here, and the first
         # call is not slowed by a build (float64 is built on first use).
         self.warm_up([np.float32], oracle=kernels == "oracle")
+        #: The fused sparse residual unit (:mod:`fastpath.opencl_unit`), which
+        #: :func:`refimpl.sparse_unit.unit_executor` picks for units whose convolutions run here.
+        self.fused_unit = OpenCLFusedUnit(self)
 
     # -- dtype, programs, launches -------------------------------------------------------------
 

@@ -35,6 +35,11 @@ def section(name):
         _totals[name] = _totals.get(name, 0.0) + time.perf_counter() - start
 
 
+def is_recording():
+    """Whether a :func:`recording` is active (a fast operation may then wait for its device at a phase's end)."""
+    return _totals is not None
+
+
 @contextlib.contextmanager
 def recording():
     """Record the sections run in the ``with`` body; yields the dict ``{phase: seconds}`` it fills."""

@@ -29,3 +29,10 @@ def test_recording_does_not_nest():
         with pytest.raises(RuntimeError, match="does not nest"):
             with profiling.recording():
                 pass
+
+
+def test_is_recording_says_whether_a_recording_is_active():
+    assert not profiling.is_recording()
+    with profiling.recording():
+        assert profiling.is_recording()
+    assert not profiling.is_recording()
