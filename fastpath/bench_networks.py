@@ -305,7 +305,8 @@ class PonderRunner(Runner):
         self.offsets = {}  # input size -> calibrated halting-bias offset
 
     def set_threads(self, threads):
-        self.backend.threads = threads
+        if hasattr(self.backend, "threads"):  # the Cython backend's OpenMP threads; a device backend has none
+            self.backend.threads = threads
 
     def prepare(self, x, labels=None):
         model = self.model
@@ -330,7 +331,8 @@ class TorchRunner(Runner):
         import torch
 
         self.torch, self.name, self.dense_flops = torch, name, dense_flops
-        self.net = torch_resnet(model)
+        self.device = torch_device(torch)
+        self.net = torch_resnet(model).to(self.device)
         self.net.train(training)
         self.optimizer = torch.optim.SGD(self.net.parameters(), lr=lr, momentum=0.9) if training else None
 
@@ -339,23 +341,35 @@ class TorchRunner(Runner):
 
     def prepare(self, x, labels=None):
         torch, net = self.torch, self.net
-        tx = torch.from_numpy(x)
+        tx = torch.from_numpy(x).to(self.device)  # on a GPU the input is resident, as cuDNN users keep it
+        synchronize = torch.cuda.synchronize if self.device.type == "cuda" else (lambda: None)
         if self.optimizer is None:
             def call():
                 with torch.no_grad():
                     net(tx)
+                synchronize()
             return call
-        ty = torch.from_numpy(labels.astype(np.int64))
+        ty = torch.from_numpy(labels.astype(np.int64)).to(self.device)
         loss_fn = torch.nn.CrossEntropyLoss()
 
         def step():
             self.optimizer.zero_grad()
             loss_fn(net(tx), ty).backward()
             self.optimizer.step()
+            synchronize()
         return step
 
     def flops_per_image(self):
         return float(self.dense_flops)
+
+
+def torch_device(torch):
+    """CUDA when PyTorch sees a GPU (TF32 off, so float32 is compared with float32), else the CPU."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        return torch.device("cuda")
+    return torch.device("cpu")
 
 
 @dataclass
@@ -636,6 +650,7 @@ def environment(backend):
         import torch
 
         info["torch"] = torch.__version__
+        info["torch_device"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
     except ImportError:
         pass
     try:
@@ -699,6 +714,9 @@ def add_arguments(group):
                                                                    for k, v in QUICK.items()))
     group.add_argument("--breakdown", action="store_true",
                        help="also time one call of each ponder network per phase (fastpath.profiling sections)")
+    group.add_argument("--network-backend", choices=NETWORK_BACKENDS, default=None,
+                       help="conv backend of the ponder networks (default cython; opencl runs them through "
+                            "PyOpenCL, e.g. on a GPU, with NumPy arrays between layers)")
 
 
 def _part(text):
@@ -711,7 +729,9 @@ def _show(value):
     return ",".join(f"{v:g}" for v in value) if isinstance(value, tuple) else f"{value:g}"
 
 
-NETWORK_ONLY = ("sizes", "ratios", "batch", "depth", "train_depth", "train_size", "parts", "quick", "breakdown")
+NETWORK_ONLY = ("sizes", "ratios", "batch", "depth", "train_depth", "train_size", "parts", "quick", "breakdown",
+                "network_backend")
+NETWORK_BACKENDS = ("cython", "opencl")
 
 
 def resolve(args, layer_defaults):
@@ -731,7 +751,7 @@ def resolve(args, layer_defaults):
         raise UsageError(f"{flags}: options of the per-layer benchmark; --networks does not take them")
     defaults = {"sizes": DEFAULT_SIZES, "threads": DEFAULT_THREADS, "ratios": DEFAULT_RATIOS, "batch": DEFAULT_BATCH,
                 "depth": DEFAULT_DEPTH, "train_depth": DEFAULT_TRAIN_DEPTH, "train_size": DEFAULT_TRAIN_SIZE,
-                "parts": PARTS}
+                "parts": PARTS, "network_backend": "cython"}
     if args.quick:
         defaults.update(QUICK)
     for name, value in defaults.items():
@@ -753,17 +773,24 @@ def run(args):
     """Run the whole-network benchmark with resolved ``args`` (see :func:`resolve`); prints and returns the result dict."""
     import fastpath
 
-    status = fastpath.available_backends()["cython"]
+    name = args.network_backend
+    status = fastpath.available_backends()[name]
     if not status.usable:
-        raise UsageError(f"--networks needs the cython backend: {status.reason}")
-    from fastpath.cython_backend import CythonBackend
+        raise UsageError(f"--networks --network-backend {name}: the {name} backend is not usable here: {status.reason}")
+    if name == "cython":
+        from fastpath.cython_backend import CythonBackend
 
+        backend = CythonBackend(threads=max(args.threads))
+    else:
+        from refimpl.backend import get_backend
+
+        backend = get_backend(name)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    backend = CythonBackend(threads=max(args.threads))
     rng = np.random.default_rng(args.seed)
     info = environment(backend)
     settings = {k: getattr(args, k) for k in ("sizes", "threads", "ratios", "batch", "depth", "train_depth",
-                                               "train_size", "repeat", "seed", "parts", "breakdown")}
+                                               "train_size", "repeat", "seed", "parts", "breakdown",
+                                               "network_backend")}
     settings.update(halting_spread=HALTING_SPREAD, calibration_batch=min(CALIBRATION_BATCH, args.batch),
                     bias_range=list(BIAS_RANGE), bisection_steps=BISECTION_STEPS)
     print(f"ponder bench --networks: float32, batch {args.batch}, median of {args.repeat} interleaved rounds after a "

@@ -161,6 +161,8 @@ def test_the_torch_mirror_computes_the_ponder_network():
     (["--networks", "--parts", "inference,speed"], ["--parts", "inference"]),
     (["--networks", "--layers", "resnet16"], ["--layers", "per-layer"]),
     (["--sizes", "32"], ["--sizes", "only with --networks"]),
+    (["--networks", "--network-backend", "cuda"], ["--network-backend", "'cuda'", "cython"]),
+    (["--network-backend", "opencl"], ["--network-backend", "only with --networks"]),
     (["--threads", "1,2"], ["--threads", "one thread count"]),
 ])
 def test_bad_arguments_are_refused_in_one_line(args, names):
@@ -170,3 +172,18 @@ def test_bad_arguments_are_refused_in_one_line(args, names):
     line = result.stderr.strip().splitlines()[-1]
     for name in names:
         assert name in line, (name, line)
+
+
+@pytest.mark.opencl
+def test_the_networks_run_on_the_opencl_backend(tmp_path):
+    if not fastpath.available_backends()["opencl"].usable:
+        pytest.skip("the opencl backend is not usable here")
+    path = tmp_path / "networks.json"
+    result = ponder("bench", "--networks", "--quick", "--sizes", "8", "--batch", "2", "--ratios", "1",
+                    "--repeat", "2", "--parts", "inference", "--network-backend", "opencl", "--quiet", "--json", path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(path.read_text())
+    assert data["settings"]["network_backend"] == "opencl"
+    assert "OpenCL" in data["environment"]["backend"] or "opencl" in data["environment"]["backend"]
+    runners = {row["runner"] for row in data["rows"]}
+    assert {"ponder dense", "SACT", "SACT unfused", "PACT"} <= runners
