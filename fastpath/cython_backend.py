@@ -36,6 +36,7 @@ from refimpl.backend import BackendUnavailableError, ConvBackend
 from refimpl.conv import ConvGeometry
 
 from . import BackendStatus
+from . import cython_unit
 
 try:
     from . import _cython_conv as _kernels
@@ -155,6 +156,10 @@ class CythonBackend(ConvBackend):
         self.threads = default_threads() if threads is None else threads
         self.chunk_bytes = chunk_bytes
         self.parallel_work = parallel_work
+        # The sparse residual unit fused in the channels-last domain (refimpl.sparse_unit.unit_executor
+        # picks it for sparse SACT units); absent if its extension was not compiled.
+        if cython_unit._kernels is not None:
+            self.fused_unit = cython_unit.CythonFusedUnit(self)
 
     @property
     def threads(self):

@@ -1,0 +1,376 @@
+# cython: boundscheck=False, wraparound=False, cdivision=True, initializedcheck=False, nonecheck=False
+"""Kernels of the fused sparse residual unit (:mod:`fastpath.cython_unit`), channels-last.
+
+The unit's branch runs on compact *rows*: one row per computed position, its channels contiguous
+(an (R, C) matrix). Positions are found through a **map**: an int32 array over the zero-padded
+grid (N, H + 2P, W + 2Q), flattened, holding the row of every position that has one and -1
+elsewhere (outside the image, or a position that was not computed). A convolution at row ``r``
+centred at map index ``pos[r]`` reads tap ``t`` from row ``map[pos[r] + tapoff[t]]`` (zero for
+-1), so the im2col of scattered windows is one index load and one contiguous copy of C values
+per tap, which vectorises; the GEMM ``out (R, K) = cols (R, T C) · Wmatᵀ`` runs in BLAS.
+
+The adjoint of that gather (col2im) is written as a gather too: position ``q`` receives tap
+``t`` of the window centred at ``q - tapoff[t]``, so every output is written by one thread, in a
+fixed tap order: no atomics, and bit-identical results at any thread count.
+
+Parallelism: OpenMP ``prange`` with ``schedule="static"`` over rows or over chunks of rows; GEMMs
+run single-threaded inside each chunk (the wrapper holds BLAS at one thread). Sums over rows
+(batch statistics, ``dW``, ``db``, ``dγ``, ``dβ``) are accumulated in one partial per static
+block of rows and the partials added in block order, so they are reproducible at a fixed thread
+count. Every function assumes validated, C-contiguous input (the wrapper checks) and releases the
+GIL.
+"""
+
+from cython.parallel cimport prange, threadid
+from libc.math cimport sqrt
+from libc.stdint cimport int32_t, int64_t
+from libc.string cimport memcpy, memset
+from scipy.linalg.cython_blas cimport dgemm, sgemm
+
+import numpy as np
+
+ctypedef fused real:
+    float
+    double
+
+
+cdef inline void gemm(char transa, char transb, int m, int n, int k, real alpha,
+                      const real *a, int lda, const real *b, int ldb, real beta,
+                      real *c, int ldc) noexcept nogil:
+    """Column-major GEMM ``C = alpha op(A) op(B) + beta C`` in the precision of ``real``."""
+    if real is float:
+        sgemm(&transa, &transb, &m, &n, &k, &alpha, <float *> a, &lda, <float *> b, &ldb,
+              &beta, c, &ldc)
+    else:
+        dgemm(&transa, &transb, &m, &n, &k, &alpha, <double *> a, &lda, <double *> b, &ldb,
+              &beta, c, &ldc)
+
+
+cdef inline Py_ssize_t block_start(Py_ssize_t b, Py_ssize_t blocks, Py_ssize_t total) noexcept nogil:
+    """First item of static block ``b`` of ``blocks`` over ``total`` items."""
+    return (total * b) // blocks
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch-norm statistics and the channels-last input
+# ----------------------------------------------------------------------------------------------
+
+def masked_moments_planes(const real[:, :, ::1] x, const int64_t[::1] positions, double[:, :, ::1] partial,
+                          int threads):
+    """Per-channel mean and biased variance of ``x`` (N, C, S) over the flat positions ``n S + s``.
+
+    Two passes in double precision (mean, then squared deviations); ``partial`` (blocks, 2, C) is
+    the per-block scratch. Returns ``(mean, var)`` as double arrays; ``positions`` must not be empty.
+    """
+    cdef Py_ssize_t c_count = x.shape[1], size = x.shape[2], rows = positions.shape[0]
+    cdef Py_ssize_t blocks = partial.shape[0], b, r, c, lo, hi, n, s
+    cdef double value, m
+    mean_arr = np.zeros(c_count, dtype=np.float64)
+    var_arr = np.zeros(c_count, dtype=np.float64)
+    cdef double[::1] mean = mean_arr, var = var_arr
+    partial[...] = 0
+    for b in prange(blocks, nogil=True, num_threads=threads, schedule="static"):
+        lo = block_start(b, blocks, rows)
+        hi = block_start(b + 1, blocks, rows)
+        for r in range(lo, hi):
+            n = positions[r] // size
+            s = positions[r] % size
+            for c in range(c_count):
+                partial[b, 0, c] += x[n, c, s]
+    for b in range(blocks):
+        for c in range(c_count):
+            mean[c] += partial[b, 0, c]
+    for c in range(c_count):
+        mean[c] /= rows
+    for b in prange(blocks, nogil=True, num_threads=threads, schedule="static"):
+        lo = block_start(b, blocks, rows)
+        hi = block_start(b + 1, blocks, rows)
+        for r in range(lo, hi):
+            n = positions[r] // size
+            s = positions[r] % size
+            for c in range(c_count):
+                value = x[n, c, s] - mean[c]
+                partial[b, 1, c] += value * value
+    for b in range(blocks):
+        for c in range(c_count):
+            var[c] += partial[b, 1, c]
+    for c in range(c_count):
+        var[c] /= rows
+    return mean_arr, var_arr
+
+
+def row_moments(const real[:, ::1] h, double[:, :, ::1] partial, int threads):
+    """Per-column mean and biased variance of the rows of ``h`` (R, K), R > 0 (as :func:`masked_moments_planes`)."""
+    cdef Py_ssize_t rows = h.shape[0], k_count = h.shape[1]
+    cdef Py_ssize_t blocks = partial.shape[0], b, r, k, lo, hi
+    cdef double value
+    mean_arr = np.zeros(k_count, dtype=np.float64)
+    var_arr = np.zeros(k_count, dtype=np.float64)
+    cdef double[::1] mean = mean_arr, var = var_arr
+    partial[...] = 0
+    for b in prange(blocks, nogil=True, num_threads=threads, schedule="static"):
+        lo = block_start(b, blocks, rows)
+        hi = block_start(b + 1, blocks, rows)
+        for r in range(lo, hi):
+            for k in range(k_count):
+                partial[b, 0, k] += h[r, k]
+    for b in range(blocks):
+        for k in range(k_count):
+            mean[k] += partial[b, 0, k]
+    for k in range(k_count):
+        mean[k] /= rows
+    for b in prange(blocks, nogil=True, num_threads=threads, schedule="static"):
+        lo = block_start(b, blocks, rows)
+        hi = block_start(b + 1, blocks, rows)
+        for r in range(lo, hi):
+            for k in range(k_count):
+                value = h[r, k] - mean[k]
+                partial[b, 1, k] += value * value
+    for b in range(blocks):
+        for k in range(k_count):
+            var[k] += partial[b, 1, k]
+    for k in range(k_count):
+        var[k] /= rows
+    return mean_arr, var_arr
+
+
+def affine_relu_planes_to_rows(const real[:, :, ::1] x, const real[::1] scale, const real[::1] shift,
+                               real[:, ::1] out, int threads):
+    """``out[n S + s, c] = max(0, scale[c] x[n, c, s] + shift[c])``: batch norm and ReLU into channels-last rows."""
+    cdef Py_ssize_t n_count = x.shape[0], c_count = x.shape[1], size = x.shape[2]
+    cdef Py_ssize_t n, c, s, base
+    cdef real value
+    for n in prange(n_count, nogil=True, num_threads=threads, schedule="static"):
+        base = n * size
+        for c in range(c_count):
+            for s in range(size):
+                value = scale[c] * x[n, c, s] + shift[c]
+                out[base + s, c] = value if value > 0 else 0
+
+
+def affine_relu_rows(const real[:, ::1] h, const real[::1] scale, const real[::1] shift, real[:, ::1] out,
+                     int threads):
+    """``out[r, k] = max(0, scale[k] h[r, k] + shift[k])``."""
+    cdef Py_ssize_t rows = h.shape[0], k_count = h.shape[1], r, k
+    cdef real value
+    for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
+        for k in range(k_count):
+            value = scale[k] * h[r, k] + shift[k]
+            out[r, k] = value if value > 0 else 0
+
+
+# ----------------------------------------------------------------------------------------------
+# The convolution on rows: gather through the map, one GEMM per chunk
+# ----------------------------------------------------------------------------------------------
+
+cdef void gather_rows(const real *src, Py_ssize_t c_count, const int32_t *rowmap, const int64_t *pos,
+                      const int64_t *tapoff, Py_ssize_t taps, Py_ssize_t r0, Py_ssize_t r1,
+                      real *cols) noexcept nogil:
+    """``cols[r - r0, t C + c] = src[rowmap[pos[r] + tapoff[t]], c]`` (0 where the map says -1)."""
+    cdef Py_ssize_t r, t
+    cdef int32_t row
+    cdef real *dst
+    for r in range(r0, r1):
+        dst = cols + (r - r0) * taps * c_count
+        for t in range(taps):
+            row = rowmap[pos[r] + tapoff[t]]
+            if row >= 0:
+                memcpy(dst + t * c_count, src + row * c_count, c_count * sizeof(real))
+            else:
+                memset(dst + t * c_count, 0, c_count * sizeof(real))
+
+
+def conv_rows_forward(const real[:, ::1] src, const int32_t[::1] rowmap, const int64_t[::1] pos,
+                      const int64_t[::1] tapoff, const real[:, ::1] wmat, const real[::1] bias, bint has_bias,
+                      real[:, ::1] out, real[:, ::1] scratch, Py_ssize_t chunk, int threads):
+    """``out[r] = Wmat · cols[r] (+ bias)`` for every row ``r`` of ``pos`` (see the module docstring).
+
+    ``wmat`` (K, T C) holds the weights tap-major, channels last; ``scratch`` (threads, chunk T C)
+    holds each thread's gathered columns.
+    """
+    cdef Py_ssize_t rows = pos.shape[0], k_count = wmat.shape[0], width = wmat.shape[1]
+    cdef Py_ssize_t c_count = src.shape[1], taps = tapoff.shape[0]
+    cdef Py_ssize_t chunks = (rows + chunk - 1) // chunk, q, r0, r1, r, k
+    cdef int tid
+    cdef real one = 1, zero = 0
+    if rows == 0:
+        return
+    for q in prange(chunks, nogil=True, num_threads=threads, schedule="static"):
+        tid = threadid()
+        r0 = q * chunk
+        r1 = min(rows, r0 + chunk)
+        gather_rows(&src[0, 0], c_count, &rowmap[0], &pos[0], &tapoff[0], taps, r0, r1, &scratch[tid, 0])
+        gemm(c'T', c'N', <int> k_count, <int> (r1 - r0), <int> width, one, &wmat[0, 0], <int> width,
+             &scratch[tid, 0], <int> width, zero, &out[r0, 0], <int> k_count)
+        if has_bias:
+            for r in range(r0, r1):
+                for k in range(k_count):
+                    out[r, k] += bias[k]
+
+
+def conv_rows_backward(const real[:, ::1] src, const int32_t[::1] rowmap, const int64_t[::1] pos,
+                       const int64_t[::1] tapoff, const real[:, ::1] wmat, const real[:, ::1] dout,
+                       real[:, :, ::1] dw_partial, real[:, ::1] db_partial, real[:, ::1] dcols,
+                       real[:, ::1] scratch, Py_ssize_t chunk, int threads):
+    """Backward of :func:`conv_rows_forward`: per-thread ``dW`` and ``db`` partials, and ``dcols = dout · Wmat``.
+
+    ``dw_partial`` (threads, K, T C) and ``db_partial`` (threads, K) must be zero; the caller adds
+    them in thread order (the static schedule gives every thread the same chunks on every call).
+    """
+    cdef Py_ssize_t rows = pos.shape[0], k_count = wmat.shape[0], width = wmat.shape[1]
+    cdef Py_ssize_t c_count = src.shape[1], taps = tapoff.shape[0]
+    cdef Py_ssize_t chunks = (rows + chunk - 1) // chunk, q, r0, r1, r, k
+    cdef int tid
+    cdef real one = 1, zero = 0
+    if rows == 0:
+        return
+    for q in prange(chunks, nogil=True, num_threads=threads, schedule="static"):
+        tid = threadid()
+        r0 = q * chunk
+        r1 = min(rows, r0 + chunk)
+        gather_rows(&src[0, 0], c_count, &rowmap[0], &pos[0], &tapoff[0], taps, r0, r1, &scratch[tid, 0])
+        # dWᵀ (T C, K) += colsᵀ · dout, column-major
+        gemm(c'N', c'T', <int> width, <int> k_count, <int> (r1 - r0), one, &scratch[tid, 0], <int> width,
+             &dout[r0, 0], <int> k_count, one, &dw_partial[tid, 0, 0], <int> width)
+        # dcols (R, T C) = dout · Wmat
+        gemm(c'N', c'N', <int> width, <int> (r1 - r0), <int> k_count, one, &wmat[0, 0], <int> width,
+             &dout[r0, 0], <int> k_count, zero, &dcols[r0, 0], <int> width)
+        for r in range(r0, r1):
+            for k in range(k_count):
+                db_partial[tid, k] += dout[r, k]
+
+
+def col2im_rows(const real[:, ::1] dcols, const int32_t[::1] rowmap, const int64_t[::1] outpos,
+                const int64_t[::1] tapoff, real[:, ::1] out, int threads):
+    """Adjoint of the gather: ``out[q, c] = Σ_t dcols[rowmap[outpos[q] - tapoff[t]], t C + c]`` (skipping -1).
+
+    ``rowmap`` maps to the rows of ``dcols`` (the windows); ``outpos`` are the map indices of the
+    positions that receive gradient. Taps are summed in order, each output by one thread.
+    """
+    cdef Py_ssize_t count = outpos.shape[0], c_count = out.shape[1], taps = tapoff.shape[0]
+    cdef Py_ssize_t q, t, c
+    cdef int32_t row
+    cdef const real *src
+    for q in prange(count, nogil=True, num_threads=threads, schedule="static"):
+        for c in range(c_count):
+            out[q, c] = 0
+        for t in range(taps):
+            row = rowmap[outpos[q] - tapoff[t]]
+            if row >= 0:
+                src = &dcols[row, t * c_count]
+                for c in range(c_count):
+                    out[q, c] += src[c]
+
+
+# ----------------------------------------------------------------------------------------------
+# Residual add (forward) and the batch-norm backwards
+# ----------------------------------------------------------------------------------------------
+
+def add_rows_to_planes(real[:, :, ::1] out, const real[:, ::1] rows_value, const int64_t[::1] positions,
+                       int threads):
+    """``out[n, k, s] += rows_value[r, k]`` for the flat positions ``positions[r] = n S + s`` (distinct)."""
+    cdef Py_ssize_t rows = positions.shape[0], k_count = out.shape[1], size = out.shape[2]
+    cdef Py_ssize_t r, k, n, s
+    for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
+        n = positions[r] // size
+        s = positions[r] % size
+        for k in range(k_count):
+            out[n, k, s] += rows_value[r, k]
+
+
+def planes_to_rows(const real[:, :, ::1] x, const int64_t[::1] positions, real[:, ::1] out, int threads):
+    """``out[r, k] = x[n, k, s]`` for the flat positions ``positions[r] = n S + s``."""
+    cdef Py_ssize_t rows = positions.shape[0], k_count = x.shape[1], size = x.shape[2]
+    cdef Py_ssize_t r, k, n, s
+    for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
+        n = positions[r] // size
+        s = positions[r] % size
+        for k in range(k_count):
+            out[r, k] = x[n, k, s]
+
+
+def bn_relu_backward_rows(real[:, ::1] dz, const real[:, ::1] h, const real[::1] scale, const real[::1] shift,
+                          const double[::1] mean, const double[::1] inv_std, bint training,
+                          double[:, :, ::1] partial, int threads):
+    """In place ``dz`` ← gradient w.r.t. ``h`` of ``z = relu(bn(h))`` (statistics over these rows in training).
+
+    ``scale``/``shift`` are the affine form of the batch norm, ``mean``/``inv_std`` the statistics
+    it used; ``partial`` (blocks, 2, K) is scratch. Returns ``(dgamma, dbeta)`` (double).
+    """
+    cdef Py_ssize_t rows = h.shape[0], k_count = h.shape[1]
+    cdef Py_ssize_t blocks = partial.shape[0], b, r, k, lo, hi
+    cdef double g, xhat
+    dgamma_arr = np.zeros(k_count, dtype=np.float64)
+    dbeta_arr = np.zeros(k_count, dtype=np.float64)
+    cdef double[::1] dgamma = dgamma_arr, dbeta = dbeta_arr
+    partial[...] = 0
+    for b in prange(blocks, nogil=True, num_threads=threads, schedule="static"):
+        lo = block_start(b, blocks, rows)
+        hi = block_start(b + 1, blocks, rows)
+        for r in range(lo, hi):
+            for k in range(k_count):
+                if scale[k] * h[r, k] + shift[k] > 0:
+                    g = dz[r, k]
+                else:
+                    g = 0
+                    dz[r, k] = 0
+                partial[b, 0, k] += g
+                partial[b, 1, k] += g * (h[r, k] - mean[k]) * inv_std[k]
+    for b in range(blocks):
+        for k in range(k_count):
+            dbeta[k] += partial[b, 0, k]
+            dgamma[k] += partial[b, 1, k]
+    for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
+        for k in range(k_count):
+            if training:
+                xhat = (h[r, k] - mean[k]) * inv_std[k]
+                dz[r, k] = <real> (scale[k] * (dz[r, k] - (dbeta[k] + xhat * dgamma[k]) / rows))
+            else:
+                dz[r, k] = scale[k] * dz[r, k]
+    return dgamma_arr, dbeta_arr
+
+
+def bn_relu_backward_planes(const real[:, :, ::1] dunit, const real[:, :, ::1] x, real[:, ::1] dz,
+                            const real[::1] scale, const real[::1] shift, const double[::1] mean,
+                            const double[::1] inv_std, const unsigned char[::1] in_stats, Py_ssize_t count,
+                            bint training, real[:, :, ::1] dx, double[:, :, ::1] partial, int threads):
+    """``dx = dunit + ∂/∂x`` of ``z = relu(bn(x))`` given ``dz`` (N S, C) channels-last.
+
+    Batch statistics (training) came from the ``count`` flat positions with ``in_stats`` set:
+    only they get the statistics' term. ``dz`` is overwritten (ReLU applied). Returns
+    ``(dgamma, dbeta)`` (double); ``partial`` (blocks, 2, C) is scratch, blocks over samples.
+    """
+    cdef Py_ssize_t n_count = x.shape[0], c_count = x.shape[1], size = x.shape[2]
+    cdef Py_ssize_t blocks = partial.shape[0], b, n, c, s, lo, hi, base
+    cdef double g, xhat
+    dgamma_arr = np.zeros(c_count, dtype=np.float64)
+    dbeta_arr = np.zeros(c_count, dtype=np.float64)
+    cdef double[::1] dgamma = dgamma_arr, dbeta = dbeta_arr
+    partial[...] = 0
+    for b in prange(blocks, nogil=True, num_threads=threads, schedule="static"):
+        lo = block_start(b, blocks, n_count)
+        hi = block_start(b + 1, blocks, n_count)
+        for n in range(lo, hi):
+            base = n * size
+            for c in range(c_count):
+                for s in range(size):
+                    if scale[c] * x[n, c, s] + shift[c] > 0:
+                        g = dz[base + s, c]
+                        partial[b, 0, c] += g
+                        partial[b, 1, c] += g * (x[n, c, s] - mean[c]) * inv_std[c]
+                    else:
+                        dz[base + s, c] = 0
+    for b in range(blocks):
+        for c in range(c_count):
+            dbeta[c] += partial[b, 0, c]
+            dgamma[c] += partial[b, 1, c]
+    for n in prange(n_count, nogil=True, num_threads=threads, schedule="static"):
+        base = n * size
+        for c in range(c_count):
+            for s in range(size):
+                g = dz[base + s, c]
+                if training and in_stats[base + s]:
+                    xhat = (x[n, c, s] - mean[c]) * inv_std[c]
+                    g = g - (dbeta[c] + xhat * dgamma[c]) / count
+                dx[n, c, s] = <real> (dunit[n, c, s] + scale[c] * g)
+    return dgamma_arr, dbeta_arr
