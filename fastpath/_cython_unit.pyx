@@ -55,42 +55,43 @@ cdef inline Py_ssize_t block_start(Py_ssize_t b, Py_ssize_t blocks, Py_ssize_t t
 # Batch-norm statistics and the channels-last input
 # ----------------------------------------------------------------------------------------------
 
-def masked_moments_planes(const real[:, :, ::1] x, const int64_t[::1] positions, double[:, :, ::1] partial,
-                          int threads):
-    """Per-channel mean and biased variance of ``x`` (N, C, S) over the flat positions ``n S + s``.
+def masked_moments_planes(const real[:, :, ::1] x, const int64_t[::1] positions, const int64_t[::1] start,
+                          double[:, :, ::1] partial, int threads):
+    """Per-channel mean and biased variance of ``x`` (N, C, S) over the flat positions ``n S + s`` (sorted).
 
-    Two passes in double precision (mean, then squared deviations); ``partial`` (blocks, 2, C) is
-    the per-block scratch. Returns ``(mean, var)`` as double arrays; ``positions`` must not be empty.
+    ``start`` (N + 1) holds each sample's first position. Two passes in double precision (mean,
+    then squared deviations); ``partial`` (blocks, 2, C) is the per-block scratch, blocks of
+    samples. Returns ``(mean, var)`` as double arrays; ``positions`` must not be empty.
     """
-    cdef Py_ssize_t c_count = x.shape[1], size = x.shape[2], rows = positions.shape[0]
-    cdef Py_ssize_t blocks = partial.shape[0], b, r, c, lo, hi, n, s
-    cdef double value, m
+    cdef Py_ssize_t n_count = x.shape[0], c_count = x.shape[1], size = x.shape[2], rows = positions.shape[0]
+    cdef Py_ssize_t blocks = partial.shape[0], b, r, c, n, base
+    cdef double value, total
     mean_arr = np.zeros(c_count, dtype=np.float64)
     var_arr = np.zeros(c_count, dtype=np.float64)
     cdef double[::1] mean = mean_arr, var = var_arr
     partial[...] = 0
     for b in prange(blocks, nogil=True, num_threads=threads, schedule="static"):
-        lo = block_start(b, blocks, rows)
-        hi = block_start(b + 1, blocks, rows)
-        for r in range(lo, hi):
-            n = positions[r] // size
-            s = positions[r] % size
+        for n in range(block_start(b, blocks, n_count), block_start(b + 1, blocks, n_count)):
+            base = n * size
             for c in range(c_count):
-                partial[b, 0, c] += x[n, c, s]
+                total = 0
+                for r in range(start[n], start[n + 1]):
+                    total = total + x[n, c, positions[r] - base]
+                partial[b, 0, c] += total
     for b in range(blocks):
         for c in range(c_count):
             mean[c] += partial[b, 0, c]
     for c in range(c_count):
         mean[c] /= rows
     for b in prange(blocks, nogil=True, num_threads=threads, schedule="static"):
-        lo = block_start(b, blocks, rows)
-        hi = block_start(b + 1, blocks, rows)
-        for r in range(lo, hi):
-            n = positions[r] // size
-            s = positions[r] % size
+        for n in range(block_start(b, blocks, n_count), block_start(b + 1, blocks, n_count)):
+            base = n * size
             for c in range(c_count):
-                value = x[n, c, s] - mean[c]
-                partial[b, 1, c] += value * value
+                total = 0
+                for r in range(start[n], start[n + 1]):
+                    value = x[n, c, positions[r] - base] - mean[c]
+                    total = total + value * value
+                partial[b, 1, c] += total
     for b in range(blocks):
         for c in range(c_count):
             var[c] += partial[b, 1, c]
@@ -267,26 +268,31 @@ def col2im_rows(const real[:, ::1] dcols, const int32_t[::1] rowmap, const int64
 # ----------------------------------------------------------------------------------------------
 
 def add_rows_to_planes(real[:, :, ::1] out, const real[:, ::1] rows_value, const int64_t[::1] positions,
-                       int threads):
-    """``out[n, k, s] += rows_value[r, k]`` for the flat positions ``positions[r] = n S + s`` (distinct)."""
-    cdef Py_ssize_t rows = positions.shape[0], k_count = out.shape[1], size = out.shape[2]
-    cdef Py_ssize_t r, k, n, s
-    for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
-        n = positions[r] // size
-        s = positions[r] % size
+                       const int64_t[::1] start, int threads):
+    """``out[n, k, s] += rows_value[r, k]`` for the flat positions ``positions[r] = n S + s`` (distinct, sorted).
+
+    ``start`` (N + 1) holds each sample's first row. Channel-outer loops per sample, so that the
+    writes run along the planes.
+    """
+    cdef Py_ssize_t n_count = out.shape[0], k_count = out.shape[1], size = out.shape[2]
+    cdef Py_ssize_t r, k, n, base
+    for n in prange(n_count, nogil=True, num_threads=threads, schedule="static"):
+        base = n * size
         for k in range(k_count):
-            out[n, k, s] += rows_value[r, k]
+            for r in range(start[n], start[n + 1]):
+                out[n, k, positions[r] - base] += rows_value[r, k]
 
 
-def planes_to_rows(const real[:, :, ::1] x, const int64_t[::1] positions, real[:, ::1] out, int threads):
-    """``out[r, k] = x[n, k, s]`` for the flat positions ``positions[r] = n S + s``."""
-    cdef Py_ssize_t rows = positions.shape[0], k_count = x.shape[1], size = x.shape[2]
-    cdef Py_ssize_t r, k, n, s
-    for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
-        n = positions[r] // size
-        s = positions[r] % size
+def planes_to_rows(const real[:, :, ::1] x, const int64_t[::1] positions, const int64_t[::1] start,
+                   real[:, ::1] out, int threads):
+    """``out[r, k] = x[n, k, s]`` for the flat positions ``positions[r] = n S + s`` (sorted; ``start`` as above)."""
+    cdef Py_ssize_t n_count = x.shape[0], k_count = x.shape[1], size = x.shape[2]
+    cdef Py_ssize_t r, k, n, base
+    for n in prange(n_count, nogil=True, num_threads=threads, schedule="static"):
+        base = n * size
         for k in range(k_count):
-            out[r, k] = x[n, k, s]
+            for r in range(start[n], start[n + 1]):
+                out[r, k] = x[n, k, positions[r] - base]
 
 
 def bn_relu_backward_rows(real[:, ::1] dz, const real[:, ::1] h, const real[::1] scale, const real[::1] shift,

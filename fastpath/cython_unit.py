@@ -31,7 +31,6 @@ from functools import lru_cache
 from typing import NamedTuple
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from refimpl.conv import conv_flops
 from refimpl.layers import update_running_statistics
@@ -114,7 +113,8 @@ class FusedUnitCache(NamedTuple):
     in_d: np.ndarray  # (n S,) uint8: position in D
     count: int  # |D| over the batch
     d_pos: np.ndarray  # (|D|,) map indices of D
-    a_flat: np.ndarray  # (|A|,) flat positions n S + s of A
+    a_flat: np.ndarray  # (|A|,) flat positions n S + s of A (sorted)
+    a_start: np.ndarray  # (n + 1,) first row of A of every sample
     a_pos: np.ndarray  # (|A|,) map indices of A
     dmap: np.ndarray  # map -> row of D
     amap: np.ndarray  # map -> row of A
@@ -129,6 +129,13 @@ class FusedUnitCache(NamedTuple):
     w2: tuple
     taps1: np.ndarray
     taps2: np.ndarray
+
+
+def _one_blas_thread():
+    """Hold every BLAS at one thread (the kernels parallelise over chunks); the libraries are found once."""
+    from .cython_backend import _blas_pools
+
+    return _blas_pools().limit(limits=1)
 
 
 class CythonFusedUnit:
@@ -194,13 +201,15 @@ class CythonFusedUnit:
                 conv.dense_flops_per_sample = conv_flops(size, conv.in_channels, conv.out_channels, conv.kernel)
             count = int(d_counts.sum())
             if count == 0:
-                return x.copy(), FusedUnitCache(True, training, *([None] * 19)), flops
+                return x.copy(), FusedUnitCache(True, training, *([None] * 20)), flops
             ph = max(kernel1[0], kernel2[0]) // 2
             pw = max(kernel1[1], kernel2[1]) // 2
             allmap, allpos = _grid(n, h, w, ph, pw)
             map_size = allmap.size
             d_flat = np.flatnonzero(d_mask)
             a_flat = np.flatnonzero(active)
+            d_start = np.concatenate(([0], np.cumsum(d_counts)))
+            a_start = np.concatenate(([0], np.cumsum(a_counts)))
             d_pos, a_pos = allpos[d_flat], allpos[a_flat]
             dmap, amap = _rows_map(map_size, d_pos), _rows_map(map_size, a_pos)
             taps1, taps2 = _taps(kernel1, w + 2 * pw), _taps(kernel2, w + 2 * pw)
@@ -208,14 +217,14 @@ class CythonFusedUnit:
         team = self.backend._team(count * w1[0].size)
         with profiling.section("gather"):
             if training:
-                mean, var = _kernels.masked_moments_planes(x3, d_flat, self._partial(team, c), team)
+                mean, var = _kernels.masked_moments_planes(x3, d_flat, d_start, self._partial(team, c), team)
                 update_running_statistics(unit.bn1, mean.astype(dtype), var.astype(dtype), count)
             else:
                 mean, var = unit.bn1.buffers["running_mean"], unit.bn1.buffers["running_var"]
             norm1 = _norm(unit.bn1, mean, var, dtype)
             h1rows = np.empty((n * size, c), dtype=dtype)
             _kernels.affine_relu_planes_to_rows(x3, norm1.scale, norm1.shift, h1rows, self.backend._team(x.size))
-        with profiling.section("compute"), threadpool_limits(limits=1, user_api="blas"):
+        with profiling.section("compute"), _one_blas_thread():
             h1c = np.empty((count, k), dtype=dtype)
             chunk, scratch = self._scratch(team, count, w1[0].shape[1], dtype)
             _kernels.conv_rows_forward(h1rows, allmap, d_pos, taps1, *w1, h1c, scratch, chunk, team)
@@ -232,9 +241,10 @@ class CythonFusedUnit:
             _kernels.conv_rows_forward(z, dmap, a_pos, taps2, *w2, residual, scratch, chunk, team)
         with profiling.section("scatter"):
             out = x.copy()
-            _kernels.add_rows_to_planes(out.reshape(n, k, size), residual, a_flat, self.backend._team(residual.size))
+            _kernels.add_rows_to_planes(out.reshape(n, k, size), residual, a_flat, a_start,
+                                        self.backend._team(residual.size))
         in_d = d_mask.reshape(-1).view(np.uint8)
-        cache = FusedUnitCache(False, training, x3, in_d, count, d_pos, a_flat, a_pos, dmap, amap, allmap, allpos,
+        cache = FusedUnitCache(False, training, x3, in_d, count, d_pos, a_flat, a_start, a_pos, dmap, amap, allmap, allpos,
                                h1rows, h1c, z, norm1, norm2, w1, w2, taps1, taps2)
         return out, cache, flops
 
@@ -274,10 +284,10 @@ class CythonFusedUnit:
         d3 = dout.reshape(n, c, size)
         k = cache.h1c.shape[1]
         team = self.backend._team(cache.count * cache.w1[0].size)
-        with threadpool_limits(limits=1, user_api="blas"):
+        with _one_blas_thread():
             with profiling.section("gather"):
                 dres = np.empty((cache.a_flat.size, k), dtype=dtype)
-                _kernels.planes_to_rows(d3, cache.a_flat, dres, team)
+                _kernels.planes_to_rows(d3, cache.a_flat, cache.a_start, dres, team)
             with profiling.section("compute"):
                 dcols2 = self._conv_backward(unit.conv2, cache.z, cache.dmap, cache.a_pos, cache.taps2, cache.w2,
                                              dres, team)
