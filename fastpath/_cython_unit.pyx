@@ -135,20 +135,6 @@ def row_moments(const real[:, ::1] h, double[:, :, ::1] partial, int threads):
     return mean_arr, var_arr
 
 
-def affine_relu_planes_to_rows(const real[:, :, ::1] x, const real[::1] scale, const real[::1] shift,
-                               real[:, ::1] out, int threads):
-    """``out[n S + s, c] = max(0, scale[c] x[n, c, s] + shift[c])``: batch norm and ReLU into channels-last rows."""
-    cdef Py_ssize_t n_count = x.shape[0], c_count = x.shape[1], size = x.shape[2]
-    cdef Py_ssize_t n, c, s, base
-    cdef real value
-    for n in prange(n_count, nogil=True, num_threads=threads, schedule="static"):
-        base = n * size
-        for c in range(c_count):
-            for s in range(size):
-                value = scale[c] * x[n, c, s] + shift[c]
-                out[base + s, c] = value if value > 0 else 0
-
-
 def affine_relu_rows(const real[:, ::1] h, const real[::1] scale, const real[::1] shift, real[:, ::1] out,
                      int threads):
     """``out[r, k] = max(0, scale[k] h[r, k] + shift[k])``."""
@@ -297,11 +283,14 @@ def planes_to_rows(const real[:, :, ::1] x, const int64_t[::1] positions, const 
 
 def bn_relu_backward_rows(real[:, ::1] dz, const real[:, ::1] h, const real[::1] scale, const real[::1] shift,
                           const double[::1] mean, const double[::1] inv_std, bint training,
-                          double[:, :, ::1] partial, int threads):
-    """In place ``dz`` ← gradient w.r.t. ``h`` of ``z = relu(bn(h))`` (statistics over these rows in training).
+                          const unsigned char[::1] in_stats, Py_ssize_t count, double[:, :, ::1] partial,
+                          int threads):
+    """In place ``dz`` ← gradient w.r.t. ``h`` of ``z = relu(bn(h))`` on rows (R, C).
 
     ``scale``/``shift`` are the affine form of the batch norm, ``mean``/``inv_std`` the statistics
-    it used; ``partial`` (blocks, 2, K) is scratch. Returns ``(dgamma, dbeta)`` (double).
+    it used. In training those came from the ``count`` rows with ``in_stats`` set, and only they
+    get the statistics' term (rows outside receive gradient but gave no statistics). ``partial``
+    (blocks, 2, C) is scratch. Returns ``(dgamma, dbeta)`` (double).
     """
     cdef Py_ssize_t rows = h.shape[0], k_count = h.shape[1]
     cdef Py_ssize_t blocks = partial.shape[0], b, r, k, lo, hi
@@ -328,55 +317,9 @@ def bn_relu_backward_rows(real[:, ::1] dz, const real[:, ::1] h, const real[::1]
             dgamma[k] += partial[b, 1, k]
     for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
         for k in range(k_count):
-            if training:
+            if training and in_stats[r]:
                 xhat = (h[r, k] - mean[k]) * inv_std[k]
-                dz[r, k] = <real> (scale[k] * (dz[r, k] - (dbeta[k] + xhat * dgamma[k]) / rows))
+                dz[r, k] = <real> (scale[k] * (dz[r, k] - (dbeta[k] + xhat * dgamma[k]) / count))
             else:
                 dz[r, k] = scale[k] * dz[r, k]
-    return dgamma_arr, dbeta_arr
-
-
-def bn_relu_backward_planes(const real[:, :, ::1] dunit, const real[:, :, ::1] x, real[:, ::1] dz,
-                            const real[::1] scale, const real[::1] shift, const double[::1] mean,
-                            const double[::1] inv_std, const unsigned char[::1] in_stats, Py_ssize_t count,
-                            bint training, real[:, :, ::1] dx, double[:, :, ::1] partial, int threads):
-    """``dx = dunit + ∂/∂x`` of ``z = relu(bn(x))`` given ``dz`` (N S, C) channels-last.
-
-    Batch statistics (training) came from the ``count`` flat positions with ``in_stats`` set:
-    only they get the statistics' term. ``dz`` is overwritten (ReLU applied). Returns
-    ``(dgamma, dbeta)`` (double); ``partial`` (blocks, 2, C) is scratch, blocks over samples.
-    """
-    cdef Py_ssize_t n_count = x.shape[0], c_count = x.shape[1], size = x.shape[2]
-    cdef Py_ssize_t blocks = partial.shape[0], b, n, c, s, lo, hi, base
-    cdef double g, xhat
-    dgamma_arr = np.zeros(c_count, dtype=np.float64)
-    dbeta_arr = np.zeros(c_count, dtype=np.float64)
-    cdef double[::1] dgamma = dgamma_arr, dbeta = dbeta_arr
-    partial[...] = 0
-    for b in prange(blocks, nogil=True, num_threads=threads, schedule="static"):
-        lo = block_start(b, blocks, n_count)
-        hi = block_start(b + 1, blocks, n_count)
-        for n in range(lo, hi):
-            base = n * size
-            for c in range(c_count):
-                for s in range(size):
-                    if scale[c] * x[n, c, s] + shift[c] > 0:
-                        g = dz[base + s, c]
-                        partial[b, 0, c] += g
-                        partial[b, 1, c] += g * (x[n, c, s] - mean[c]) * inv_std[c]
-                    else:
-                        dz[base + s, c] = 0
-    for b in range(blocks):
-        for c in range(c_count):
-            dbeta[c] += partial[b, 0, c]
-            dgamma[c] += partial[b, 1, c]
-    for n in prange(n_count, nogil=True, num_threads=threads, schedule="static"):
-        base = n * size
-        for c in range(c_count):
-            for s in range(size):
-                g = dz[base + s, c]
-                if training and in_stats[base + s]:
-                    xhat = (x[n, c, s] - mean[c]) * inv_std[c]
-                    g = g - (dbeta[c] + xhat * dgamma[c]) / count
-                dx[n, c, s] = <real> (dunit[n, c, s] + scale[c] * g)
     return dgamma_arr, dbeta_arr

@@ -56,15 +56,27 @@ def _taps(kernel, map_width):
 
 @lru_cache(maxsize=32)
 def _grid(n, h, w, ph, pw):
-    """``(allmap, allpos)`` of a batch's padded map: every in-image position maps to its flat index."""
+    """``(map_size, allpos)``: the size of a batch's padded map and the map index of every flat position."""
     hm, wm = h + 2 * ph, w + 2 * pw
-    index = np.arange(n * h * w, dtype=np.int64).reshape(n, h, w)
-    padded = np.full((n, hm, wm), -1, dtype=np.int32)
-    padded[:, ph : ph + h, pw : pw + w] = index
-    allpos = np.flatnonzero(padded.ravel() >= 0).astype(np.int64)  # row-major: same order as index
-    for array in (padded, allpos):
-        array.setflags(write=False)
-    return padded.ravel(), allpos
+    sample, y, x = np.meshgrid(np.arange(n), np.arange(h), np.arange(w), indexing="ij")
+    allpos = ((sample * hm + y + ph) * wm + x + pw).astype(np.int64).ravel()
+    allpos.setflags(write=False)
+    return n * hm * wm, allpos
+
+
+class _Rows(NamedTuple):
+    """A set of positions as rows: flat positions ``n S + s`` (sorted), map indices, per-sample starts, the map."""
+
+    flat: np.ndarray  # (R,) int64
+    pos: np.ndarray  # (R,) int64
+    start: np.ndarray  # (n + 1,) int64
+    rowmap: np.ndarray  # (map size,) int32, -1 where no row
+
+
+def _rows(mask, counts, allpos, map_size):
+    flat = np.flatnonzero(mask)
+    pos = allpos[flat]
+    return _Rows(flat, pos, np.concatenate(([0], np.cumsum(counts))).astype(np.int64), _rows_map(map_size, pos))
 
 
 def _rows_map(size, pos):
@@ -105,22 +117,18 @@ def _norm(layer, mean, var, dtype):
 
 
 class FusedUnitCache(NamedTuple):
-    """What :meth:`CythonFusedUnit.backward` needs."""
+    """What :meth:`CythonFusedUnit.backward` needs (rows: see :class:`_Rows`)."""
 
     empty: bool
     training: bool
-    x: np.ndarray  # (n, C, S) the unit input
-    in_d: np.ndarray  # (n S,) uint8: position in D
+    shape: tuple  # (n, C, S)
     count: int  # |D| over the batch
-    d_pos: np.ndarray  # (|D|,) map indices of D
-    a_flat: np.ndarray  # (|A|,) flat positions n S + s of A (sorted)
-    a_start: np.ndarray  # (n + 1,) first row of A of every sample
-    a_pos: np.ndarray  # (|A|,) map indices of A
-    dmap: np.ndarray  # map -> row of D
-    amap: np.ndarray  # map -> row of A
-    allmap: np.ndarray
-    allpos: np.ndarray
-    h1rows: np.ndarray  # (n S, C) relu(bn1(x)) channels-last
+    active: _Rows  # A: where conv2 runs
+    computed: _Rows  # D = dilate(A): where conv1 runs
+    read: _Rows  # E = dilate(D): the positions conv1 reads
+    e_in_d: np.ndarray  # (|E|,) uint8: the row of E is in D (gave batch-norm 1's statistics)
+    xe: np.ndarray  # (|E|, C) x at E, channels-last
+    h1e: np.ndarray  # (|E|, C) relu(bn1(x)) at E
     h1c: np.ndarray  # (|D|, K) conv1 output
     z: np.ndarray  # (|D|, K) relu(bn2(h1c))
     norm1: _Norm
@@ -201,33 +209,33 @@ class CythonFusedUnit:
                 conv.dense_flops_per_sample = conv_flops(size, conv.in_channels, conv.out_channels, conv.kernel)
             count = int(d_counts.sum())
             if count == 0:
-                return x.copy(), FusedUnitCache(True, training, *([None] * 20)), flops
+                return x.copy(), FusedUnitCache(True, training, *([None] * (len(FusedUnitCache._fields) - 2))), flops
+            e_mask = dilate(d_mask, kernel1)
             ph = max(kernel1[0], kernel2[0]) // 2
             pw = max(kernel1[1], kernel2[1]) // 2
-            allmap, allpos = _grid(n, h, w, ph, pw)
-            map_size = allmap.size
-            d_flat = np.flatnonzero(d_mask)
-            a_flat = np.flatnonzero(active)
-            d_start = np.concatenate(([0], np.cumsum(d_counts)))
-            a_start = np.concatenate(([0], np.cumsum(a_counts)))
-            d_pos, a_pos = allpos[d_flat], allpos[a_flat]
-            dmap, amap = _rows_map(map_size, d_pos), _rows_map(map_size, a_pos)
+            map_size, allpos = _grid(n, h, w, ph, pw)
+            rows_a = _rows(active, a_counts, allpos, map_size)
+            rows_d = _rows(d_mask, d_counts, allpos, map_size)
+            rows_e = _rows(e_mask, e_mask.sum(axis=(1, 2)), allpos, map_size)
+            e_in_d = d_mask.reshape(-1)[rows_e.flat].view(np.uint8)
             taps1, taps2 = _taps(kernel1, w + 2 * pw), _taps(kernel2, w + 2 * pw)
             w1, w2 = _weights(unit.conv1, dtype), _weights(unit.conv2, dtype)
         team = self.backend._team(count * w1[0].size)
         with profiling.section("gather"):
+            xe = np.empty((rows_e.flat.size, c), dtype=dtype)
+            _kernels.planes_to_rows(x3, rows_e.flat, rows_e.start, xe, team)
             if training:
-                mean, var = _kernels.masked_moments_planes(x3, d_flat, d_start, self._partial(team, c), team)
+                mean, var = _kernels.masked_moments_planes(x3, rows_d.flat, rows_d.start, self._partial(team, c), team)
                 update_running_statistics(unit.bn1, mean.astype(dtype), var.astype(dtype), count)
             else:
                 mean, var = unit.bn1.buffers["running_mean"], unit.bn1.buffers["running_var"]
             norm1 = _norm(unit.bn1, mean, var, dtype)
-            h1rows = np.empty((n * size, c), dtype=dtype)
-            _kernels.affine_relu_planes_to_rows(x3, norm1.scale, norm1.shift, h1rows, self.backend._team(x.size))
+            h1e = np.empty_like(xe)
+            _kernels.affine_relu_rows(xe, norm1.scale, norm1.shift, h1e, team)
         with profiling.section("compute"), _one_blas_thread():
             h1c = np.empty((count, k), dtype=dtype)
             chunk, scratch = self._scratch(team, count, w1[0].shape[1], dtype)
-            _kernels.conv_rows_forward(h1rows, allmap, d_pos, taps1, *w1, h1c, scratch, chunk, team)
+            _kernels.conv_rows_forward(h1e, rows_e.rowmap, rows_d.pos, taps1, *w1, h1c, scratch, chunk, team)
             if training:
                 mean, var = _kernels.row_moments(h1c, self._partial(team, k), team)
                 update_running_statistics(unit.bn2, mean.astype(dtype), var.astype(dtype), count)
@@ -236,16 +244,14 @@ class CythonFusedUnit:
             norm2 = _norm(unit.bn2, mean, var, dtype)
             z = np.empty_like(h1c)
             _kernels.affine_relu_rows(h1c, norm2.scale, norm2.shift, z, team)
-            residual = np.empty((a_flat.size, k), dtype=dtype)
-            chunk, scratch = self._scratch(team, a_flat.size, w2[0].shape[1], dtype)
-            _kernels.conv_rows_forward(z, dmap, a_pos, taps2, *w2, residual, scratch, chunk, team)
+            residual = np.empty((rows_a.flat.size, k), dtype=dtype)
+            chunk, scratch = self._scratch(team, rows_a.flat.size, w2[0].shape[1], dtype)
+            _kernels.conv_rows_forward(z, rows_d.rowmap, rows_a.pos, taps2, *w2, residual, scratch, chunk, team)
         with profiling.section("scatter"):
             out = x.copy()
-            _kernels.add_rows_to_planes(out.reshape(n, k, size), residual, a_flat, a_start,
-                                        self.backend._team(residual.size))
-        in_d = d_mask.reshape(-1).view(np.uint8)
-        cache = FusedUnitCache(False, training, x3, in_d, count, d_pos, a_flat, a_start, a_pos, dmap, amap, allmap, allpos,
-                               h1rows, h1c, z, norm1, norm2, w1, w2, taps1, taps2)
+            _kernels.add_rows_to_planes(out.reshape(n, k, size), residual, rows_a.flat, rows_a.start, team)
+        cache = FusedUnitCache(False, training, (n, c, size), count, rows_a, rows_d, rows_e, e_in_d, xe, h1e, h1c, z,
+                               norm1, norm2, w1, w2, taps1, taps2)
         return out, cache, flops
 
     # -- backward ------------------------------------------------------------------------------
@@ -269,6 +275,14 @@ class CythonFusedUnit:
             conv.accumulate("b", db)
         return dcols
 
+    def _bn_backward(self, layer, dz, h, norm, training, in_stats, count, team):
+        """In place ``dz`` ← gradient w.r.t. ``h`` of relu(bn(h)); accumulates γ's and β's."""
+        dgamma, dbeta = _kernels.bn_relu_backward_rows(dz, h, norm.scale, norm.shift, norm.mean, norm.inv_std,
+                                                       training, in_stats, count,
+                                                       self._partial(team, h.shape[1]), team)
+        layer.accumulate("gamma", dgamma.astype(dz.dtype))
+        layer.accumulate("beta", dbeta.astype(dz.dtype))
+
     def backward(self, unit, dout, cache):
         """Gradient w.r.t. ``x`` of :meth:`forward`; accumulates the unit's parameter gradients."""
         if not isinstance(cache, FusedUnitCache):
@@ -276,41 +290,34 @@ class CythonFusedUnit:
         if cache.empty:
             return np.array(dout, copy=True)
         dtype = cache.h1c.dtype
-        n, c, size = cache.x.shape
+        n, c, size = cache.shape
         if not isinstance(dout, np.ndarray) or dout.shape[:2] != (n, c) or dout[0, 0].size != size:
             raise ValueError(f"dout must have the shape of the unit's output (n={n}, C={c}, {size} positions), "
                              f"got {getattr(dout, 'shape', type(dout).__name__)}")
-        dout = np.ascontiguousarray(dout, dtype=dtype)
-        d3 = dout.reshape(n, c, size)
         k = cache.h1c.shape[1]
+        rows_a, rows_d, rows_e = cache.active, cache.computed, cache.read
         team = self.backend._team(cache.count * cache.w1[0].size)
         with _one_blas_thread():
             with profiling.section("gather"):
-                dres = np.empty((cache.a_flat.size, k), dtype=dtype)
-                _kernels.planes_to_rows(d3, cache.a_flat, cache.a_start, dres, team)
+                dx = np.array(dout, dtype=dtype, order="C", copy=True)
+                dx3 = dx.reshape(n, c, size)
+                dres = np.empty((rows_a.flat.size, k), dtype=dtype)
+                _kernels.planes_to_rows(dx3, rows_a.flat, rows_a.start, dres, team)
             with profiling.section("compute"):
-                dcols2 = self._conv_backward(unit.conv2, cache.z, cache.dmap, cache.a_pos, cache.taps2, cache.w2,
+                dcols2 = self._conv_backward(unit.conv2, cache.z, rows_d.rowmap, rows_a.pos, cache.taps2, cache.w2,
                                              dres, team)
             with profiling.section("scatter"):
                 dz = np.empty((cache.count, k), dtype=dtype)
-                _kernels.col2im_rows(dcols2, cache.amap, cache.d_pos, cache.taps2, dz, team)
+                _kernels.col2im_rows(dcols2, rows_a.rowmap, rows_d.pos, cache.taps2, dz, team)
             with profiling.section("compute"):
-                n2 = cache.norm2
-                dgamma, dbeta = _kernels.bn_relu_backward_rows(dz, cache.h1c, n2.scale, n2.shift, n2.mean, n2.inv_std,
-                                                               cache.training, self._partial(team, k), team)
-                unit.bn2.accumulate("gamma", dgamma.astype(dtype))
-                unit.bn2.accumulate("beta", dbeta.astype(dtype))
-                dcols1 = self._conv_backward(unit.conv1, cache.h1rows, cache.allmap, cache.d_pos, cache.taps1,
+                self._bn_backward(unit.bn2, dz, cache.h1c, cache.norm2, cache.training,
+                                  np.ones(cache.count, dtype=np.uint8), cache.count, team)
+                dcols1 = self._conv_backward(unit.conv1, cache.h1e, rows_e.rowmap, rows_d.pos, cache.taps1,
                                              cache.w1, dz, team)
             with profiling.section("scatter"):
-                dh1 = np.empty((n * size, c), dtype=dtype)
-                _kernels.col2im_rows(dcols1, cache.dmap, cache.allpos, cache.taps1, dh1, self.backend._team(dh1.size))
-            with profiling.section("other"):
-                dx = np.empty_like(dout)
-                n1 = cache.norm1
-                dgamma, dbeta = _kernels.bn_relu_backward_planes(
-                    d3, cache.x, dh1, n1.scale, n1.shift, n1.mean, n1.inv_std, cache.in_d, cache.count,
-                    cache.training, dx.reshape(n, c, size), self._partial(team, c), team)
-                unit.bn1.accumulate("gamma", dgamma.astype(dtype))
-                unit.bn1.accumulate("beta", dbeta.astype(dtype))
+                dh1 = np.empty_like(cache.xe)
+                _kernels.col2im_rows(dcols1, rows_d.rowmap, rows_e.pos, cache.taps1, dh1, team)
+                self._bn_backward(unit.bn1, dh1, cache.xe, cache.norm1, cache.training, cache.e_in_d, cache.count,
+                                  team)
+                _kernels.add_rows_to_planes(dx3, dh1, rows_e.flat, rows_e.start, team)
         return dx
