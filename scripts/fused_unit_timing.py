@@ -16,6 +16,8 @@ medians and the spread (min–max) are reported, with the speed-up over ``dense`
 that speed-up divided by the FLOPs ratio (the plain ResNet's FLOPs over the run's; 1.0 = time saved
 in proportion to FLOPs saved).
 ``--breakdown`` adds the phases recorded by :mod:`fastpath.profiling` for the fused runs.
+``--torch`` adds ``torch-dense``, the same pre-activation ResNet in PyTorch (CPU, evaluation mode,
+``torch.set_num_threads(--threads)``), when torch is importable: a comparison, never a dependency.
 """
 
 from __future__ import annotations
@@ -60,6 +62,43 @@ def make_sact(depth, args, backend, bias):
     return model
 
 
+def torch_resnet(depth, widths, num_classes=10, in_channels=3):
+    """The pre-activation ResNet of :mod:`refimpl.resnet` (pad shortcut) in PyTorch, for timing only."""
+    import torch
+    from torch import nn
+
+    class Unit(nn.Module):
+        def __init__(self, cin, cout, stride):
+            super().__init__()
+            self.bn1, self.conv1 = nn.BatchNorm2d(cin), nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+            self.bn2, self.conv2 = nn.BatchNorm2d(cout), nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+            self.stride, self.pad = stride, cout - cin
+
+        def forward(self, x):
+            h = self.conv1(torch.relu(self.bn1(x)))
+            h = self.conv2(torch.relu(self.bn2(h)))
+            s = x[:, :, :: self.stride, :: self.stride] if self.stride > 1 else x
+            if self.pad:
+                s = nn.functional.pad(s, (0, 0, 0, 0, 0, self.pad))
+            return s + h
+
+    n = (depth - 2) // 6
+    layers = [nn.Conv2d(in_channels, widths[0], 3, 1, 1, bias=False)]
+    cin = widths[0]
+    for stage, width in enumerate(widths):
+        for index in range(n):
+            layers.append(Unit(cin, width, 2 if stage and not index else 1))
+            cin = width
+    layers += [nn.BatchNorm2d(cin), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(cin, num_classes)]
+    model = nn.Sequential(*layers).eval()
+
+    def run(x):
+        with torch.no_grad():
+            return model(x)
+
+    return run
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--depth", type=int, default=32)
@@ -71,6 +110,7 @@ def main(argv=None):
     parser.add_argument("--ratio", type=float, default=2.0, help="FLOPs ratio of the 'half' runs")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--breakdown", action="store_true")
+    parser.add_argument("--torch", action="store_true", help="also time the dense net in PyTorch if importable")
     args = parser.parse_args(argv)
 
     with threadpool_limits(limits=args.threads):
@@ -94,6 +134,17 @@ def main(argv=None):
         for name, model in runs.items():
             model(x)  # warm-up (plans, caches)
             info[name] = {"flops_ratio": dense_flops / float(np.mean(model.flops_per_sample))}
+        if args.torch:
+            try:
+                import torch
+            except ImportError:
+                print("torch is not importable: no torch-dense run", file=sys.stderr)
+            else:
+                torch.set_num_threads(args.threads)
+                run_torch, x_torch = torch_resnet(args.depth, args.widths), torch.from_numpy(x)
+                runs["torch-dense"] = lambda _x: run_torch(x_torch)
+                runs["torch-dense"](x)
+                info["torch-dense"] = {"flops_ratio": 1.0, "torch": torch.__version__}
         seconds = {name: [] for name in runs}
         for _ in range(args.repeats):
             for name, model in runs.items():
@@ -103,7 +154,7 @@ def main(argv=None):
         breakdown = {}
         if args.breakdown:
             for name, model in runs.items():
-                if name.endswith("-fused"):
+                if name.endswith("-fused") and not name.startswith("torch"):
                     with profiling.recording() as totals:
                         model(x)
                     breakdown[name] = {k: round(v * 1e3, 2) for k, v in totals.items()}
