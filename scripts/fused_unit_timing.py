@@ -5,7 +5,8 @@
 Defaults: depth 32, widths 16/32/64, batch 64, 32×32 RGB inputs, float32, evaluation mode, the
 cython backend with 1 thread (OpenMP and every BLAS held at 1 thread with threadpoolctl). Runs:
 
-* ``dense``: the plain ResNet (same depth and widths);
+* ``dense``: the plain ResNet (same depth and widths), and ``dense-compiled``: the same model
+  through :func:`fastpath.compile_network` (channels-last rows, the fused unit's kernels);
 * ``sact-none-fused`` / ``-unfused``: SACT with a halting bias so low that nothing halts (every
   unit runs at every position: the overhead of the sparse machinery);
 * ``sact-half-fused`` / ``-unfused``: SACT with the halting bias found (by bisection, on the timed
@@ -31,7 +32,7 @@ import time
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from fastpath import profiling
+from fastpath import compile_network, profiling
 from fastpath.bench import blas_info, blas_line
 from fastpath.cython_backend import CythonBackend
 from refimpl.models import build_model
@@ -123,7 +124,7 @@ def main(argv=None):
         dense.eval()
         dense_flops = flops_of(dense, x)
         half_bias = bias_for_ratio(args.depth, args, backend, x, args.ratio, dense_flops)
-        runs = {"dense": dense}
+        runs = {"dense": dense, "dense-compiled": compile_network(dense, backend)}
         for label, bias in (("none", -50.0), ("half", half_bias)):
             for fused in (True, False):
                 model = make_sact(args.depth, args, backend, bias)
@@ -133,7 +134,8 @@ def main(argv=None):
         info = {}
         for name, model in runs.items():
             model(x)  # warm-up (plans, caches)
-            info[name] = {"flops_ratio": dense_flops / float(np.mean(model.flops_per_sample))}
+            flops = dense_flops if name == "dense-compiled" else float(np.mean(model.flops_per_sample))
+            info[name] = {"flops_ratio": dense_flops / flops}
         if args.torch:
             try:
                 import torch
@@ -154,7 +156,7 @@ def main(argv=None):
         breakdown = {}
         if args.breakdown:
             for name, model in runs.items():
-                if name.endswith("-fused") and not name.startswith("torch"):
+                if name.endswith("-fused"):
                     with profiling.recording() as totals:
                         model(x)
                     breakdown[name] = {k: round(v * 1e3, 2) for k, v in totals.items()}
