@@ -10,7 +10,7 @@ instead of dense NCHW maps:
    transposing ``x`` to channels-last rows (N H W, C);
 2. conv1: for every position of ``D`` its window is gathered through an index map (one
    contiguous copy of C values per tap) and multiplied by the weights in one BLAS GEMM per chunk
-   of rows, giving the compact (|D|, K) output;
+   of rows, giving the compact ``(|D|, K)`` output;
 3. batch norm 2 (statistics over those rows) and ReLU on the compact rows;
 4. conv2 on ``A`` gathers its windows from the compact rows through the position→row map of
    ``D`` (it reads nothing else: ``D`` is ``A`` dilated by conv2's window), one GEMM;
