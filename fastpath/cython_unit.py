@@ -6,8 +6,8 @@ norms with statistics over ``D`` in training (running statistics updated) and th
 evaluation, FLOPs ``|D|``- and ``|A|``-based — computed in a compact **channels-last** domain
 instead of dense NCHW maps:
 
-1. batch norm 1 (statistics over ``D`` first, in training) and ReLU are applied while
-   transposing ``x`` to channels-last rows (N H W, C);
+1. ``x`` is gathered to channels-last rows at ``E = dilate(D)``, the positions conv1 reads, and
+   batch norm 1 (statistics over ``D`` first, in training) and ReLU are applied to those rows;
 2. conv1: for every position of ``D`` its window is gathered through an index map (one
    contiguous copy of C values per tap) and multiplied by the weights in one BLAS GEMM per chunk
    of rows, giving the compact ``(|D|, K)`` output;
