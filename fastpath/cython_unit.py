@@ -286,7 +286,8 @@ class CythonFusedUnit:
     def backward(self, unit, dout, cache):
         """Gradient w.r.t. ``x`` of :meth:`forward`; accumulates the unit's parameter gradients."""
         if not isinstance(cache, FusedUnitCache):
-            raise TypeError(f"cache must be the FusedUnitCache of this fused unit's forward, got {type(cache).__name__}")
+            raise TypeError(f"cache must be the FusedUnitCache of this fused unit's forward, "
+                            f"got {type(cache).__name__}")
         if cache.empty:
             return np.array(dout, copy=True)
         dtype = cache.h1c.dtype

@@ -64,7 +64,8 @@ class CompiledResNet:
         self.model, self.backend = model, backend
         self._geometry = {}
         # map padding: the widest half-window of any convolution
-        self.pad = max(max(k // 2 for k in layer.kernel) for _, layer in model.named_layers() if isinstance(layer, Conv2d))
+        convs = [layer for _, layer in model.named_layers() if isinstance(layer, Conv2d)]
+        self.pad = max(max(k // 2 for k in conv.kernel) for conv in convs)
 
     def _conv(self, conv, src, grid, out_grid, centres, dtype):
         weights = _weights(conv, dtype)
