@@ -9,9 +9,10 @@ centred at map index ``pos[r]`` reads tap ``t`` from row ``map[pos[r] + tapoff[t
 -1), so the im2col of scattered windows is one index load and one contiguous copy of C values
 per tap, which vectorises; the GEMM ``out (R, K) = cols (R, T C) · Wmatᵀ`` runs in BLAS.
 
-The adjoint of that gather (col2im) is written as a gather too: position ``q`` receives tap
-``t`` of the window centred at ``q - tapoff[t]``, so every output is written by one thread, in a
-fixed tap order: no atomics, and bit-identical results at any thread count.
+The input gradient is the transposed convolution, the same gather and GEMM with the taps negated
+(position ``q`` reads the output gradient of the windows centred at ``q - tapoff[t]``) and the
+weights transposed: no col2im scatter, no atomics, every output written by one thread, so the
+results are bit-identical at any thread count.
 
 Parallelism: OpenMP ``prange`` with ``schedule="static"`` over rows or over chunks of rows; GEMMs
 run single-threaded inside each chunk (the wrapper holds BLAS at one thread). Sums over rows
@@ -135,14 +136,18 @@ def row_moments(const real[:, ::1] h, double[:, :, ::1] partial, int threads):
     return mean_arr, var_arr
 
 
-def affine_relu_rows(const real[:, ::1] h, const real[::1] scale, const real[::1] shift, real[:, ::1] out,
-                     int threads):
-    """``out[r, k] = max(0, scale[k] h[r, k] + shift[k])``."""
+def affine_relu_rows(const real[:, ::1] h, const real[::1] center, const real[::1] scale, const real[::1] shift,
+                     real[:, ::1] out, int threads):
+    """``out[r, k] = max(0, (h[r, k] - center[k]) scale[k] + shift[k])``: batch norm and ReLU.
+
+    Centred first, as the reference does: folding the mean into the shift would cancel
+    catastrophically in float32 when the variance is tiny (a large ``scale``).
+    """
     cdef Py_ssize_t rows = h.shape[0], k_count = h.shape[1], r, k
     cdef real value
     for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
         for k in range(k_count):
-            value = scale[k] * h[r, k] + shift[k]
+            value = (h[r, k] - center[k]) * scale[k] + shift[k]
             out[r, k] = value if value > 0 else 0
 
 
@@ -195,20 +200,21 @@ def conv_rows_forward(const real[:, ::1] src, const int32_t[::1] rowmap, const i
                     out[r, k] += bias[k]
 
 
-def conv_rows_backward(const real[:, ::1] src, const int32_t[::1] rowmap, const int64_t[::1] pos,
-                       const int64_t[::1] tapoff, const real[:, ::1] wmat, const real[:, ::1] dout,
-                       real[:, :, ::1] dw_partial, real[:, ::1] db_partial, real[:, ::1] dcols,
-                       real[:, ::1] scratch, Py_ssize_t chunk, int threads):
-    """Backward of :func:`conv_rows_forward`: per-thread ``dW`` and ``db`` partials, and ``dcols = dout · Wmat``.
+def conv_rows_weight_grad(const real[:, ::1] src, const int32_t[::1] rowmap, const int64_t[::1] pos,
+                          const int64_t[::1] tapoff, const real[:, ::1] dout, real[:, :, ::1] dw_partial,
+                          real[:, ::1] db_partial, real[:, ::1] scratch, Py_ssize_t chunk, int threads):
+    """``dW`` and ``db`` of :func:`conv_rows_forward`, one partial per thread: ``dW += doutᵀ · cols``.
 
     ``dw_partial`` (threads, K, T C) and ``db_partial`` (threads, K) must be zero; the caller adds
     them in thread order (the static schedule gives every thread the same chunks on every call).
+    The input gradient is the transposed convolution, :func:`conv_rows_forward` with the taps
+    negated and the weights transposed (the wrapper's job): a gather and a GEMM as well.
     """
-    cdef Py_ssize_t rows = pos.shape[0], k_count = wmat.shape[0], width = wmat.shape[1]
+    cdef Py_ssize_t rows = pos.shape[0], k_count = dout.shape[1], width = dw_partial.shape[2]
     cdef Py_ssize_t c_count = src.shape[1], taps = tapoff.shape[0]
     cdef Py_ssize_t chunks = (rows + chunk - 1) // chunk, q, r0, r1, r, k
     cdef int tid
-    cdef real one = 1, zero = 0
+    cdef real one = 1
     if rows == 0:
         return
     for q in prange(chunks, nogil=True, num_threads=threads, schedule="static"):
@@ -219,34 +225,9 @@ def conv_rows_backward(const real[:, ::1] src, const int32_t[::1] rowmap, const 
         # dWᵀ (T C, K) += colsᵀ · dout, column-major
         gemm(c'N', c'T', <int> width, <int> k_count, <int> (r1 - r0), one, &scratch[tid, 0], <int> width,
              &dout[r0, 0], <int> k_count, one, &dw_partial[tid, 0, 0], <int> width)
-        # dcols (R, T C) = dout · Wmat
-        gemm(c'N', c'N', <int> width, <int> (r1 - r0), <int> k_count, one, &wmat[0, 0], <int> width,
-             &dout[r0, 0], <int> k_count, zero, &dcols[r0, 0], <int> width)
         for r in range(r0, r1):
             for k in range(k_count):
                 db_partial[tid, k] += dout[r, k]
-
-
-def col2im_rows(const real[:, ::1] dcols, const int32_t[::1] rowmap, const int64_t[::1] outpos,
-                const int64_t[::1] tapoff, real[:, ::1] out, int threads):
-    """Adjoint of the gather: ``out[q, c] = Σ_t dcols[rowmap[outpos[q] - tapoff[t]], t C + c]`` (skipping -1).
-
-    ``rowmap`` maps to the rows of ``dcols`` (the windows); ``outpos`` are the map indices of the
-    positions that receive gradient. Taps are summed in order, each output by one thread.
-    """
-    cdef Py_ssize_t count = outpos.shape[0], c_count = out.shape[1], taps = tapoff.shape[0]
-    cdef Py_ssize_t q, t, c
-    cdef int32_t row
-    cdef const real *src
-    for q in prange(count, nogil=True, num_threads=threads, schedule="static"):
-        for c in range(c_count):
-            out[q, c] = 0
-        for t in range(taps):
-            row = rowmap[outpos[q] - tapoff[t]]
-            if row >= 0:
-                src = &dcols[row, t * c_count]
-                for c in range(c_count):
-                    out[q, c] += src[c]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -281,16 +262,18 @@ def planes_to_rows(const real[:, :, ::1] x, const int64_t[::1] positions, const 
                 out[r, k] = x[n, k, positions[r] - base]
 
 
-def bn_relu_backward_rows(real[:, ::1] dz, const real[:, ::1] h, const real[::1] scale, const real[::1] shift,
+def bn_relu_backward_rows(real[:, ::1] dz, const real[:, ::1] h, const real[::1] center, const real[::1] scale,
+                          const real[::1] shift,
                           const double[::1] mean, const double[::1] inv_std, bint training,
                           const unsigned char[::1] in_stats, Py_ssize_t count, double[:, :, ::1] partial,
                           int threads):
     """In place ``dz`` ← gradient w.r.t. ``h`` of ``z = relu(bn(h))`` on rows (R, C).
 
-    ``scale``/``shift`` are the affine form of the batch norm, ``mean``/``inv_std`` the statistics
-    it used. In training those came from the ``count`` rows with ``in_stats`` set, and only they
-    get the statistics' term (rows outside receive gradient but gave no statistics). ``partial``
-    (blocks, 2, C) is scratch. Returns ``(dgamma, dbeta)`` (double).
+    ``center``/``scale``/``shift`` are the batch norm as :func:`affine_relu_rows` takes it,
+    ``mean``/``inv_std`` the statistics it used (double). In training those came from the
+    ``count`` rows with ``in_stats`` set, and only they get the statistics' term (rows outside
+    receive gradient but gave no statistics). ``partial`` (blocks, 2, C) is scratch. Returns
+    ``(dgamma, dbeta)`` (double).
     """
     cdef Py_ssize_t rows = h.shape[0], k_count = h.shape[1]
     cdef Py_ssize_t blocks = partial.shape[0], b, r, k, lo, hi
@@ -304,7 +287,7 @@ def bn_relu_backward_rows(real[:, ::1] dz, const real[:, ::1] h, const real[::1]
         hi = block_start(b + 1, blocks, rows)
         for r in range(lo, hi):
             for k in range(k_count):
-                if scale[k] * h[r, k] + shift[k] > 0:
+                if (h[r, k] - center[k]) * scale[k] + shift[k] > 0:
                     g = dz[r, k]
                 else:
                     g = 0

@@ -16,9 +16,10 @@ instead of dense NCHW maps:
    ``D`` (it reads nothing else: ``D`` is ``A`` dilated by conv2's window), one GEMM;
 5. the residual rows are added onto a copy of ``x`` (the scatter).
 
-The backward mirrors it: ``dW`` by GEMMs on re-gathered columns, ``dcols`` by GEMM, col2im written
-as a gather over the receiving positions (deterministic, no atomics), the masked batch-norm
-backwards with ReLU fused. Kernels: :mod:`fastpath._cython_unit`.
+The backward mirrors it: ``dW`` by GEMMs on re-gathered columns, the input gradient as the
+transposed convolution (the same gather and GEMM, taps negated, weights transposed: no col2im
+scatter, deterministic, no atomics), the masked batch-norm backwards with ReLU fused. Kernels:
+:mod:`fastpath._cython_unit`.
 
 A batch without any active position computes nothing: ``U = x``, zero FLOPs, and in training the
 running statistics stay as they are (there are no statistics to fold in; the reference would
@@ -100,10 +101,11 @@ def _weight_grad(dwmat, w_shape):
 
 
 class _Norm(NamedTuple):
-    """A batch norm in affine form ``y = scale x + shift`` and the statistics behind it."""
+    """A batch norm as ``y = (x - center) scale + shift`` and the statistics behind it."""
 
-    scale: np.ndarray  # (C,) dtype
-    shift: np.ndarray  # (C,) dtype
+    center: np.ndarray  # (C,) dtype: the mean
+    scale: np.ndarray  # (C,) dtype: γ / sqrt(σ² + ε)
+    shift: np.ndarray  # (C,) dtype: β
     mean: np.ndarray  # (C,) float64
     inv_std: np.ndarray  # (C,) float64
 
@@ -112,8 +114,8 @@ def _norm(layer, mean, var, dtype):
     inv_std = 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + layer.eps)
     mean = np.asarray(mean, dtype=np.float64)
     scale = layer.params["gamma"].astype(np.float64) * inv_std
-    shift = layer.params["beta"].astype(np.float64) - mean * scale
-    return _Norm(scale.astype(dtype), shift.astype(dtype), np.ascontiguousarray(mean), inv_std)
+    return _Norm(mean.astype(dtype), scale.astype(dtype), np.ascontiguousarray(layer.params["beta"], dtype=dtype),
+                 np.ascontiguousarray(mean), inv_std)
 
 
 class FusedUnitCache(NamedTuple):
@@ -231,7 +233,7 @@ class CythonFusedUnit:
                 mean, var = unit.bn1.buffers["running_mean"], unit.bn1.buffers["running_var"]
             norm1 = _norm(unit.bn1, mean, var, dtype)
             h1e = np.empty_like(xe)
-            _kernels.affine_relu_rows(xe, norm1.scale, norm1.shift, h1e, team)
+            _kernels.affine_relu_rows(xe, norm1.center, norm1.scale, norm1.shift, h1e, team)
         with profiling.section("compute"), _one_blas_thread():
             h1c = np.empty((count, k), dtype=dtype)
             chunk, scratch = self._scratch(team, count, w1[0].shape[1], dtype)
@@ -243,7 +245,7 @@ class CythonFusedUnit:
                 mean, var = unit.bn2.buffers["running_mean"], unit.bn2.buffers["running_var"]
             norm2 = _norm(unit.bn2, mean, var, dtype)
             z = np.empty_like(h1c)
-            _kernels.affine_relu_rows(h1c, norm2.scale, norm2.shift, z, team)
+            _kernels.affine_relu_rows(h1c, norm2.center, norm2.scale, norm2.shift, z, team)
             residual = np.empty((rows_a.flat.size, k), dtype=dtype)
             chunk, scratch = self._scratch(team, rows_a.flat.size, w2[0].shape[1], dtype)
             _kernels.conv_rows_forward(z, rows_d.rowmap, rows_a.pos, taps2, *w2, residual, scratch, chunk, team)
@@ -256,16 +258,19 @@ class CythonFusedUnit:
 
     # -- backward ------------------------------------------------------------------------------
 
-    def _conv_backward(self, conv, src, rowmap, pos, taps, weights, dout, team):
-        """Accumulates the conv's gradients, returns ``dcols`` (R, T C)."""
+    def _conv_backward(self, conv, src, rowmap, pos, taps, weights, dout, in_rows, in_pos, out_rowmap, team):
+        """Accumulates the conv's gradients; returns the input gradient at the rows ``in_pos`` of the input.
+
+        The input gradient is the transposed convolution: the windows of ``dout`` (rows through
+        ``out_rowmap``) at the input positions, taps negated, weights transposed.
+        """
         wmat = weights[0]
-        rows, dtype = pos.size, wmat.dtype
+        dtype = wmat.dtype
+        k = wmat.shape[0]
         dw_partial = np.zeros((team, *wmat.shape), dtype=dtype)
-        db_partial = np.zeros((team, wmat.shape[0]), dtype=dtype)
-        dcols = np.empty((rows, wmat.shape[1]), dtype=dtype)
-        chunk, scratch = self._scratch(team, rows, wmat.shape[1], dtype)
-        _kernels.conv_rows_backward(src, rowmap, pos, taps, wmat, dout, dw_partial, db_partial, dcols, scratch,
-                                    chunk, team)
+        db_partial = np.zeros((team, k), dtype=dtype)
+        chunk, scratch = self._scratch(team, pos.size, wmat.shape[1], dtype)
+        _kernels.conv_rows_weight_grad(src, rowmap, pos, taps, dout, dw_partial, db_partial, scratch, chunk, team)
         dwmat, db = dw_partial[0].copy(), db_partial[0].copy()
         for part in range(1, team):  # fixed order: reproducible at a fixed thread count
             dwmat += dw_partial[part]
@@ -273,11 +278,19 @@ class CythonFusedUnit:
         conv.accumulate("w", _weight_grad(dwmat, conv.params["w"].shape))
         if conv.has_bias:
             conv.accumulate("b", db)
-        return dcols
+        # the forward's weights (K, T C) -> (C, T K): wmat_t[c, t K + k] = wmat[k, t C + c]
+        c = wmat.shape[1] // taps.size
+        wmat_t = np.ascontiguousarray(wmat.reshape(k, taps.size, c).transpose(2, 1, 0).reshape(c, -1))
+        din = np.empty((in_rows, c), dtype=dtype)
+        chunk, scratch = self._scratch(team, in_rows, wmat_t.shape[1], dtype)
+        _kernels.conv_rows_forward(dout, out_rowmap, in_pos, -taps, wmat_t, np.zeros(c, dtype=dtype), False,
+                                   din, scratch, chunk, team)
+        return din
 
     def _bn_backward(self, layer, dz, h, norm, training, in_stats, count, team):
         """In place ``dz`` ← gradient w.r.t. ``h`` of relu(bn(h)); accumulates γ's and β's."""
-        dgamma, dbeta = _kernels.bn_relu_backward_rows(dz, h, norm.scale, norm.shift, norm.mean, norm.inv_std,
+        dgamma, dbeta = _kernels.bn_relu_backward_rows(dz, h, norm.center, norm.scale, norm.shift, norm.mean,
+                                                       norm.inv_std,
                                                        training, in_stats, count,
                                                        self._partial(team, h.shape[1]), team)
         layer.accumulate("gamma", dgamma.astype(dz.dtype))
@@ -305,19 +318,13 @@ class CythonFusedUnit:
                 dres = np.empty((rows_a.flat.size, k), dtype=dtype)
                 _kernels.planes_to_rows(dx3, rows_a.flat, rows_a.start, dres, team)
             with profiling.section("compute"):
-                dcols2 = self._conv_backward(unit.conv2, cache.z, rows_d.rowmap, rows_a.pos, cache.taps2, cache.w2,
-                                             dres, team)
-            with profiling.section("scatter"):
-                dz = np.empty((cache.count, k), dtype=dtype)
-                _kernels.col2im_rows(dcols2, rows_a.rowmap, rows_d.pos, cache.taps2, dz, team)
-            with profiling.section("compute"):
+                dz = self._conv_backward(unit.conv2, cache.z, rows_d.rowmap, rows_a.pos, cache.taps2, cache.w2, dres,
+                                         cache.count, rows_d.pos, rows_a.rowmap, team)
                 self._bn_backward(unit.bn2, dz, cache.h1c, cache.norm2, cache.training,
                                   np.ones(cache.count, dtype=np.uint8), cache.count, team)
-                dcols1 = self._conv_backward(unit.conv1, cache.h1e, rows_e.rowmap, rows_d.pos, cache.taps1,
-                                             cache.w1, dz, team)
+                dh1 = self._conv_backward(unit.conv1, cache.h1e, rows_e.rowmap, rows_d.pos, cache.taps1, cache.w1, dz,
+                                          rows_e.pos.size, rows_e.pos, rows_d.rowmap, team)
             with profiling.section("scatter"):
-                dh1 = np.empty_like(cache.xe)
-                _kernels.col2im_rows(dcols1, rows_d.rowmap, rows_e.pos, cache.taps1, dh1, team)
                 self._bn_backward(unit.bn1, dh1, cache.xe, cache.norm1, cache.training, cache.e_in_d, cache.count,
                                   team)
                 _kernels.add_rows_to_planes(dx3, dh1, rows_e.flat, rows_e.start, team)

@@ -28,11 +28,11 @@ from .cython_unit import _kernels, _one_blas_thread, _rows_map, _taps, _weights
 
 
 def _affine(bn, dtype):
-    """Batch norm with its running statistics as ``(scale, shift)`` in ``dtype``."""
+    """Batch norm with its running statistics as ``(center, scale, shift)`` in ``dtype`` (see ``affine_relu_rows``)."""
     inv_std = 1.0 / np.sqrt(bn.buffers["running_var"].astype(np.float64) + bn.eps)
     scale = bn.params["gamma"].astype(np.float64) * inv_std
-    shift = bn.params["beta"].astype(np.float64) - bn.buffers["running_mean"].astype(np.float64) * scale
-    return scale.astype(dtype), shift.astype(dtype)
+    return (np.ascontiguousarray(bn.buffers["running_mean"], dtype=dtype), scale.astype(dtype),
+            np.ascontiguousarray(bn.params["beta"], dtype=dtype))
 
 
 class _Grid:
@@ -80,9 +80,8 @@ class CompiledResNet:
         return out
 
     def _bn_relu(self, bn, rows, dtype):
-        scale, shift = _affine(bn, dtype)
         out = np.empty_like(rows)
-        _kernels.affine_relu_rows(rows, scale, shift, out, self.backend._team(rows.size))
+        _kernels.affine_relu_rows(rows, *_affine(bn, dtype), out, self.backend._team(rows.size))
         return out
 
     def _plan(self, n, hw):

@@ -27,7 +27,7 @@ from tolerances import GRADCHECK_RTOL, assert_close
 from refimpl.conv_layer import Conv2d
 from refimpl.gradcheck import check_gradients
 from refimpl.resnet import ResidualUnit
-from refimpl.sparse_unit import sparse_unit_backward, sparse_unit_forward
+from refimpl.sparse_unit import dilate, sparse_unit_backward, sparse_unit_forward
 
 FUSED_BACKENDS = backend_params()  # every fast backend configuration; those without fused_unit skip
 
@@ -41,6 +41,7 @@ def fused_backend(request):
 
 
 KERNELS = [(3, 3), (1, 1), (1, 3), (5, 3)]
+MIN_FLOAT32_STATISTICS = 16  # positions behind the batch statistics of a float32 check in training
 MASK_KINDS = ("full", "single", "bernoulli", "empty")
 
 
@@ -100,6 +101,12 @@ def test_fused_unit_equals_the_reference_composition(fused_backend, problem):
     active, dtype = problem["active"], problem["dtype"]
     computed = active.any(axis=(1, 2))
     assume(computed.any())  # a batch without any active position: see the test below
+    # Batch norm over a handful of values is ill-conditioned: over two values it outputs ±1 whatever
+    # the input, so its input gradient is 0 up to rounding, and float32 rounding there exceeds the
+    # float32 tolerance in the reference itself. Few positions are checked in float64 only.
+    conv2_kernel = problem["kernels"][1]
+    assume(dtype == np.float64 or not problem["training"]
+           or dilate(active, conv2_kernel).sum() >= MIN_FLOAT32_STATISTICS)
     n, c, (h, w) = problem["n"], problem["channels"], problem["hw"]
     build = dict(channels=c, kernels=problem["kernels"], bias=problem["bias"], dtype=dtype,
                  training=problem["training"])
