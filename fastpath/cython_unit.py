@@ -74,6 +74,17 @@ class _Rows(NamedTuple):
     rowmap: np.ndarray  # (map size,) int32, -1 where no row
 
 
+@lru_cache(maxsize=32)
+def _all_rows(n, h, w, ph, pw):
+    """:class:`_Rows` of every position of an (n, h, w) batch (read-only, built once per shape)."""
+    map_size, allpos = _grid(n, h, w, ph, pw)
+    rows = _Rows(np.arange(n * h * w, dtype=np.int64), allpos, np.arange(n + 1, dtype=np.int64) * (h * w),
+                 _rows_map(map_size, allpos))
+    for array in rows:
+        array.setflags(write=False)
+    return rows
+
+
 def _rows(mask, counts, allpos, map_size):
     flat = np.flatnonzero(mask)
     pos = allpos[flat]
@@ -212,14 +223,18 @@ class CythonFusedUnit:
             count = int(d_counts.sum())
             if count == 0:
                 return x.copy(), FusedUnitCache(True, training, *([None] * (len(FusedUnitCache._fields) - 2))), flops
-            e_mask = dilate(d_mask, kernel1)
             ph = max(kernel1[0], kernel2[0]) // 2
             pw = max(kernel1[1], kernel2[1]) // 2
-            map_size, allpos = _grid(n, h, w, ph, pw)
-            rows_a = _rows(active, a_counts, allpos, map_size)
-            rows_d = _rows(d_mask, d_counts, allpos, map_size)
-            rows_e = _rows(e_mask, e_mask.sum(axis=(1, 2)), allpos, map_size)
-            e_in_d = d_mask.reshape(-1)[rows_e.flat].view(np.uint8)
+            if int(a_counts.sum()) == n * size:  # every position active: A = D = E, the rows of a full grid
+                rows_a = rows_d = rows_e = _all_rows(n, h, w, ph, pw)
+                e_in_d = np.ones(count, dtype=np.uint8)
+            else:
+                e_mask = dilate(d_mask, kernel1)
+                map_size, allpos = _grid(n, h, w, ph, pw)
+                rows_a = _rows(active, a_counts, allpos, map_size)
+                rows_d = _rows(d_mask, d_counts, allpos, map_size)
+                rows_e = _rows(e_mask, e_mask.sum(axis=(1, 2)), allpos, map_size)
+                e_in_d = d_mask.reshape(-1)[rows_e.flat].view(np.uint8)
             taps1, taps2 = _taps(kernel1, w + 2 * pw), _taps(kernel2, w + 2 * pw)
             w1, w2 = _weights(unit.conv1, dtype), _weights(unit.conv2, dtype)
         team = self.backend._team(count * w1[0].size)
