@@ -13,7 +13,7 @@ import textwrap
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-CYTHON_MODULES = ["fastpath._cython_conv"]
+CYTHON_MODULES = ["fastpath._cython_conv", "fastpath._cython_unit"]
 
 
 def _openmp_flags():

@@ -71,4 +71,11 @@ def make_opencl_backend():
     return OpenCLBackend()
 
 
-__all__ = ["BackendStatus", "available_backends", "usable_backends", "make_cython_backend", "make_opencl_backend"]
+def compile_network(model, backend=None):
+    """A plain ResNet compiled for inference on the Cython kernels (:func:`fastpath.network.compile_network`)."""
+    from .network import compile_network as compile_resnet
+
+    return compile_resnet(model, backend)
+
+
+__all__ = ["BackendStatus", "compile_network", "available_backends", "usable_backends", "make_cython_backend", "make_opencl_backend"]

@@ -622,3 +622,76 @@ def table_pool_adjoint(const real[:, :, ::1] dout, const int32_t[:, :, ::1] tabl
                         idx = table[s if per_sample else 0, r, tap]
                         if idx >= 0:
                             dsrc[s, ch, idx] += share
+
+
+# ----------------------------------------------------------------------------------------------
+# One output channel: a direct convolution over whole planes
+# ----------------------------------------------------------------------------------------------
+# With K = 1 the GEMM degenerates to a matrix-vector product and the im2col gather costs as much
+# as the arithmetic; multiply-adding shifted input rows into the output rows is several times
+# faster, even when every position is computed and only the masked ones are kept (a single output
+# channel costs 1/K of the layer it follows).
+
+def direct_conv_single(const real[:, :, :, ::1] xp, const real[:, :, ::1] w, double bias, int sh, int sw,
+                       real[:, :, ::1] out, int threads):
+    """``out[n, y, x] = bias + Σ_{c,i,j} w[c, i, j] xp[n, c, y sh + i, x sw + j]`` at every output position."""
+    cdef Py_ssize_t n_count = xp.shape[0], c_count = xp.shape[1], kh = w.shape[1], kw = w.shape[2]
+    cdef Py_ssize_t ho = out.shape[1], wo = out.shape[2]
+    cdef Py_ssize_t n, y, c, i, j, x
+    cdef real wv
+    cdef const real *row
+    cdef real *dst
+    for n in prange(n_count, nogil=True, num_threads=threads, schedule="static"):
+        for y in range(ho):
+            dst = &out[n, y, 0]
+            for x in range(wo):
+                dst[x] = <real> bias
+            for c in range(c_count):
+                for i in range(kh):
+                    for j in range(kw):
+                        wv = w[c, i, j]
+                        row = &xp[n, c, y * sh + i, j]
+                        if sw == 1:  # contiguous: vectorises
+                            for x in range(wo):
+                                dst[x] += wv * row[x]
+                        else:
+                            for x in range(wo):
+                                dst[x] += wv * row[x * sw]
+
+
+def direct_conv_single_backward(const real[:, :, :, ::1] xp, const real[:, :, ::1] w, const real[:, :, ::1] dy,
+                                int sh, int sw, real[:, :, :, ::1] dxp, double[:, :, :, ::1] dw_partial,
+                                int threads):
+    """Backward of :func:`direct_conv_single`: ``dxp`` (zeroed) += and ``dW`` per static block of samples.
+
+    ``dw_partial`` (blocks, C, kh, kw) must be zero; the caller adds the blocks in order.
+    """
+    cdef Py_ssize_t n_count = xp.shape[0], c_count = xp.shape[1], kh = w.shape[1], kw = w.shape[2]
+    cdef Py_ssize_t ho = dy.shape[1], wo = dy.shape[2], blocks = dw_partial.shape[0]
+    cdef Py_ssize_t b, n, y, c, i, j, x
+    cdef real wv
+    cdef double acc
+    cdef const real *row
+    cdef real *drow
+    cdef const real *g
+    for b in prange(blocks, nogil=True, num_threads=threads, schedule="static"):
+        for n in range((n_count * b) // blocks, (n_count * (b + 1)) // blocks):
+            for y in range(ho):
+                g = &dy[n, y, 0]
+                for c in range(c_count):
+                    for i in range(kh):
+                        for j in range(kw):
+                            wv = w[c, i, j]
+                            row = &xp[n, c, y * sh + i, j]
+                            drow = &dxp[n, c, y * sh + i, j]
+                            acc = 0
+                            if sw == 1:
+                                for x in range(wo):
+                                    drow[x] += wv * g[x]
+                                for x in range(wo):
+                                    acc = acc + g[x] * row[x]
+                            else:
+                                for x in range(wo):
+                                    drow[x * sw] += wv * g[x]
+                                    acc = acc + g[x] * row[x * sw]
+                            dw_partial[b, c, i, j] += acc

@@ -36,6 +36,7 @@ from refimpl.backend import BackendUnavailableError, ConvBackend
 from refimpl.conv import ConvGeometry
 
 from . import BackendStatus
+from . import cython_unit
 
 try:
     from . import _cython_conv as _kernels
@@ -112,6 +113,17 @@ class ConvCache(NamedTuple):
     start: np.ndarray  # (N+1,) int64 first column of each sample
 
 
+class DirectConvCache(NamedTuple):
+    """What :meth:`CythonBackend.conv_backward` needs for a single-output-channel convolution."""
+
+    xp: np.ndarray  # (N, C, H+2ph, W+2pw) padded input
+    w: np.ndarray  # (1, C, kh, kw)
+    x_shape: tuple
+    geometry: ConvGeometry
+    positions: np.ndarray  # (B, P) int32 plan positions, -1 padded
+    counts: np.ndarray  # (B,) int32
+
+
 class TableConvCache(NamedTuple):
     src: np.ndarray  # (N, C, S)
     table: np.ndarray  # (B, R, T)
@@ -155,6 +167,10 @@ class CythonBackend(ConvBackend):
         self.threads = default_threads() if threads is None else threads
         self.chunk_bytes = chunk_bytes
         self.parallel_work = parallel_work
+        # The sparse residual unit fused in the channels-last domain (refimpl.sparse_unit.unit_executor
+        # picks it for sparse SACT units); absent if its extension was not compiled.
+        if cython_unit._kernels is not None:
+            self.fused_unit = cython_unit.CythonFusedUnit(self)
 
     @property
     def threads(self):
@@ -193,6 +209,8 @@ class CythonBackend(ConvBackend):
         else:
             xp = x
         positions, counts = _index(plan.positions), _index(plan.counts)
+        if k == 1:
+            return self._direct_forward(xp, w, b, x.shape, geometry, positions, counts)
         base, sample, slot, start = _kernels.plan_columns(positions, counts, n, wo, sh, sw, c * hp * wp, wp)
         ci, ii, jj = np.meshgrid(np.arange(c), np.arange(kh), np.arange(kw), indexing="ij")
         offsets = (ci * (hp * wp) + ii * wp + jj).astype(np.int64).ravel()
@@ -209,6 +227,8 @@ class CythonBackend(ConvBackend):
         return compact, cache
 
     def _conv_backward(self, dcompact, cache):
+        if isinstance(cache, DirectConvCache):
+            return self._direct_backward(dcompact, cache)
         xp, wmat = cache.xp, cache.wmat
         dcompact = _float(dcompact, wmat.dtype)
         n, c, h, wd = cache.x_shape
@@ -228,6 +248,59 @@ class CythonBackend(ConvBackend):
         else:
             dx = dxp
         return dx, dwmat.reshape(cache.w_shape), db
+
+    # -- a single output channel (e.g. a halting head's local term): direct convolution ---------
+
+    def _direct_forward(self, xp, w, b, x_shape, geometry, positions, counts):
+        """Every output position by plane-wise multiply-adds, then the plan's positions kept.
+
+        With one output channel the gathered columns of the GEMM path cost as much as the
+        arithmetic; the direct convolution of the whole map is several times faster even where
+        only part of it is kept (FLOPs are still counted at the computed positions only).
+        """
+        n, c = x_shape[:2]
+        ho, wo = geometry.out_hw
+        (sh, sw) = geometry.stride
+        dense = np.empty((n, ho, wo), dtype=xp.dtype)
+        _kernels.direct_conv_single(xp, w.reshape(w.shape[1:]), float(b[0]), sh, sw, dense,
+                                    self._team(dense.size * w.size))
+        flat = dense.reshape(n, ho * wo)
+        if positions.shape[0] == 1:
+            compact = flat[:, positions[0]]
+        else:
+            compact = np.take_along_axis(flat, np.maximum(positions, 0), axis=1)
+            compact[positions < 0] = 0
+        return compact[:, None, :], DirectConvCache(xp, w, x_shape, geometry, positions, counts)
+
+    def _direct_backward(self, dcompact, cache):
+        xp, w = cache.xp, cache.w
+        dtype = w.dtype
+        n, c, h, wd = cache.x_shape
+        ho, wo = cache.geometry.out_hw
+        (sh, sw), (ph, pw) = cache.geometry.stride, cache.geometry.padding
+        dcompact = _float(dcompact, dtype)[:, 0]
+        dy = np.zeros((n, ho * wo + 1), dtype=dtype)  # the last column takes the plan's -1 padding
+        slots = np.where(cache.positions < 0, ho * wo, cache.positions)
+        if slots.shape[0] == 1:
+            dy[:, slots[0]] = dcompact
+        else:
+            np.put_along_axis(dy, slots, dcompact, axis=1)
+        dy = np.ascontiguousarray(dy[:, : ho * wo]).reshape(n, ho, wo)
+        team = self._team(2 * dy.size * w.size)
+        dxp = np.zeros(xp.shape, dtype=dtype)
+        dw_partial = np.zeros((team, *w.shape[1:]), dtype=np.float64)
+        _kernels.direct_conv_single_backward(xp, w.reshape(w.shape[1:]), dy, sh, sw, dxp, dw_partial, team)
+        dw = dw_partial[0].copy()
+        for part in range(1, team):  # fixed order: reproducible at a fixed thread count
+            dw += dw_partial[part]
+        db = np.array([dy.sum(dtype=np.float64)], dtype=dtype)
+        if ph or pw:
+            dx = np.empty(cache.x_shape, dtype=dtype)
+            hp, wp = xp.shape[2:]
+            _kernels.crop_planes(dxp.reshape(n * c, hp, wp), dx.reshape(n * c, h, wd), ph, pw, self._team(dx.size))
+        else:
+            dx = dxp
+        return dx, dw.astype(dtype).reshape(w.shape), db
 
     # -- fills ---------------------------------------------------------------------------------
 

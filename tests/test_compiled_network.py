@@ -1,0 +1,78 @@
+"""``fastpath.network.compile_network``: a plain ResNet on channels-last rows equals ``model(x)`` in evaluation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from strategies import float_dtypes, seeds
+from tolerances import assert_close
+
+import fastpath
+from refimpl.act import ACTResNet
+from refimpl.resnet import ResNet
+
+pytestmark = pytest.mark.skipif(not fastpath.available_backends()["cython"].usable,
+                                reason="cython backend unavailable: compile_network needs its kernels")
+
+
+def randomised(model, rng):
+    """Random batch-norm parameters and running statistics (so that evaluation mode is not the identity)."""
+    for name, layer in model.named_layers():
+        if hasattr(layer, "buffers") and "running_mean" in layer.buffers:
+            c = layer.channels
+            layer.params["gamma"][...] = rng.uniform(0.5, 1.5, c)
+            layer.params["beta"][...] = rng.standard_normal(c)
+            layer.buffers["running_mean"][...] = rng.standard_normal(c)
+            layer.buffers["running_var"][...] = rng.uniform(0.5, 2.0, c)
+    model.eval()
+    return model
+
+
+@given(n=st.integers(1, 2), batch=st.integers(1, 3), in_channels=st.integers(1, 3),
+       widths=st.lists(st.integers(1, 4), min_size=3, max_size=3).map(lambda v: tuple(np.cumsum(v))),
+       hw=st.tuples(st.integers(1, 9), st.integers(1, 9)), shortcut=st.sampled_from(["pad", "projection"]),
+       dtype=float_dtypes(), seed=seeds)
+def test_compiled_resnet_equals_the_model_in_evaluation(n, batch, in_channels, widths, hw, shortcut, dtype, seed):
+    rng = np.random.default_rng(seed)
+    model = randomised(ResNet(n, 5, in_channels, rng, widths=widths, backend="cython", shortcut=shortcut,
+                              dtype=dtype), rng)
+    x = rng.standard_normal((batch, in_channels, *hw)).astype(dtype)
+    compiled = fastpath.compile_network(model)
+    out = compiled(x)
+    assert out.dtype == dtype
+    assert_close(out, model(x))
+
+
+def test_compiled_resnet_reads_the_current_parameters():
+    rng = np.random.default_rng(3)
+    model = randomised(ResNet(1, 4, 2, rng, widths=(2, 3, 4), backend="cython", dtype=np.float64), rng)
+    compiled = fastpath.compile_network(model)
+    x = rng.standard_normal((2, 2, 6, 5))
+    before = compiled(x)
+    model.stages[1].units[0].conv1.params["w"] *= 2
+    model.head.layers_[0].buffers["running_var"] *= 3
+    after = compiled(x)
+    assert not np.allclose(after, before)
+    assert_close(after, model(x))
+
+
+def test_compile_network_refuses_what_it_cannot_run():
+    rng = np.random.default_rng(4)
+    with pytest.raises(TypeError, match="model must be a refimpl.resnet.ResNet"):
+        fastpath.compile_network(ACTResNet(1, 4, 1, rng, widths=(2, 2, 2)))
+    perforated = ResNet(1, 4, 1, rng, widths=(2, 2, 2), perforation={"stem": ("grid", 0.5)})
+    with pytest.raises(ValueError, match="stem is perforated"):
+        fastpath.compile_network(perforated)
+    model = ResNet(1, 4, 1, rng, widths=(2, 2, 2))
+    with pytest.raises(TypeError, match="backend must be a fastpath.cython_backend.CythonBackend"):
+        fastpath.compile_network(model, backend="numpy")
+    compiled = fastpath.compile_network(model)
+    with pytest.raises(ValueError, match="evaluation mode only"):
+        compiled(np.zeros((1, 1, 4, 4), dtype=np.float32))
+    model.eval()
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 1, H, W\)"):
+        compiled(np.zeros((1, 2, 4, 4), dtype=np.float32))
+    with pytest.raises(TypeError, match="x has dtype float64"):
+        compiled(np.zeros((1, 1, 4, 4)))
