@@ -9,7 +9,9 @@ identity/pad shortcuts, :mod:`refimpl.resnet`) at each ``--sizes`` and ``--threa
 
 * ``torch dense`` — the same network mirrored in PyTorch (:func:`torch_resnet`, the ponder
   network's weights copied in), when torch is importable; a comparison only, never a dependency;
-* ``ponder dense`` — :class:`refimpl.resnet.ResNet` on the Cython backend;
+* ``ponder dense`` — :class:`refimpl.resnet.ResNet` on the Cython backend, layer by layer;
+* ``ponder compiled`` — the same network through :func:`fastpath.compile_network` (inference on
+  channels-last rows, activations never in NCHW between layers; Cython backend only);
 * ``SACT`` / ``SACT unfused`` — :class:`refimpl.sact.SACTResNet`, sparse execution, with the
   backend's fused residual unit where it has one (``fused=True``) or the composition of reference
   layers (``fused=False``, :func:`refimpl.sparse_unit.unit_executor`);
@@ -396,6 +398,39 @@ def ponder_dense_runners(context):
     return [PonderRunner("ponder dense", "resnet", context.dense_model, context.backend)]
 
 
+class CompiledRunner(PonderRunner):
+    """A network compiled by :func:`fastpath.compile_network` (inference on channels-last rows)."""
+
+    def __init__(self, name, network, model, backend, compiled, ratio_target=None):
+        super().__init__(name, network, model, backend, ratio_target)
+        self.compiled = compiled
+
+    def prepare(self, x, labels=None):
+        if hasattr(self.model, "base_biases") and x.shape[-1] in self.offsets:
+            shift_halting_biases(self.model, self.offsets[x.shape[-1]])
+        compiled = self.compiled
+        return lambda: compiled(x)
+
+    def flops_per_image(self):
+        flops = getattr(self.compiled, "flops_per_sample", None)  # an adaptive compiled network counts its own
+        return float(self.model.dense_flops_per_sample if flops is None else np.mean(flops))
+
+
+def compiled_dense_runners(context):
+    """ponder dense through :func:`fastpath.compile_network` (Cython backend only)."""
+    from fastpath.cython_backend import CythonBackend
+
+    if not isinstance(context.backend, CythonBackend):
+        context.skipped["ponder compiled"] = "compile_network runs on the cython backend only"
+        return []
+    from fastpath.network import compile_network
+
+    model = context.dense_model
+    model.eval()
+    return [CompiledRunner("ponder compiled", "resnet", model, context.backend,
+                           compile_network(model, context.backend))]
+
+
 def adaptive_runners(kind, label, fused=True):
     """A factory of one runner per FLOPs ratio, each with its own copy of the network (same seed, same weights)."""
     def factory(context):
@@ -413,6 +448,7 @@ def adaptive_runners(kind, label, fused=True):
 INFERENCE_RUNNERS = {
     "torch dense": torch_runners,
     "ponder dense": ponder_dense_runners,
+    "ponder compiled": compiled_dense_runners,
     "SACT": adaptive_runners("sact", "SACT"),
     "SACT unfused": adaptive_runners("sact", "SACT unfused", fused=False),
     "PACT": adaptive_runners("pact", "PACT"),

@@ -42,7 +42,7 @@ def test_the_json_has_every_setting_runner_and_part(run):
     assert data["settings"]["sizes"] == [8, 12] and data["settings"]["threads"] == [1]
     assert data["settings"]["repeat"] == 3 and data["settings"]["batch"] == 2
     inference = [r for r in rows if r["part"] == "inference"]
-    expected = {"ponder dense", "SACT", "SACT unfused", "PACT"} | ({"torch dense"} if "torch" in data["environment"]
+    expected = {"ponder dense", "ponder compiled", "SACT", "SACT unfused", "PACT"} | ({"torch dense"} if "torch" in data["environment"]
                                                                    else set())
     for size in (8, 12):
         names = {r["runner"] for r in inference if r["size"] == size}
@@ -187,3 +187,4 @@ def test_the_networks_run_on_the_opencl_backend(tmp_path):
     assert "OpenCL" in data["environment"]["backend"] or "opencl" in data["environment"]["backend"]
     runners = {row["runner"] for row in data["rows"]}
     assert {"ponder dense", "SACT", "SACT unfused", "PACT"} <= runners
+    assert "ponder compiled" not in runners and "cython" in data["skipped"]["ponder compiled"]
