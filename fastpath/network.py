@@ -20,8 +20,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from refimpl import halting
+from refimpl.conv import conv_flops
 from refimpl.conv_layer import Conv2d
+from refimpl.distributions import sigmoid
 from refimpl.resnet import Identity, PadShortcut, ResNet
+from refimpl.sact import SACTResNet
+from refimpl.sparse_unit import dilate
 
 from . import cython_unit
 from .cython_unit import _kernels, _one_blas_thread, _rows_map, _taps, _weights
@@ -111,7 +116,7 @@ class CompiledResNet:
             self._geometry[key] = plan
         return self._geometry[key]
 
-    def __call__(self, x):
+    def _check_input(self, x):
         model = self.model
         if model.training:
             raise ValueError("compile_network runs a model in evaluation mode only; call model.eval() first")
@@ -121,36 +126,179 @@ class CompiledResNet:
                              f"{getattr(x, 'shape', type(x).__name__)}")
         if x.dtype != dtype:
             raise TypeError(f"x has dtype {x.dtype} but the model's weights are {dtype}")
+        return dtype
+
+    def _stem(self, x, plan, dtype):
         n, c, h, w = x.shape
-        plan = self._plan(n, (h, w))
-        with _one_blas_thread():
-            rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(n * h * w, c)
-            grid, _, centres = plan["stem"]
-            rows = self._conv(model.stem, rows, grid, grid, centres, dtype)
-            for s, stage in enumerate(model.stages):
-                for u, unit in enumerate(stage.units):
-                    grid, out_grid, conv1, conv2, shortcut = plan[(s, u)]
-                    h1 = self._bn_relu(unit.bn1, rows, dtype)
-                    h1 = self._conv(unit.conv1, h1, grid, out_grid, conv1, dtype)
-                    h1 = self._bn_relu(unit.bn2, h1, dtype)
-                    out = self._conv(unit.conv2, h1, out_grid, out_grid, conv2, dtype)
-                    if isinstance(unit.shortcut, Identity):
-                        out += rows
-                    elif isinstance(unit.shortcut, PadShortcut):
-                        out[:, : rows.shape[1]] += rows[shortcut]
-                    else:
-                        out += self._conv(unit.shortcut, rows, grid, out_grid, shortcut, dtype)
-                    rows = out
-            bn, _, _, linear = model.head.layers_
-            rows = self._bn_relu(bn, rows, dtype)
-            pooled = rows.reshape(n, -1, rows.shape[1]).mean(axis=1, dtype=dtype)
-            logits = pooled @ linear.params["w"]
-            if linear.has_bias:
-                logits += linear.params["b"]
+        rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(n * h * w, c)
+        grid, _, centres = plan["stem"]
+        return self._conv(self.model.stem, rows, grid, grid, centres, dtype)
+
+    def _dense_unit(self, unit, rows, entry, dtype):
+        """A residual unit at every position (it may downsample): rows of its input grid → rows of its output grid."""
+        grid, out_grid, conv1, conv2, shortcut = entry
+        h1 = self._bn_relu(unit.bn1, rows, dtype)
+        h1 = self._conv(unit.conv1, h1, grid, out_grid, conv1, dtype)
+        h1 = self._bn_relu(unit.bn2, h1, dtype)
+        out = self._conv(unit.conv2, h1, out_grid, out_grid, conv2, dtype)
+        if isinstance(unit.shortcut, Identity):
+            out += rows
+        elif isinstance(unit.shortcut, PadShortcut):
+            out[:, : rows.shape[1]] += rows[shortcut]
+        else:
+            out += self._conv(unit.shortcut, rows, grid, out_grid, shortcut, dtype)
+        return out
+
+    def _head(self, rows, n, dtype):
+        bn, _, _, linear = self.model.head.layers_
+        rows = self._bn_relu(bn, rows, dtype)
+        pooled = rows.reshape(n, -1, rows.shape[1]).mean(axis=1, dtype=dtype)
+        logits = pooled @ linear.params["w"]
+        if linear.has_bias:
+            logits += linear.params["b"]
         return logits.astype(dtype, copy=False)
+
+    def __call__(self, x):
+        dtype = self._check_input(x)
+        n = x.shape[0]
+        plan = self._plan(n, x.shape[2:])
+        with _one_blas_thread():
+            rows = self._stem(x, plan, dtype)
+            for s, stage in enumerate(self.model.stages):
+                for u, unit in enumerate(stage.units):
+                    rows = self._dense_unit(unit, rows, plan[(s, u)], dtype)
+            return self._head(rows, n, dtype)
 
     def __repr__(self):
         return f"CompiledResNet({self.model!r}, backend={self.backend!r})"
+
+
+class CompiledSACTResNet(CompiledResNet):
+    """``compiled(x)``: the logits of a :class:`refimpl.sact.SACTResNet` in evaluation mode (sparse execution), on rows.
+
+    After a call: ``flops_per_sample`` (N,) int64, the model's accounting of what was computed;
+    ``rho`` (list per block of (N, H, W) ponder-cost maps) and ``ponder_cost`` (Σ_blocks mean ρ).
+    Built by :func:`compile_network`; see the module docstring.
+    """
+
+    def __init__(self, model, backend):
+        super().__init__(model, backend)
+        self.flops_per_sample, self.rho, self.ponder_cost = None, [], None
+
+    def _head_logits(self, head, rows, grid, active_flat, running, dtype):
+        """Halting probabilities at ``active_flat`` (the local 3×3 term there, the global term of each sample)."""
+        n, size = grid.n, grid.h * grid.w
+        local = np.empty((active_flat.size, 1), dtype=dtype)
+        weights = _weights(head.local, dtype)
+        taps = _taps(head.local.kernel, grid.wm)
+        team = self.backend._team(active_flat.size * weights[0].size)
+        chunk = min(max(active_flat.size, 1), self.backend._chunk(weights[0].shape[1], np.dtype(dtype).itemsize))
+        scratch = np.empty((team, chunk * weights[0].shape[1]), dtype=dtype)
+        _kernels.conv_rows_forward(rows, grid.rowmap, grid.pos[active_flat], taps, *weights, local, scratch, chunk,
+                                   team)
+        pooled = rows.reshape(n, size, rows.shape[1])[running].mean(axis=1, dtype=dtype)
+        global_term = np.zeros(n, dtype=dtype)
+        global_term[running] = pooled @ head.params["w_global"]
+        logits = (local[:, 0] + global_term[active_flat // size]).astype(dtype, copy=False)
+        return sigmoid(logits).astype(dtype, copy=False)
+
+    def _sparse_unit(self, unit, rows, grid, active, dtype):
+        """In place ``rows[A] += f(x)[A]``: conv1 on D = dilate(A), conv2 on A; returns the FLOPs per sample."""
+        n, h, w = grid.n, grid.h, grid.w
+        mask = active.reshape(n, h, w)
+        d_mask = dilate(mask, unit.conv2.kernel)
+        a_flat, d_flat = np.flatnonzero(active), np.flatnonzero(d_mask)
+        if a_flat.size == active.size:  # every position: the rows of the whole grid
+            src, src_map = rows, grid.rowmap
+            d_map = grid.rowmap
+        else:
+            e_flat = np.flatnonzero(dilate(d_mask, unit.conv1.kernel))
+            src, src_map = rows[e_flat], _rows_map(grid.rowmap.size, grid.pos[e_flat])
+            d_map = _rows_map(grid.rowmap.size, grid.pos[d_flat])
+        h1 = self._bn_relu(unit.bn1, src, dtype)
+        h1 = self._conv_at(unit.conv1, h1, src_map, grid, grid.pos[d_flat], dtype)
+        z = self._bn_relu(unit.bn2, h1, dtype)
+        rows[a_flat] += self._conv_at(unit.conv2, z, d_map, grid, grid.pos[a_flat], dtype)
+        c, k = unit.conv1.in_channels, unit.conv1.out_channels
+        return (conv_flops(1, c, k, unit.conv1.kernel) * d_mask.sum(axis=(1, 2))
+                + conv_flops(1, k, k, unit.conv2.kernel) * mask.sum(axis=(1, 2))).astype(np.int64)
+
+    def _conv_at(self, conv, src, rowmap, grid, centres, dtype):
+        weights = _weights(conv, dtype)
+        out = np.empty((centres.size, conv.out_channels), dtype=dtype)
+        team = self.backend._team(centres.size * weights[0].size)
+        width = weights[0].shape[1]
+        chunk = min(max(centres.size, 1), self.backend._chunk(width, np.dtype(dtype).itemsize))
+        scratch = np.empty((team, chunk * width), dtype=dtype)
+        _kernels.conv_rows_forward(src, rowmap, centres, _taps(conv.kernel, grid.wm), *weights, out, scratch, chunk,
+                                   team)
+        return out
+
+    def _block(self, block, rows, plan, s, dtype, flops):
+        """One SACT block on rows (see :func:`refimpl.adaptive_block.run_units`); returns Σ_n p_n U_n and ρ."""
+        rows = self._dense_unit(block.units[0], rows, plan[(s, 0)], dtype)
+        grid = plan[(s, 0)][1]
+        n, size = grid.n, grid.h * grid.w
+        total = n * size
+        halting_proba = np.zeros((total, len(block.heads)), dtype=dtype)
+        cumulative = np.zeros(total, dtype=dtype)
+        weighted = np.zeros_like(rows)
+        active = np.ones(total, dtype=bool)
+        for index in range(1, len(block.units)):
+            head = block.heads[index - 1]
+            active_flat = np.flatnonzero(active)
+            per_sample = active.reshape(n, size).sum(axis=1)
+            running = per_sample > 0
+            h = self._head_logits(head, rows, grid, active_flat, running, dtype)
+            flops += np.where(running, conv_flops(1, head.channels, 1, head.local.kernel) * per_sample
+                              + 2 * head.channels, 0)
+            halting_proba[active_flat, index - 1] = h
+            cumulative[active_flat] += h
+            going_on = halting.still_running(cumulative[active_flat], block.eps)
+            continuing = active_flat[going_on]
+            weighted[continuing] += h[going_on, None] * rows[continuing]  # p_n = h_n before the halting unit
+            active = np.zeros(total, dtype=bool)
+            active[continuing] = True
+            if continuing.size == 0:
+                break
+            flops += self._sparse_unit(block.units[index], rows, grid, active, dtype)
+        result = halting.halting_forward(halting_proba, block.eps)
+        weighted += result.remainder[:, None] * rows  # p_N = R, U_N is the last state of a halted position
+        return weighted, result.rho.reshape(n, grid.h, grid.w)
+
+    def __call__(self, x):
+        dtype = self._check_input(x)
+        n = x.shape[0]
+        plan = self._plan(n, x.shape[2:])
+        flops = np.full(n, self._dense_flops(plan, n), dtype=np.int64)
+        rho = []
+        with _one_blas_thread():
+            rows = self._stem(x, plan, dtype)
+            for s, block in enumerate(self.model.stages):
+                rows, block_rho = self._block(block, rows, plan, s, dtype, flops)
+                rho.append(block_rho)
+            logits = self._head(rows, n, dtype)
+        self.flops_per_sample, self.rho = flops, rho
+        self.ponder_cost = float(sum(np.mean(r) for r in rho))
+        return logits
+
+    def _dense_flops(self, plan, n):
+        """FLOPs per sample of the dense parts: the stem, each block's first unit, the classifier."""
+        model = self.model
+        grid = plan["stem"][0]
+        stem = model.stem
+        total = conv_flops(grid.h * grid.w, stem.in_channels, stem.out_channels, stem.kernel)
+        for s, block in enumerate(model.stages):
+            unit = block.units[0]
+            out_grid = plan[(s, 0)][1]
+            size = out_grid.h * out_grid.w
+            convs = [unit.conv1, unit.conv2] + ([unit.shortcut] if isinstance(unit.shortcut, Conv2d) else [])
+            total += sum(conv_flops(size, c.in_channels, c.out_channels, c.kernel) for c in convs)
+        linear = model.head.layers_[3]
+        return total + 2 * linear.in_features * linear.out_features
+
+    def __repr__(self):
+        return f"CompiledSACTResNet({self.model!r}, backend={self.backend!r})"
 
 
 def compile_network(model, backend=None):
@@ -173,8 +321,8 @@ def compile_network(model, backend=None):
     if cython_unit._kernels is None:
         raise ImportError(f"compile_network needs the compiled extension fastpath._cython_unit "
                           f"({cython_unit.IMPORT_ERROR})")
-    if not isinstance(model, ResNet):
-        raise TypeError(f"model must be a refimpl.resnet.ResNet (plain, not adaptive), got {type(model).__name__}")
+    if not isinstance(model, (ResNet, SACTResNet)):
+        raise TypeError(f"model must be a refimpl.resnet.ResNet or a refimpl.sact.SACTResNet, got {type(model).__name__}")
     for name, layer in model.named_layers():
         if isinstance(layer, Conv2d):
             if layer.is_perforated:
@@ -185,4 +333,10 @@ def compile_network(model, backend=None):
         backend = model.stem.backend if isinstance(model.stem.backend, CythonBackend) else CythonBackend()
     elif not isinstance(backend, CythonBackend):
         raise TypeError(f"backend must be a fastpath.cython_backend.CythonBackend, got {type(backend).__name__}")
+    if isinstance(model, SACTResNet):
+        for s, block in enumerate(model.stages):
+            if block.execution != "sparse":
+                raise ValueError(f"compile_network runs SACT's sparse execution; stages.{s} has "
+                                 f"execution={block.execution!r}")
+        return CompiledSACTResNet(model, backend)
     return CompiledResNet(model, backend)

@@ -12,6 +12,7 @@ from tolerances import assert_close
 import fastpath
 from refimpl.act import ACTResNet
 from refimpl.resnet import ResNet
+from refimpl.sact import SACTResNet
 
 pytestmark = pytest.mark.skipif(not fastpath.available_backends()["cython"].usable,
                                 reason="cython backend unavailable: compile_network needs its kernels")
@@ -60,7 +61,7 @@ def test_compiled_resnet_reads_the_current_parameters():
 
 def test_compile_network_refuses_what_it_cannot_run():
     rng = np.random.default_rng(4)
-    with pytest.raises(TypeError, match="model must be a refimpl.resnet.ResNet"):
+    with pytest.raises(TypeError, match="model must be a refimpl.resnet.ResNet or a refimpl.sact.SACTResNet"):
         fastpath.compile_network(ACTResNet(1, 4, 1, rng, widths=(2, 2, 2)))
     perforated = ResNet(1, 4, 1, rng, widths=(2, 2, 2), perforation={"stem": ("grid", 0.5)})
     with pytest.raises(ValueError, match="stem is perforated"):
@@ -76,3 +77,61 @@ def test_compile_network_refuses_what_it_cannot_run():
         compiled(np.zeros((1, 2, 4, 4), dtype=np.float32))
     with pytest.raises(TypeError, match="x has dtype float64"):
         compiled(np.zeros((1, 1, 4, 4)))
+
+
+def shift_halting_biases(model, offset):
+    for block in model.stages:
+        for head in block.heads:
+            head.local.params["b"][...] += offset
+
+
+@given(n=st.integers(1, 3), batch=st.integers(1, 3), in_channels=st.integers(1, 3),
+       widths=st.lists(st.integers(1, 4), min_size=3, max_size=3).map(lambda v: tuple(np.cumsum(v))),
+       hw=st.tuples(st.integers(1, 9), st.integers(1, 9)), halting_bias=st.sampled_from([-30.0, -3.0, 0.0, 1.0, 30.0]),
+       global_scale=st.floats(0.0, 3.0), dtype=float_dtypes(), seed=seeds)
+def test_compiled_sact_equals_the_model_in_evaluation(n, batch, in_channels, widths, hw, halting_bias, global_scale,
+                                                       dtype, seed):
+    rng = np.random.default_rng(seed)
+    model = randomised(SACTResNet(n, 5, in_channels, rng, widths=widths, backend="cython", halting_bias=halting_bias,
+                                  dtype=dtype), rng)
+    for block in model.stages:  # local and global terms large enough that halting varies over space and samples
+        for head in block.heads:
+            head.local.params["w"][...] = rng.standard_normal(head.local.params["w"].shape)
+            head.params["w_global"][...] = global_scale * rng.standard_normal(head.channels)
+    x = rng.standard_normal((batch, in_channels, *hw)).astype(dtype)
+    compiled = fastpath.compile_network(model)
+    out = compiled(x)
+    expected = model(x)
+    assert out.dtype == dtype
+    assert_close(out, expected)
+    np.testing.assert_array_equal(compiled.flops_per_sample, model.flops_per_sample)
+    for rho, block in zip(compiled.rho, model.stages):
+        assert_close(rho, block.rho)
+    assert np.isclose(compiled.ponder_cost, model.ponder_cost)
+
+
+def test_compiled_sact_covers_no_some_and_all_halted_positions():
+    """Halting biases far below, near and far above the logits: every unit runs, some halt, all halt after the first."""
+    rng = np.random.default_rng(7)
+    model = randomised(SACTResNet(2, 4, 2, rng, widths=(2, 3, 4), backend="cython", dtype=np.float64), rng)
+    for block in model.stages:
+        for head in block.heads:
+            head.local.params["w"][...] = rng.standard_normal(head.local.params["w"].shape)
+    x = rng.standard_normal((3, 2, 7, 6))
+    compiled = fastpath.compile_network(model)
+    seen = set()
+    for offset in (-300.0, 303.0, 300.0):
+        shift_halting_biases(model, offset)
+        out = compiled(x)  # the compiled network reads the shifted biases
+        assert_close(out, model(x))
+        np.testing.assert_array_equal(compiled.flops_per_sample, model.flops_per_sample)
+        units = np.concatenate([block.n_units.ravel() for block in model.stages])
+        seen.add("all run" if np.all(units == 2) else "all halt" if np.all(units == 1) else "mixed")
+    assert seen == {"all run", "all halt", "mixed"}
+
+
+def test_compile_network_refuses_dense_masked_sact():
+    rng = np.random.default_rng(5)
+    model = SACTResNet(1, 4, 1, rng, widths=(2, 2, 2), backend="cython", execution="dense")
+    with pytest.raises(ValueError, match="execution='dense'"):
+        fastpath.compile_network(model)
