@@ -15,6 +15,8 @@ identity/pad shortcuts, :mod:`refimpl.resnet`) at each ``--sizes`` and ``--threa
 * ``SACT`` / ``SACT unfused`` — :class:`refimpl.sact.SACTResNet`, sparse execution, with the
   backend's fused residual unit where it has one (``fused=True``) or the composition of reference
   layers (``fused=False``, :func:`refimpl.sparse_unit.unit_executor`);
+* ``SACT compiled`` — the same SACT network (same weights, same calibrated biases) through
+  :func:`fastpath.compile_network`: the whole network on channels-last rows (Cython backend only);
 * ``PACT`` — :class:`refimpl.pact_resnet.PACTResNet`, per-position latents, thresholded mode;
 
 the adaptive ones at FLOPs ratios ``--ratios`` (dense FLOPs ÷ FLOPs spent, the dense FLOPs being
@@ -444,6 +446,24 @@ def adaptive_runners(kind, label, fused=True):
     return factory
 
 
+def compiled_sact_runners(context):
+    """SACT through :func:`fastpath.compile_network`, one per FLOPs ratio (Cython backend only; weights as "SACT")."""
+    from fastpath.cython_backend import CythonBackend
+
+    if not isinstance(context.backend, CythonBackend):
+        context.skipped["SACT compiled"] = "compile_network runs on the cython backend only"
+        return []
+    from fastpath.network import compile_network
+
+    runners = []
+    for ratio in context.ratios:
+        model = adaptive_network("sact", context.depth, context.backend, context.seed)
+        copy_batch_norm_statistics(context.dense_model, model)
+        runners.append(CompiledRunner("SACT compiled", "sact", model, context.backend,
+                                      compile_network(model, context.backend), ratio))
+    return runners
+
+
 #: name -> factory(context) -> runners, in table order. Append here to time another runner.
 INFERENCE_RUNNERS = {
     "torch dense": torch_runners,
@@ -451,6 +471,7 @@ INFERENCE_RUNNERS = {
     "ponder compiled": compiled_dense_runners,
     "SACT": adaptive_runners("sact", "SACT"),
     "SACT unfused": adaptive_runners("sact", "SACT unfused", fused=False),
+    "SACT compiled": compiled_sact_runners,
     "PACT": adaptive_runners("pact", "PACT"),
 }
 

@@ -42,12 +42,12 @@ def test_the_json_has_every_setting_runner_and_part(run):
     assert data["settings"]["sizes"] == [8, 12] and data["settings"]["threads"] == [1]
     assert data["settings"]["repeat"] == 3 and data["settings"]["batch"] == 2
     inference = [r for r in rows if r["part"] == "inference"]
-    expected = {"ponder dense", "ponder compiled", "SACT", "SACT unfused", "PACT"} | ({"torch dense"} if "torch" in data["environment"]
+    expected = {"ponder dense", "ponder compiled", "SACT", "SACT unfused", "SACT compiled", "PACT"} | ({"torch dense"} if "torch" in data["environment"]
                                                                    else set())
     for size in (8, 12):
         names = {r["runner"] for r in inference if r["size"] == size}
         assert names == expected
-        for name in ("SACT", "SACT unfused", "PACT"):
+        for name in ("SACT", "SACT unfused", "SACT compiled", "PACT"):
             targets = sorted(r["ratio_target"] for r in inference if r["size"] == size and r["runner"] == name)
             assert targets == [1.0, 1.5]
     training = {r["runner"] for r in rows if r["part"] == "training"}
@@ -80,17 +80,17 @@ def test_every_derived_figure_follows_from_the_measurements(run):
 def test_the_adaptive_networks_spend_less_at_a_larger_ratio(run):
     data, _ = run
     for size in (8, 12):
-        for name in ("SACT", "SACT unfused", "PACT"):
+        for name in ("SACT", "SACT unfused", "SACT compiled", "PACT"):
             chosen = {r["ratio_target"]: r for r in data["rows"]
                       if r["part"] == "inference" and r["size"] == size and r["runner"] == name}
             assert chosen[1.5]["ratio"] > chosen[1.0]["ratio"]
             assert chosen[1.5]["bias_offset"] > chosen[1.0]["bias_offset"]
-        # fused and unfused SACT run the same weights with the same calibrated biases: the same FLOPs
+        # fused, unfused and compiled SACT run the same weights with the same calibrated biases: the same FLOPs
         for target in (1.0, 1.5):
-            fused, unfused = ([r for r in data["rows"] if r["part"] == "inference" and r["size"] == size
-                               and r["runner"] == name and r["ratio_target"] == target]
-                              for name in ("SACT", "SACT unfused"))
-            assert fused[0]["flops_per_image"] == unfused[0]["flops_per_image"]
+            fused, unfused, compiled = ([r for r in data["rows"] if r["part"] == "inference" and r["size"] == size
+                                         and r["runner"] == name and r["ratio_target"] == target]
+                                        for name in ("SACT", "SACT unfused", "SACT compiled"))
+            assert fused[0]["flops_per_image"] == unfused[0]["flops_per_image"] == compiled[0]["flops_per_image"]
 
 
 @pytest.mark.parametrize("kind", ["sact", "pact"])
@@ -188,3 +188,4 @@ def test_the_networks_run_on_the_opencl_backend(tmp_path):
     runners = {row["runner"] for row in data["rows"]}
     assert {"ponder dense", "SACT", "SACT unfused", "PACT"} <= runners
     assert "ponder compiled" not in runners and "cython" in data["skipped"]["ponder compiled"]
+    assert "SACT compiled" not in runners and "cython" in data["skipped"]["SACT compiled"]
