@@ -185,21 +185,29 @@ class CompiledSACTResNet(CompiledResNet):
         super().__init__(model, backend)
         self.flops_per_sample, self.rho, self.ponder_cost = None, [], None
 
-    def _head_logits(self, head, rows, grid, active_flat, running, dtype):
-        """Halting probabilities at ``active_flat`` (the local 3×3 term there, the global term of each sample)."""
+    def _head_logits(self, head, rows, grid, active_flat, dtype):
+        """Halting probabilities at ``active_flat``: the local 3×3 term there plus each sample's global term, σ.
+
+        The local term is one (rows, C) × (C, taps) GEMM over every row — each row's contribution to
+        every tap — then, per active position, the sum over taps of its neighbours' contributions
+        (zero outside the image): a 3×3 convolution to one channel without gathering windows.
+        """
         n, size = grid.n, grid.h * grid.w
-        local = np.empty((active_flat.size, 1), dtype=dtype)
-        weights = _weights(head.local, dtype)
+        wmat, bias, has_bias = _weights(head.local, dtype)
         taps = _taps(head.local.kernel, grid.wm)
-        team = self.backend._team(active_flat.size * weights[0].size)
-        chunk = min(max(active_flat.size, 1), self.backend._chunk(weights[0].shape[1], np.dtype(dtype).itemsize))
-        scratch = np.empty((team, chunk * weights[0].shape[1]), dtype=dtype)
-        _kernels.conv_rows_forward(rows, grid.rowmap, grid.pos[active_flat], taps, *weights, local, scratch, chunk,
-                                   team)
-        pooled = rows.reshape(n, size, rows.shape[1])[running].mean(axis=1, dtype=dtype)
-        global_term = np.zeros(n, dtype=dtype)
-        global_term[running] = pooled @ head.params["w_global"]
-        logits = (local[:, 0] + global_term[active_flat // size]).astype(dtype, copy=False)
+        per_tap = np.zeros((taps.size, n, grid.hm, grid.wm), dtype=dtype)
+        per_tap[:, :, grid.pad: grid.pad + grid.h, grid.pad: grid.pad + grid.w] = (
+            wmat.reshape(taps.size, -1) @ rows.T).reshape(taps.size, n, grid.h, grid.w)
+        per_tap = per_tap.reshape(taps.size, -1)
+        centres = grid.pos[active_flat]
+        local = np.zeros(active_flat.size, dtype=dtype)
+        for t, offset in enumerate(taps):
+            local += per_tap[t].take(centres + offset)
+        if has_bias:
+            local += bias[0]
+        pooled = (np.ones((1, size), dtype=dtype) @ rows.reshape(n, size, rows.shape[1]))[:, 0] / dtype.type(size)
+        global_term = pooled @ head.params["w_global"]
+        logits = (local + global_term[active_flat // size]).astype(dtype, copy=False)
         return sigmoid(logits).astype(dtype, copy=False)
 
     def _sparse_unit(self, unit, rows, grid, active, dtype):
@@ -240,31 +248,44 @@ class CompiledSACTResNet(CompiledResNet):
         grid = plan[(s, 0)][1]
         n, size = grid.n, grid.h * grid.w
         total = n * size
-        halting_proba = np.zeros((total, len(block.heads)), dtype=dtype)
+        # ACT per position (refimpl.halting), online: N, R = 1 - Σ_{i<N} h_i, and Σ_{n<N} h_n U_n so far
         cumulative = np.zeros(total, dtype=dtype)
+        remainder = np.ones(total, dtype=dtype)
+        n_units = np.ones(total, dtype=np.int64)
         weighted = np.zeros_like(rows)
         active = np.ones(total, dtype=bool)
+        active_flat = np.arange(total)
         for index in range(1, len(block.units)):
             head = block.heads[index - 1]
-            active_flat = np.flatnonzero(active)
             per_sample = active.reshape(n, size).sum(axis=1)
-            running = per_sample > 0
-            h = self._head_logits(head, rows, grid, active_flat, running, dtype)
-            flops += np.where(running, conv_flops(1, head.channels, 1, head.local.kernel) * per_sample
+            h = self._head_logits(head, rows, grid, active_flat, dtype)
+            flops += np.where(per_sample > 0, conv_flops(1, head.channels, 1, head.local.kernel) * per_sample
                               + 2 * head.channels, 0)
-            halting_proba[active_flat, index - 1] = h
-            cumulative[active_flat] += h
-            going_on = halting.still_running(cumulative[active_flat], block.eps)
+            before = cumulative[active_flat]
+            after = before + h
+            cumulative[active_flat] = after
+            going_on = halting.still_running(after, block.eps)
+            halts = ~going_on
+            remainder[active_flat[halts]] = 1 - before[halts]
+            n_units[active_flat[halts]] = index
             continuing = active_flat[going_on]
-            weighted[continuing] += h[going_on, None] * rows[continuing]  # p_n = h_n before the halting unit
+            if continuing.size > total // 4:  # p_n = h_n before the halting unit (0 elsewhere adds nothing)
+                weights = np.zeros(total, dtype=dtype)
+                weights[continuing] = h[going_on]
+                weighted += weights[:, None] * rows
+            else:
+                weighted[continuing] += h[going_on, None] * rows[continuing]
             active = np.zeros(total, dtype=bool)
             active[continuing] = True
+            active_flat = continuing
             if continuing.size == 0:
                 break
             flops += self._sparse_unit(block.units[index], rows, grid, active, dtype)
-        result = halting.halting_forward(halting_proba, block.eps)
-        weighted += result.remainder[:, None] * rows  # p_N = R, U_N is the last state of a halted position
-        return weighted, result.rho.reshape(n, grid.h, grid.w)
+        remainder[active_flat] = 1 - cumulative[active_flat]  # ran every unit: N = L
+        n_units[active_flat] = len(block.units)
+        weighted += remainder[:, None] * rows  # p_N = R, and U_N is the last state of a position halted at N
+        rho = (n_units + remainder).astype(dtype)
+        return weighted, rho.reshape(n, grid.h, grid.w)
 
     def __call__(self, x):
         dtype = self._check_input(x)
