@@ -1,4 +1,4 @@
-"""A plain ResNet compiled for inference on channels-last rows: :func:`compile_network`.
+"""A plain ResNet or a SACT-ResNet compiled for inference on channels-last rows: :func:`compile_network`.
 
 ``compile_network(model)`` returns a callable that computes ``model(x)`` in evaluation mode (batch
 norm with the running statistics) without ever forming an NCHW feature map: the input is
@@ -11,6 +11,21 @@ fused sparse unit (:mod:`fastpath._cython_unit`):
   values per tap, and makes one BLAS GEMM per chunk of rows;
 * the option-A shortcut takes the rows of the subsampled positions and adds them to the first
   channels; the head pools the rows of each sample and applies the linear layer.
+
+A :class:`refimpl.sact.SACTResNet` (sparse execution) runs the same way; each block runs its first
+unit densely (the path above), then, for every further unit (:func:`refimpl.adaptive_block.run_units`):
+
+* the halting head on the rows of the still-active positions: the local 3×3 term as one GEMM of
+  all rows against the per-tap weights and a sum of the neighbours' contributions per active
+  position, plus each sample's global term from its pooled rows, then the sigmoid;
+* ACT's cumulative rule per position (:func:`refimpl.halting.still_running`), applied online; it
+  gives N and R = 1 − Σ_{i<N} h_i, and ``Σ_{n<N} h_n U_n`` is accumulated on rows as units run;
+* the sparse unit ``U = x + A ⊙ f(x)`` in place on the rows: bn1 + ReLU on E = dilate(D),
+  conv1 on D = dilate(A), bn2 + ReLU, conv2 on A, added onto the rows of A.
+
+The block output adds ``R · U_N`` from the final rows (a halted position's later outputs equal
+its last one). After a call, ``flops_per_sample`` (N,) is the model's own accounting, and ``rho``
+(the per-block ρ maps) and ``ponder_cost`` are recorded as well.
 
 The compiled network shares the model's parameter arrays and running statistics (it reads them at
 every call), so it stays valid while the model is trained; it refuses a model in training mode.
