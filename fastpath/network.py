@@ -236,7 +236,10 @@ class CompiledSACTResNet(CompiledResNet):
             d_map = grid.rowmap
         else:
             e_flat = np.flatnonzero(dilate(d_mask, unit.conv1.kernel))
-            src, src_map = rows[e_flat], _rows_map(grid.rowmap.size, grid.pos[e_flat])
+            if 2 * e_flat.size > active.size:  # bn1 + ReLU on every row costs less than gathering E first
+                src, src_map = rows, grid.rowmap
+            else:
+                src, src_map = rows[e_flat], _rows_map(grid.rowmap.size, grid.pos[e_flat])
             d_map = _rows_map(grid.rowmap.size, grid.pos[d_flat])
         h1 = self._bn_relu(unit.bn1, src, dtype)
         h1 = self._conv_at(unit.conv1, h1, src_map, grid, grid.pos[d_flat], dtype)
