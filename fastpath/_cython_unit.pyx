@@ -306,3 +306,25 @@ def bn_relu_backward_rows(real[:, ::1] dz, const real[:, ::1] h, const real[::1]
             else:
                 dz[r, k] = scale[k] * dz[r, k]
     return dgamma_arr, dbeta_arr
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled SACT inference (fastpath.network): row updates in place
+# ---------------------------------------------------------------------------------------------
+
+def add_rows_at(real[:, ::1] dst, const real[:, ::1] src, const int64_t[::1] index, int threads):
+    """``dst[index[r]] += src[r]`` (``index`` distinct)."""
+    cdef Py_ssize_t rows = index.shape[0], c_count = dst.shape[1], r, c
+    for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
+        for c in range(c_count):
+            dst[index[r], c] += src[r, c]
+
+
+def add_scaled_rows_at(real[:, ::1] dst, const real[:, ::1] src, const real[::1] weight,
+                       const int64_t[::1] index, int threads):
+    """``dst[index[r]] += weight[r] src[index[r]]`` (``index`` distinct): a weighted sum on the rows that take part."""
+    cdef Py_ssize_t rows = index.shape[0], c_count = dst.shape[1], r, c, i
+    for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
+        i = index[r]
+        for c in range(c_count):
+            dst[i, c] += weight[r] * src[i, c]

@@ -203,7 +203,7 @@ class CompiledSACTResNet(CompiledResNet):
     def _head_logits(self, head, rows, grid, active_flat, dtype):
         """Halting probabilities at ``active_flat``: the local 3×3 term there plus each sample's global term, σ.
 
-        The local term is one (rows, C) × (C, taps) GEMM over every row — each row's contribution to
+        The local term is one (taps, C) × (C, rows) GEMM over every row — each row's contribution to
         every tap — then, per active position, the sum over taps of its neighbours' contributions
         (zero outside the image): a 3×3 convolution to one channel without gathering windows.
         """
@@ -244,7 +244,8 @@ class CompiledSACTResNet(CompiledResNet):
         h1 = self._bn_relu(unit.bn1, src, dtype)
         h1 = self._conv_at(unit.conv1, h1, src_map, grid, grid.pos[d_flat], dtype)
         z = self._bn_relu(unit.bn2, h1, dtype)
-        rows[a_flat] += self._conv_at(unit.conv2, z, d_map, grid, grid.pos[a_flat], dtype)
+        residual = self._conv_at(unit.conv2, z, d_map, grid, grid.pos[a_flat], dtype)
+        _kernels.add_rows_at(rows, residual, a_flat, self.backend._team(residual.size))
         c, k = unit.conv1.in_channels, unit.conv1.out_channels
         return (conv_flops(1, c, k, unit.conv1.kernel) * d_mask.sum(axis=(1, 2))
                 + conv_flops(1, k, k, unit.conv2.kernel) * mask.sum(axis=(1, 2))).astype(np.int64)
@@ -287,12 +288,9 @@ class CompiledSACTResNet(CompiledResNet):
             remainder[active_flat[halts]] = 1 - before[halts]
             n_units[active_flat[halts]] = index
             continuing = active_flat[going_on]
-            if continuing.size > total // 4:  # p_n = h_n before the halting unit (0 elsewhere adds nothing)
-                weights = np.zeros(total, dtype=dtype)
-                weights[continuing] = h[going_on]
-                weighted += weights[:, None] * rows
-            else:
-                weighted[continuing] += h[going_on, None] * rows[continuing]
+            # p_n = h_n before the halting unit
+            _kernels.add_scaled_rows_at(weighted, rows, np.ascontiguousarray(h[going_on]), continuing,
+                                        self.backend._team(rows.size))
             active = np.zeros(total, dtype=bool)
             active[continuing] = True
             active_flat = continuing
