@@ -135,3 +135,25 @@ def test_compile_network_refuses_dense_masked_sact():
     model = SACTResNet(1, 4, 1, rng, widths=(2, 2, 2), backend="cython", execution="dense")
     with pytest.raises(ValueError, match="execution='dense'"):
         fastpath.compile_network(model)
+
+
+@given(rows=st.integers(1, 30), channels=st.integers(1, 5), dtype=float_dtypes(), threads=st.integers(1, 3), seed=seeds)
+def test_the_row_update_kernels_equal_numpy(rows, channels, dtype, threads, seed):
+    from fastpath.cython_unit import _kernels
+
+    rng = np.random.default_rng(seed)
+    dst = rng.standard_normal((rows, channels)).astype(dtype)
+    index = np.sort(rng.choice(rows, size=rng.integers(0, rows + 1), replace=False)).astype(np.int64)
+    src = rng.standard_normal((index.size, channels)).astype(dtype)
+    expected = dst.copy()
+    expected[index] += src
+    out = dst.copy()
+    _kernels.add_rows_at(out, src, index, threads)
+    assert_close(out, expected)
+    weight = rng.standard_normal(index.size).astype(dtype)
+    state = rng.standard_normal((rows, channels)).astype(dtype)
+    expected = dst.copy()
+    expected[index] += weight[:, None] * state[index]
+    out = dst.copy()
+    _kernels.add_scaled_rows_at(out, state, weight, index, threads)
+    assert_close(out, expected)
