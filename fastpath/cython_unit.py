@@ -35,9 +35,10 @@ import numpy as np
 
 from refimpl.conv import conv_flops
 from refimpl.layers import update_running_statistics
-from refimpl.sparse_unit import check_sparse_unit, dilate
+from refimpl.sparse_unit import dilate
 
 from . import profiling
+from .unit_checks import check_unit_gradient, check_unit_input
 
 try:
     from . import _cython_unit as _kernels
@@ -134,6 +135,8 @@ class FusedUnitCache(NamedTuple):
 
     empty: bool
     training: bool
+    x_shape: tuple  # (n, C, H, W) of the input and the output
+    dtype: np.dtype
     shape: tuple  # (n, C, S)
     count: int  # |D| over the batch
     active: _Rows  # A: where conv2 runs
@@ -182,29 +185,11 @@ class CythonFusedUnit:
     def _partial(self, team, channels):
         return np.zeros((team, 2, channels), dtype=np.float64)
 
-    @staticmethod
-    def _check(unit, x, active):
-        check_sparse_unit(unit)
-        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[1] != unit.conv1.in_channels:
-            raise ValueError(f"x must have shape (n, {unit.conv1.in_channels}, H, W), got "
-                             f"{getattr(x, 'shape', type(x).__name__)}")
-        dtype = unit.conv1.params["w"].dtype
-        if x.dtype != dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the unit's weights are {dtype}")
-        if unit.conv2.out_channels != x.shape[1]:
-            raise ValueError(f"a sparse unit keeps the shape: conv2 gives {unit.conv2.out_channels} channels, "
-                             f"x has {x.shape[1]}")
-        n, _, h, w = x.shape
-        if not isinstance(active, np.ndarray) or active.dtype != np.bool_ or active.shape != (n, h, w):
-            raise ValueError(f"active must be a boolean array of shape {(n, h, w)}, got "
-                             f"{getattr(active, 'dtype', type(active).__name__)} {getattr(active, 'shape', '')}")
-        return dtype
-
     # -- forward -------------------------------------------------------------------------------
 
     def forward(self, unit, x, active):
         """``(U, cache, flops)`` of the sparse residual unit (see :mod:`refimpl.sparse_unit`)."""
-        dtype = self._check(unit, x, active)
+        dtype = check_unit_input(unit, x, active)
         n, c, h, w = x.shape
         k = unit.conv1.out_channels
         size = h * w
@@ -222,7 +207,8 @@ class CythonFusedUnit:
                 conv.dense_flops_per_sample = conv_flops(size, conv.in_channels, conv.out_channels, conv.kernel)
             count = int(d_counts.sum())
             if count == 0:
-                return x.copy(), FusedUnitCache(True, training, *([None] * (len(FusedUnitCache._fields) - 2))), flops
+                empty = [None] * (len(FusedUnitCache._fields) - 4)
+                return x.copy(), FusedUnitCache(True, training, x.shape, x.dtype, *empty), flops
             ph = max(kernel1[0], kernel2[0]) // 2
             pw = max(kernel1[1], kernel2[1]) // 2
             if int(a_counts.sum()) == n * size:  # every position active: A = D = E, the rows of a full grid
@@ -267,7 +253,7 @@ class CythonFusedUnit:
         with profiling.section("scatter"):
             out = x.copy()
             _kernels.add_rows_to_planes(out.reshape(n, k, size), residual, rows_a.flat, rows_a.start, team)
-        cache = FusedUnitCache(False, training, (n, c, size), count, rows_a, rows_d, rows_e, e_in_d, xe, h1e, h1c, z,
+        cache = FusedUnitCache(False, training, x.shape, x.dtype, (n, c, size), count, rows_a, rows_d, rows_e, e_in_d, xe, h1e, h1c, z,
                                norm1, norm2, w1, w2, taps1, taps2)
         return out, cache, flops
 
@@ -316,13 +302,11 @@ class CythonFusedUnit:
         if not isinstance(cache, FusedUnitCache):
             raise TypeError(f"cache must be the FusedUnitCache of this fused unit's forward, "
                             f"got {type(cache).__name__}")
+        check_unit_gradient(dout, cache.x_shape, cache.dtype)
         if cache.empty:
             return np.array(dout, copy=True)
         dtype = cache.h1c.dtype
         n, c, size = cache.shape
-        if not isinstance(dout, np.ndarray) or dout.shape[:2] != (n, c) or dout[0, 0].size != size:
-            raise ValueError(f"dout must have the shape of the unit's output (n={n}, C={c}, {size} positions), "
-                             f"got {getattr(dout, 'shape', type(dout).__name__)}")
         k = cache.h1c.shape[1]
         rows_a, rows_d, rows_e = cache.active, cache.computed, cache.read
         team = self.backend._team(cache.count * cache.w1[0].size)

@@ -43,6 +43,7 @@ from refimpl.sparse_unit import check_sparse_unit, dilate
 
 from . import profiling
 from .opencl_runtime import build_program
+from .unit_checks import check_unit_gradient, check_unit_input
 
 KERNEL_FILE = "sparse_unit.cl"
 #: Rows per partial sum of the reductions (statistics, parameter gradients): fixed, so the order in
@@ -167,6 +168,11 @@ class OpenCLUnitCache(NamedTuple):
     w1: tuple  # device packed (forward, transposed)
     w2: tuple
 
+    @classmethod
+    def nothing_active(cls, x):
+        """The cache of a forward with no active position (``rows`` None: U = x, nothing to differentiate)."""
+        return cls(x.shape, x.dtype, *([None] * (len(cls._fields) - 2)))
+
 
 class OpenCLFusedUnit:
     """The fused sparse residual unit of an :class:`~fastpath.opencl_backend.OpenCLBackend`.
@@ -216,19 +222,7 @@ class OpenCLFusedUnit:
     # -- checks --------------------------------------------------------------------------------
 
     def _check(self, unit, x, active):
-        check_sparse_unit(unit)
-        w = unit.conv1.params["w"]
-        if not isinstance(x, np.ndarray) or x.ndim != 4 or x.shape[1] != unit.conv1.in_channels:
-            raise ValueError(f"x must be a NumPy array of shape (n, {unit.conv1.in_channels}, H, W), "
-                             f"got {getattr(x, 'shape', type(x).__name__)}")
-        if x.dtype != w.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the unit's weights are {w.dtype}")
-        dtype = self.backend._check_dtype(x.dtype)
-        n, _, h, wd = x.shape
-        if not isinstance(active, np.ndarray) or active.dtype != np.bool_ or active.shape != (n, h, wd):
-            raise ValueError(f"active must be a boolean NumPy array of shape {(n, h, wd)}, "
-                             f"got {getattr(active, 'dtype', type(active).__name__)} "
-                             f"{getattr(active, 'shape', '')}")
+        dtype = self.backend._check_dtype(check_unit_input(unit, x, active))
         if x.size > _INT32_MAX:
             raise ValueError(f"x has {x.size} elements; the fused unit indexes with int32 (at most {_INT32_MAX})")
         return dtype
@@ -328,8 +322,8 @@ class OpenCLFusedUnit:
         unit.conv2.flops_per_sample = flops2
         unit.conv2.dense_flops_per_sample = conv_flops(hw, k, k, unit.conv2.kernel)
         flops = flops1 + flops2
-        if rows.n_a == 0 and not (unit.bn1.training or unit.bn2.training):
-            return x.copy(), None, flops
+        if rows.n_a == 0:  # nothing to compute, and no position to take batch statistics from: U = x
+            return x.copy(), OpenCLUnitCache.nothing_active(x), flops
         with self._phase("gather"):
             b, p = np.divmod(rows.e_positions, hw)
             index = {
@@ -371,15 +365,11 @@ class OpenCLFusedUnit:
     def backward(self, unit, dout, cache):
         """Gradient w.r.t. ``x`` of :meth:`forward` (``dout + ∂ residual``); accumulates the unit's parameter gradients."""
         check_sparse_unit(unit)
-        if cache is not None and not isinstance(cache, OpenCLUnitCache):
+        if not isinstance(cache, OpenCLUnitCache):
             raise TypeError(f"cache must be the cache this fused unit's forward returned, got {type(cache).__name__}")
-        if cache is None:  # nothing was active and nothing was normalised with batch statistics
-            if not isinstance(dout, np.ndarray):
-                raise TypeError(f"dout must be a NumPy array, got {type(dout).__name__}")
+        check_unit_gradient(dout, cache.shape, cache.dtype)
+        if cache.rows is None:  # nothing was active: U = x
             return dout.copy()
-        if not isinstance(dout, np.ndarray) or dout.shape != cache.shape or dout.dtype != cache.dtype:
-            raise ValueError(f"dout must be a {cache.dtype} NumPy array of shape {cache.shape} (the forward's "
-                             f"output), got {getattr(dout, 'dtype', type(dout).__name__)} {getattr(dout, 'shape', '')}")
         dtype = cache.dtype
         n, c, h, w = cache.shape
         k, hw = c, h * w

@@ -199,15 +199,17 @@ def test_fused_unit_refuses_bad_input_naming_it(fused_backend):
     active = np.ones((2, 4, 4), dtype=bool)
     with pytest.raises(TypeError, match="x has dtype float64"):
         fused_backend.fused_unit.forward(unit, x.astype(np.float64), active)
-    with pytest.raises(ValueError, match=r"x must have shape \(n, 3, H, W\)"):
+    with pytest.raises(ValueError, match=r"x must be a NumPy array of shape \(n, 3, H, W\)"):
         fused_backend.fused_unit.forward(unit, x[:, :2], active)
-    with pytest.raises(ValueError, match=r"active must be a boolean array of shape \(2, 4, 4\)"):
+    with pytest.raises(ValueError, match=r"active must be a boolean NumPy array of shape \(2, 4, 4\)"):
         fused_backend.fused_unit.forward(unit, x, active[:, :3])
-    with pytest.raises(ValueError, match="active must be a boolean array"):
+    with pytest.raises(ValueError, match="active must be a boolean NumPy array"):
         fused_backend.fused_unit.forward(unit, x, active.astype(np.float32))
     _, cache, _ = fused_backend.fused_unit.forward(unit, x, active)
-    with pytest.raises(ValueError, match="dout must have the shape of the unit's output"):
+    with pytest.raises(ValueError, match=r"dout must be a float32 NumPy array of shape \(2, 3, 4, 4\)"):
         fused_backend.fused_unit.backward(unit, x[:1], cache)
+    with pytest.raises(ValueError, match=r"dout must be a float32 NumPy array .* got float64"):
+        fused_backend.fused_unit.backward(unit, x.astype(np.float64), cache)
 
 
 class CountingFusedUnit:

@@ -175,14 +175,6 @@ def test_fused_unit_equals_the_reference_composition(backend, problem):
         np.testing.assert_array_equal(got["flops"], ref["flops"])
 
 
-def test_fused_unit_in_training_refuses_a_batch_without_active_positions(backend):
-    rng = np.random.default_rng(0)
-    _, fused = make_unit_pair(rng, 3, np.float32, backend, training=True)
-    x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
-    with pytest.raises(ValueError, match="at least one computed position"):
-        backend.fused_unit.forward(fused, x, np.zeros((2, 4, 4), dtype=bool))
-
-
 @pytest.mark.parametrize("training", [True, False])
 def test_fused_unit_gradients_float64(backend, training):
     if not backend.supports_dtype(np.float64):
