@@ -53,8 +53,8 @@ class Claim:
     source : where (paper and section)
     tiers : ``{tier: [setting, ...]}``; a setting is a JSON dict with a unique ``"name"``
     default_seeds : ``{tier: number of seeds when --seeds is not given}``
-    run : ``run(setting, seed, echo)`` → ``{"numbers": {name: float}, "details": {...},
-        "backend": str}``; every random draw from generators seeded with ``seed``
+    run : ``run(setting, seed, echo)`` returns a dict: ``numbers`` (name → float), ``details``
+        (any JSON) and ``backend`` (a name); every random draw comes from generators seeded with ``seed``
     verdict : ``verdict(summary)`` → :class:`Verdict`, from the aggregated numbers
     plot : ``plot(summary, path)`` writes the claim's figure (intervals shown)
     """
