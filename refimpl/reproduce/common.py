@@ -98,8 +98,8 @@ def save_figure(fig, path, summary):
     """Title with the tier and seeds, then save and close."""
     import matplotlib.pyplot as plt
 
-    fig.suptitle(f"{summary['claim']}: {summary['title']} — {summary['tier']} tier, {summary['seeds']} seed(s), "
-                 f"bars: 95 % t-interval", fontsize=9)
+    fig.suptitle(f"{summary['claim']}: {summary['title']}\n{summary['tier']} tier, {summary['seeds']} seed(s); "
+                 f"bars: 95 % t-interval over seeds", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)

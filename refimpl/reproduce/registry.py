@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .claim_maps import CLAIM as MAPS
 from .claim_masks import CLAIM as MASKS
+from .claim_pact import C8, C9
 from .claim_parity import CLAIM as PARITY
 from .claim_sanity import CLAIM as SANITY
 from .claim_speedup import CLAIM as SPEEDUP
@@ -15,7 +16,7 @@ from .claim_speedup import CLAIM as SPEEDUP
 __all__ = ["CLAIMS", "PLANNED", "claim_names", "get_claim"]
 
 #: name -> Claim, in reading order.
-CLAIMS = {c.name: c for c in (SANITY, SPEEDUP, MASKS, MAPS, PARITY)}
+CLAIMS = {c.name: c for c in (SANITY, SPEEDUP, MASKS, MAPS, C8, C9, PARITY)}
 
 #: Claims of the thesis that ``ponder reproduce`` will test but does not yet: name -> statement.
 PLANNED = {
@@ -23,8 +24,6 @@ PLANNED = {
           "equal fine-tuning budgets",
     "C6": "FLOPs–accuracy: ACT and SACT (at three or more τ) against plain ResNets of several depths, on cluttered "
           "digits at two resolutions",
-    "C8": "relaxed-PACT parameters evaluated in discrete and thresholded modes during training",
-    "C9": "REINFORCE against the relaxation as the number of latents grows",
 }
 
 
