@@ -260,6 +260,26 @@ def test_c3_verdict_follows_the_gains(grid, impact, verdict):
     assert result.verdict == verdict
 
 
+def _c6_summary(sact_accuracy):
+    """Three seeds, one canvas: ResNet-8 (1 MFLOP) and ResNet-14 (2 MFLOPs), SACT at 1.5 MFLOPs."""
+    def entry(kind, flops, accuracy):
+        return {"settings": {"canvas": 32, "kind": kind},
+                "numbers": {"mflops_per_image": mean_interval(flops), "test_accuracy": mean_interval(accuracy)}}
+    return {"settings": {"resnet8-c32": entry("resnet", [1.0, 1.0, 1.0], [0.60, 0.70, 0.65]),
+                         "resnet14-c32": entry("resnet", [2.0, 2.0, 2.0], [0.80, 0.90, 0.85]),
+                         "sact-tau0.1-c32": entry("sact", [1.5, 1.5, 1.5], sact_accuracy)}}
+
+
+def test_c6_compares_with_the_plain_curve_at_equal_flops():
+    from refimpl.reproduce.claim_flops import gains_over_plain_curve
+
+    # the plain curve at 1.5 MFLOPs is 0.70, 0.80, 0.75 for the three seeds (halfway between the depths)
+    gains = gains_over_plain_curve(_c6_summary([0.75, 0.84, 0.80]))
+    assert gains["sact-tau0.1-c32"]["values"] == pytest.approx([0.05, 0.04, 0.05])
+    assert CLAIMS["C6"].verdict(_c6_summary([0.75, 0.84, 0.80])).verdict == "reproduced"
+    assert CLAIMS["C6"].verdict(_c6_summary([0.60, 0.71, 0.66])).verdict == "not reproduced"
+
+
 def test_verdict_refuses_an_unknown_word():
     with pytest.raises(ValueError, match="verdict must be one of"):
         Verdict("sort of", "because")

@@ -6,6 +6,7 @@ then the claims in the thesis's order.
 
 from __future__ import annotations
 
+from .claim_flops import CLAIM as FLOPS
 from .claim_maps import CLAIM as MAPS
 from .claim_masks import CLAIM as MASKS
 from .claim_pact import C8, C9
@@ -16,14 +17,12 @@ from .claim_speedup import CLAIM as SPEEDUP
 __all__ = ["CLAIMS", "PLANNED", "claim_names", "get_claim"]
 
 #: name -> Claim, in reading order.
-CLAIMS = {c.name: c for c in (SANITY, SPEEDUP, MASKS, MAPS, C8, C9, PARITY)}
+CLAIMS = {c.name: c for c in (SANITY, SPEEDUP, MASKS, FLOPS, MAPS, C8, C9, PARITY)}
 
 #: Claims of the thesis that ``ponder reproduce`` will test but does not yet: name -> statement.
 PLANNED = {
     "C4": "greedy perforation beats a larger stride and a lower resolution at equal speedup, before and after "
           "equal fine-tuning budgets",
-    "C6": "FLOPs–accuracy: ACT and SACT (at three or more τ) against plain ResNets of several depths, on cluttered "
-          "digits at two resolutions",
 }
 
 
