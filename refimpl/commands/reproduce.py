@@ -58,7 +58,7 @@ def list_claims():
 
     lines = ["implemented:"]
     lines += [f"  {name:8s} {claim.title}" for name, claim in CLAIMS.items()]
-    lines.append("not implemented yet:")
+    lines.append("not implemented yet:" + ("" if PLANNED else " none"))
     lines += [f"  {name:8s} {statement}" for name, statement in PLANNED.items()]
     return "\n".join(lines)
 

@@ -6,7 +6,8 @@
 * :mod:`.runner` — running a claim resumably, one JSON file per (setting, seed), and the summary;
 * :mod:`.registry` — the claims implemented and those planned;
 * ``claim_*`` — one module per claim (:mod:`.claim_sanity`, :mod:`.claim_speedup` (C2),
-  :mod:`.claim_masks` (C3), :mod:`.claim_flops` (C6), :mod:`.claim_maps` (C7), :mod:`.claim_pact` (C8, C9),
+  :mod:`.claim_masks` (C3), :mod:`.claim_acceleration` (C4),
+  :mod:`.claim_flops` (C6), :mod:`.claim_maps` (C7), :mod:`.claim_pact` (C8, C9),
   :mod:`.claim_parity`), each reusing the library;
 * :mod:`.report` — the results section of the docs, from committed summaries.
 

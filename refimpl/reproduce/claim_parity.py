@@ -96,8 +96,12 @@ def verdict(summary):
 def plot(summary, path):
     fig, axes = new_figure(ncols=2, width=4.5)
     names = list(summary["settings"])
-    means, yerr = interval_bars([summary["settings"][n]["numbers"]["accuracy"] for n in names])
-    axes[0].errorbar(np.arange(len(names)), means, yerr=yerr, fmt="o", capsize=4, label="accuracy")
+    accuracies = [summary["settings"][n]["numbers"]["accuracy"] for n in names]
+    means, yerr = interval_bars(accuracies)
+    axes[0].errorbar(np.arange(len(names)), means, yerr=yerr, fmt="o", capsize=4, label="mean over seeds")
+    for i, interval in enumerate(accuracies):
+        axes[0].plot([i + 0.08] * interval["n"], interval["values"], "x", color="gray",
+                     label="single seeds" if i == 0 else None)
     axes[0].axhline(0.5, color="gray", ls=":", label="chance")
     axes[0].set(xticks=np.arange(len(names)), xticklabels=names, xlabel="objective",
                 ylabel="accuracy on fresh vectors", ylim=(0.4, 1.02))

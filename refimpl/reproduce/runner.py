@@ -60,6 +60,7 @@ def write_json_atomically(path, data):
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; results are for sharing
         with os.fdopen(handle, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1, allow_nan=False)
             f.write("\n")
@@ -67,6 +68,12 @@ def write_json_atomically(path, data):
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _versions():
