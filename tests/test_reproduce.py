@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -322,3 +323,31 @@ def test_results_page_shows_the_numbers_of_a_committed_summary(small_runs):
     assert f"| dense_error | {dense:.4g} |" in section
     assert "(/figs/C3/small/C3.png)" in section
     assert "not yet run" not in section
+
+
+# --- the committed results ------------------------------------------------------------------------
+
+COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "_static" / "reproduce"
+
+
+@pytest.mark.parametrize("summary_path", sorted(COMMITTED.glob("*/*/summary.json")),
+                         ids=lambda p: f"{p.parent.parent.name}-{p.parent.name}")
+def test_committed_summary_is_its_run_files_aggregated(summary_path):
+    from refimpl.reproduce.runner import aggregate
+
+    summary = json.loads(summary_path.read_text())
+    claim, tier = CLAIMS[summary["claim"]], summary["tier"]
+    settings = claim.settings(tier)
+    assert [s["name"] for s in settings] == list(summary["settings"]), "the tier's settings changed since the run"
+    records = {(s["name"], k): json.loads(run_path(COMMITTED, claim.name, tier, s["name"], k).read_text())
+               for s in settings for k in range(summary["seeds"])}
+    assert all(r["settings"] == s for s in settings for (name, _), r in records.items() if name == s["name"])
+    again = aggregate(claim, tier, settings, summary["seeds"], records)
+    assert again["settings"].keys() == summary["settings"].keys()
+    for name, entry in again["settings"].items():
+        for metric, interval in entry["numbers"].items():
+            stored = summary["settings"][name]["numbers"][metric]
+            assert stored["values"] == interval["values"]
+            assert stored["mean"] == pytest.approx(interval["mean"])
+    assert again["verdict"] == summary["verdict"]
+    assert (summary_path.parent / summary["figure"]).read_bytes()[:8] == PNG_MAGIC

@@ -6,7 +6,7 @@ Examples::
     ponder reproduce C3 --tier small --out runs/reproduce
     ponder reproduce parity --tier medium --seeds 3 --out runs/reproduce
 
-Each (setting, seed) run is written as one JSON file under ``OUT/CLAIM/TIER/runs/``; a run whose
+Each (setting, seed) run is written as one JSON file under ``OUT/CLAIM/TIER/seed_runs/``; a run whose
 file exists is not run again, so an interrupted command resumes, and ``--seeds`` can be raised
 later. The summary (mean and 95 % t-interval over seeds of every number, and the verdict with its
 reason) goes to ``OUT/CLAIM/TIER/summary.json`` and the figure to ``OUT/CLAIM/TIER/CLAIM.png``.

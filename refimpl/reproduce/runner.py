@@ -2,7 +2,7 @@
 
 Layout under ``out``::
 
-    out/<claim>/<tier>/runs/<setting>-seed<k>.json   one finished run each (written atomically)
+    out/<claim>/<tier>/seed_runs/<setting>-seed<k>.json   one finished run each (written atomically)
     out/<claim>/<tier>/summary.json                   every setting's numbers over seeds + the verdict
     out/<claim>/<tier>/<claim>.png                    the claim's figure
 
@@ -32,6 +32,8 @@ __all__ = ["RUN_FORMAT", "SUMMARY_FORMAT", "ReproductionError", "run_path", "run
            "environment", "write_json_atomically"]
 
 RUN_FORMAT = "ponder-reproduce-run"
+#: The run files' folder (not ``runs/``, the name users give their output folders and git ignores).
+RUNS_FOLDER = "seed_runs"
 #: BLAS threads of a run unless its setting says ``"threads"``: one, because on a shared machine a
 #: multi-threaded BLAS waits for preempted threads (a small convolution ran 6x slower with 2).
 DEFAULT_THREADS = 1
@@ -48,7 +50,7 @@ def claim_folder(out, claim_name, tier):
 
 def run_path(out, claim_name, tier, setting_name, seed):
     """Where the run of ``(setting_name, seed)`` is written."""
-    return claim_folder(out, claim_name, tier) / "runs" / f"{setting_name}-seed{seed}.json"
+    return claim_folder(out, claim_name, tier) / RUNS_FOLDER / f"{setting_name}-seed{seed}.json"
 
 
 def write_json_atomically(path, data):
