@@ -275,6 +275,10 @@ def test_sanity_verdict_follows_the_paired_difference(deep, verdict):
 def test_c3_verdict_follows_the_gains(grid, impact, verdict):
     result = CLAIMS["C3"].verdict(_summary({"nin-conv2": {"mean_gain_grid": grid, "mean_gain_impact": impact}}))
     assert result.verdict == verdict
+    for kind, gains in (("grid", grid), ("impact", impact)):
+        # the reason names the difference and its sign, not "lowers the error by -0.06"
+        assert f"error(uniform) - error({kind}) = {np.mean(gains):+.4f}" in result.reason
+        assert f"{kind} {'lower' if np.mean(gains) > 0 else 'not lower'} on average" in result.reason
 
 
 def _c6_summary(sact_accuracy):

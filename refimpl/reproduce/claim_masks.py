@@ -91,9 +91,12 @@ def verdict(summary):
     (entry,) = summary["settings"].values()
     gains = {kind: entry["numbers"][f"mean_gain_{kind}"] for kind in ("grid", "impact")}
     shown = [kind for kind, g in gains.items() if above_zero(g)]
-    text = "; ".join(f"{kind} lowers the error of uniform by {g['mean']:+.4f} on average over the rates"
+    # the gain named as a difference: "lowers the error by -0.1" would hide that the mask is worse
+    text = "; ".join(f"error(uniform) - error({kind}) = {g['mean']:+.4f} averaged over the rates"
                      + (f" (95 % interval [{g['low']:+.4f}, {g['high']:+.4f}])" if g["low"] is not None else
-                        " (one seed: no interval)") for kind, g in gains.items())
+                        " (one seed: no interval)")
+                     + f", {kind} {'lower' if g['mean'] > 0 else 'not lower'} on average"
+                     for kind, g in gains.items())
     comparisons = {f"mean_gain_{kind}": g for kind, g in gains.items()}
     if len(shown) == 2:
         return Verdict("reproduced", text + ": both beat uniform", comparisons)
