@@ -301,6 +301,21 @@ def test_c6_compares_with_the_plain_curve_at_equal_flops():
     assert CLAIMS["C6"].verdict(_c6_summary([0.60, 0.71, 0.66])).verdict == "not reproduced"
 
 
+@pytest.mark.parametrize("claim_name", ["C8", "C9"])
+def test_pact_claims_use_networks_that_can_halt(claim_name):
+    # PACT-ResNet-8 has one residual unit per stage, hence no halting head: its relaxed, discrete and
+    # thresholded modes are one network, and C8's gaps came out exactly 0 on every seed.
+    from refimpl.models import build_model
+    from refimpl.reproduce.claim_pact import _pact_options
+
+    claim = CLAIMS[claim_name]
+    for tier in claim.tiers:
+        for setting in claim.settings(tier):
+            model = build_model(setting["model"], 10, 1, np.random.default_rng(0),
+                                **_pact_options(setting, "relaxed"))
+            assert all(len(stage.heads) >= 1 for stage in model.stages), (tier, setting["name"])
+
+
 def test_verdict_refuses_an_unknown_word():
     with pytest.raises(ValueError, match="verdict must be one of"):
         Verdict("sort of", "because")
