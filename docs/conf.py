@@ -19,7 +19,10 @@ Layout:
   Notebooks link for their Jupyter readers, relative to ``notebooks/``; the copy rewrites
   ``../docs/X`` to ``../X`` and ``../refimpl/a.py`` / ``../fastpath/a.py`` to that module's API page;
 * ``api/`` — one page per module of ``refimpl`` and ``fastpath``, generated at configuration time
-  from :func:`pkgutil.walk_packages`, so a new module is documented without editing anything.
+  from :func:`pkgutil.walk_packages`, so a new module is documented without editing anything;
+* ``_generated/reproduce_results.md`` — the results section of ``reproduce.md``, written at
+  configuration time by :func:`refimpl.reproduce.report.results_markdown` from the committed
+  ``ponder reproduce`` summaries in ``_static/reproduce/`` (a claim without one says so).
 
 Equations are typeset by a copy of MathJax served with the site (``sphinx-mathjax-offline``), so
 the pages read offline and load nothing from a CDN.
@@ -198,5 +201,16 @@ def copy_notebooks():
     _write_if_changed(generated / "notebook_runtimes.md", _runtime_table(rows))
 
 
+def generate_reproduce_results():
+    """The results section of reproduce.md from the committed medium-tier summaries."""
+    from refimpl.reproduce.report import results_markdown
+
+    generated = DOCS / "_generated"
+    generated.mkdir(exist_ok=True)
+    _write_if_changed(generated / "reproduce_results.md",
+                      results_markdown(DOCS / "_static" / "reproduce", tier="medium"))
+
+
 generate_api_pages()
+generate_reproduce_results()
 copy_notebooks()

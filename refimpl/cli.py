@@ -32,6 +32,7 @@ COMMANDS = {
     "course": ("refimpl.commands.course", "the course kit: write the student notebooks, list the exercises, check solutions"),
     "parity": ("refimpl.commands.parity", "train an ACT RNN on parity (act | pact | pondernet) and report ponder steps"),
     "perforate": ("refimpl.commands.perforate", "greedily perforate a trained network to a target speedup; profile JSON and speed-error plot with baselines"),
+    "reproduce": ("refimpl.commands.reproduce", "reproduce a claim of the thesis over several seeds: intervals, verdict, figure (resumable)"),
 }
 
 #: Entry-point group through which installed packages add commands (``name = "package.module"``).
