@@ -643,11 +643,11 @@ def _fmt(value, spec):
 
 
 def format_table(rows, title):
-    head = (f"{'runner':13s} {'ratio req':>9s} {'ratio':>6s} {'ms':>9s} {'min':>9s} {'max':>9s} {'img/s':>8s} "
+    head = (f"{'runner':15s} {'ratio req':>9s} {'ratio':>6s} {'ms':>9s} {'min':>9s} {'max':>9s} {'img/s':>8s} "
             f"{'vs torch':>8s} {'speedup':>7s} {'/ratio':>6s}")
     lines = [f"== {title} ==", head, "-" * len(head)]
     for r in rows:
-        lines.append(f"{r.runner:13s} {_fmt(r.ratio_target, '9.1f')} {r.ratio:6.2f} {r.ms:9.1f} {min(r.ms_all):9.1f} "
+        lines.append(f"{r.runner:15s} {_fmt(r.ratio_target, '9.1f')} {r.ratio:6.2f} {r.ms:9.1f} {min(r.ms_all):9.1f} "
                      f"{max(r.ms_all):9.1f} {r.images_per_s:8.1f} {_fmt(r.vs_torch, '8.2f')} "
                      f"{_fmt(r.speedup, '7.2f')} {_fmt(r.speedup_over_ratio, '6.2f')}")
     return "\n".join(lines)
@@ -656,11 +656,11 @@ def format_table(rows, title):
 def format_breakdown(entries):
     from fastpath.profiling import PHASES
 
-    head = f"{'runner':13s} {'ratio req':>9s} {'px':>4s} {'thr':>3s} {'total ms':>9s} " + " ".join(
+    head = f"{'runner':15s} {'ratio req':>9s} {'px':>4s} {'thr':>3s} {'total ms':>9s} " + " ".join(
         f"{p:>8s}" for p in PHASES) + f" {'unrecorded':>10s}"
     lines = ["== breakdown (ms per phase of one call, fastpath.profiling sections) ==", head, "-" * len(head)]
     for e in entries:
-        lines.append(f"{e['runner']:13s} {_fmt(e['ratio_target'], '9.1f')} {e['size']:4d} {e['threads']:3d} "
+        lines.append(f"{e['runner']:15s} {_fmt(e['ratio_target'], '9.1f')} {e['size']:4d} {e['threads']:3d} "
                      f"{e['total_ms']:9.1f} " + " ".join(f"{e['phases_ms'][p]:8.1f}" for p in PHASES)
                      + f" {e['unrecorded_ms']:10.1f}")
     return "\n".join(lines)

@@ -1,6 +1,6 @@
 """Plot a whole-network benchmark JSON (``ponder bench --networks --json``): images/s against FLOPs ratio.
 
-One panel per input size and thread count: the adaptive networks (SACT, SACT unfused, PACT) as
+One panel per input size and thread count: the adaptive networks (SACT, SACT unfused, SACT compiled, PACT) as
 lines over their realised FLOPs ratio, the dense ones (ponder, PyTorch) as horizontal lines; the
 bars span the fastest and slowest of the interleaved repeats (the median is the marker)::
 
@@ -18,8 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-ADAPTIVE = ("SACT", "SACT unfused", "PACT")
-DENSE = {"torch dense": ("C3", ":"), "ponder dense": ("k", "--")}
+ADAPTIVE = ("SACT", "SACT unfused", "SACT compiled", "PACT")
+DENSE = {"torch dense": ("C3", ":"), "ponder dense": ("k", "--"), "ponder compiled": ("0.5", "-.")}
 
 
 def plot(datasets, title=None):
