@@ -107,6 +107,12 @@ def test_fused_unit_equals_the_reference_composition(fused_backend, problem):
     conv2_kernel = problem["kernels"][1]
     assume(dtype == np.float64 or not problem["training"]
            or dilate(active, conv2_kernel).sum() >= MIN_FLOAT32_STATISTICS)
+    # bn2 with batch statistics makes the unit invariant to the scale of each of conv1's output
+    # filters, so conv1's weight gradient is orthogonal to the weights; a filter of one weight (one
+    # channel, a 1x1 window) therefore has an exactly zero gradient, which float32 rounding (of the
+    # reference too) cannot match within tolerance. That case is checked in float64 only.
+    assume(dtype == np.float64 or not problem["training"]
+           or problem["channels"] * np.prod(problem["kernels"][0]) > 1)
     n, c, (h, w) = problem["n"], problem["channels"], problem["hw"]
     build = dict(channels=c, kernels=problem["kernels"], bias=problem["bias"], dtype=dtype,
                  training=problem["training"])
@@ -118,6 +124,7 @@ def test_fused_unit_equals_the_reference_composition(fused_backend, problem):
 
     out_r, cache_r, flops_r = sparse_unit_forward(reference, x[computed], active[computed])
     dx_r = sparse_unit_backward(reference, dout[computed], cache_r)
+    before = state_of(fused)
     out_f, cache_f, flops_f = fused_backend.fused_unit.forward(fused, x, active)
     dx_f = fused_backend.fused_unit.backward(fused, dout, cache_f)
 
@@ -130,8 +137,18 @@ def test_fused_unit_equals_the_reference_composition(fused_backend, problem):
     np.testing.assert_array_equal(dx_f[~computed], dout[~computed])
     expected, actual = state_of(reference), state_of(fused)
     assert expected.keys() == actual.keys()
+    exact = {}
+    if problem["training"] and "conv1.b.grad" in expected:
+        # bn2 with batch statistics subtracts conv1's bias again, so its gradient's exact increment
+        # is zero; both implementations add rounding noise of the size of the cancelled terms, which
+        # agrees with nothing but zero (in float32 the reference's own noise can exceed the tolerance).
+        exact["conv1.b.grad"] = before["conv1.b.grad"]
+        scale = max(np.abs(actual["conv1.w.grad"] - before["conv1.w.grad"]).max(), np.abs(dout).max())
+        noise = np.abs(actual["conv1.b.grad"] - before["conv1.b.grad"]).max()
+        assert noise <= 1e3 * np.finfo(dtype).eps * scale, (noise, scale)
     for name in expected:
-        assert_close(actual[name], expected[name], dtype=dtype)
+        if name not in exact:
+            assert_close(actual[name], expected[name], dtype=dtype)
 
 
 @given(n=st.integers(1, 3), dtype=float_dtypes(), training=st.booleans(), seed=seeds)
