@@ -202,6 +202,29 @@ def test_the_runner_refuses_too_few_seeds_for_a_tier(tmp_path):
         run_claim(claim, "small", 0, tmp_path, echo=lambda line: None)
 
 
+def test_runs_in_worker_processes_give_the_numbers_of_runs_in_this_process(tmp_path, capsys):
+    # the runs are seeded, so where they run must not change a number (only the run times)
+    args = ["reproduce", "sanity", "--tier", "small", "--seeds", "2"]
+    assert cli.main(args + ["--out", str(tmp_path / "serial")]) == 0
+    assert cli.main(args + ["--out", str(tmp_path / "parallel"), "--jobs", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "run(s) in 2 processes" in out
+    serial, parallel = (json.loads((tmp_path / name / "sanity" / "small" / "summary.json").read_text())
+                        for name in ("serial", "parallel"))
+    assert len(parallel["ran"]) == len(serial["ran"]) == 2 * len(serial["settings"])
+    for name, entry in serial["settings"].items():
+        untimed = {metric for metric in entry["numbers"] if not metric.endswith("seconds")}
+        assert "test_accuracy" in untimed
+        for metric in untimed:
+            assert parallel["settings"][name]["numbers"][metric] == entry["numbers"][metric]
+    assert parallel["verdict"] == serial["verdict"]
+
+
+def test_the_runner_refuses_a_bad_number_of_jobs(tmp_path):
+    with pytest.raises(ReproductionError, match="jobs must be an integer >= 1, got 0"):
+        run_claim(_counting_claim([]), "small", 1, tmp_path, echo=lambda line: None, jobs=0)
+
+
 # --- bad arguments --------------------------------------------------------------------------------
 
 
@@ -210,6 +233,7 @@ def test_the_runner_refuses_too_few_seeds_for_a_tier(tmp_path):
     (["C3", "--tier", "huge", "--out", "x"], "argument --tier: invalid choice: 'huge'"),
     (["C3", "--seeds", "0", "--out", "x"], "argument --seeds: must be an integer >= 1, got '0'"),
     (["C3", "--tier", "medium", "--seeds", "2", "--out", "x"], "the medium tier needs at least 3 seeds"),
+    (["C3", "--jobs", "0", "--out", "x"], "argument --jobs: must be an integer >= 1, got '0'"),
     (["C3"], "--out is required"),
     (["--out", "x"], "CLAIM is required"),
 ])

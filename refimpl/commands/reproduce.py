@@ -5,6 +5,7 @@ Examples::
     ponder reproduce --list
     ponder reproduce C3 --tier small --out runs/reproduce
     ponder reproduce parity --tier medium --seeds 3 --out runs/reproduce
+    ponder reproduce C6 --tier medium --jobs 2 --out runs/reproduce   # two runs at a time
 
 Each (setting, seed) run is written as one JSON file under ``OUT/CLAIM/TIER/seed_runs/``; a run whose
 file exists is not run again, so an interrupted command resumes, and ``--seeds`` can be raised
@@ -50,6 +51,9 @@ def add_arguments(parser):
     parser.add_argument("--seeds", type=positive_int, default=None,
                         help="run seeds 0 .. SEEDS-1 (default: the claim's default for the tier)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (created; finished runs are kept)")
+    parser.add_argument("--jobs", type=positive_int, default=1,
+                        help="runs made at the same time, each in its own process with one BLAS thread "
+                             "(default 1; up to the number of cores)")
     parser.add_argument("--list", action="store_true", help="list the claims, implemented and planned, and stop")
 
 
@@ -81,7 +85,8 @@ def run(args):
     print(f"ponder reproduce {claim.name} ({claim.title}), {args.tier} tier, seeds 0..{seeds - 1}, out {args.out}",
           flush=True)
     try:
-        summary = run_claim(claim, args.tier, seeds, args.out, echo=lambda line: print(line, flush=True))
+        summary = run_claim(claim, args.tier, seeds, args.out, echo=lambda line: print(line, flush=True),
+                            jobs=args.jobs)
     except ReproductionError as exc:
         raise UsageError(str(exc)) from None
     print(f"{len(summary['ran'])} run(s) now, {len(summary['skipped'])} finished before; "

@@ -122,7 +122,36 @@ def _check_seeds(claim, tier, seeds):
                                 f"over seeds), got --seeds {seeds}")
 
 
-def run_claim(claim, tier, seeds, out, echo=print):
+def _run_one(claim, tier, setting, seed, out, echo):
+    """Run ``(setting, seed)`` of ``claim`` and write its run file; returns the record."""
+    t0 = time.perf_counter()
+    with threadpool_limits(setting.get("threads", DEFAULT_THREADS)):
+        result = claim.run(setting, seed, echo)
+    seconds = time.perf_counter() - t0
+    record = {"format": RUN_FORMAT, "claim": claim.name, "tier": tier, "setting_name": setting["name"],
+              "settings": setting, "seed": seed, "numbers": result["numbers"],
+              "details": result.get("details", {}), "backend": result.get("backend"),
+              "blas_threads": setting.get("threads", DEFAULT_THREADS),
+              "seconds": seconds, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "environment": environment()}
+    write_json_atomically(run_path(out, claim.name, tier, setting["name"], seed), record)
+    return record
+
+
+def _run_in_worker(claim_name, tier, setting, seed, out):
+    """:func:`_run_one` in a worker process (``jobs > 1``): the claim is looked up by name there."""
+    from .registry import get_claim
+
+    label = f"    [{claim_name} {setting['name']} seed {seed}]"
+    return _run_one(get_claim(claim_name), tier, setting, seed, out, lambda line: print(label, line, flush=True))
+
+
+def _check_jobs(jobs):
+    if not isinstance(jobs, int) or isinstance(jobs, bool) or jobs < 1:
+        raise ReproductionError(f"jobs must be an integer >= 1, got {jobs!r}")
+
+
+def run_claim(claim, tier, seeds, out, echo=print, jobs=1):
     """Run every (setting, seed) of ``claim`` at ``tier`` not already in ``out``, then summarise.
 
     Parameters
@@ -132,6 +161,10 @@ def run_claim(claim, tier, seeds, out, echo=print):
     seeds : int — seeds 0 .. seeds-1 are run
     out : folder (created)
     echo : callable(str) for progress lines
+    jobs : int — runs made at the same time, each in its own process (default 1: in this process,
+        one after another). Each run still limits BLAS to its setting's threads, so ``jobs`` up to
+        the number of cores keeps every core busy without oversubscribing it. Runs are seeded, so
+        the numbers do not depend on ``jobs``; run times measured side by side do.
 
     Returns
     -------
@@ -140,9 +173,10 @@ def run_claim(claim, tier, seeds, out, echo=print):
     """
     settings = claim.settings(tier)
     _check_seeds(claim, tier, seeds)
+    _check_jobs(jobs)
     setting_names(settings)
     total = len(settings) * seeds
-    records, ran, skipped = {}, [], []
+    records, ran, skipped, pending = {}, [], [], []
     started = time.perf_counter()
     for index, (setting, seed) in enumerate(((s, k) for s in settings for k in range(seeds)), start=1):
         path = run_path(out, claim.name, tier, setting["name"], seed)
@@ -151,22 +185,20 @@ def run_claim(claim, tier, seeds, out, echo=print):
             records[setting["name"], seed] = _read_run(path, claim, tier, setting, seed)
             skipped.append(str(path))
             echo(f"{label}: finished before, skipped ({path})")
-            continue
-        echo(f"{label}: running")
-        t0 = time.perf_counter()
-        with threadpool_limits(setting.get("threads", DEFAULT_THREADS)):
-            result = claim.run(setting, seed, echo)
-        seconds = time.perf_counter() - t0
-        record = {"format": RUN_FORMAT, "claim": claim.name, "tier": tier, "setting_name": setting["name"],
-                  "settings": setting, "seed": seed, "numbers": result["numbers"],
-                  "details": result.get("details", {}), "backend": result.get("backend"),
-                  "blas_threads": setting.get("threads", DEFAULT_THREADS),
-                  "seconds": seconds, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "environment": environment()}
-        write_json_atomically(path, record)
+        else:
+            pending.append((label, setting, seed, path))
+
+    def finished(label, setting, seed, path, record):
         records[setting["name"], seed] = record
         ran.append(str(path))
-        echo(f"{label}: done in {seconds:.1f} s ({path})")
+        echo(f"{label}: done in {record['seconds']:.1f} s ({path})")
+
+    if jobs == 1 or len(pending) <= 1:
+        for label, setting, seed, path in pending:
+            echo(f"{label}: running")
+            finished(label, setting, seed, path, _run_one(claim, tier, setting, seed, out, echo))
+    else:
+        _run_in_processes(claim, tier, out, pending, min(jobs, len(pending)), echo, finished)
     summary = aggregate(claim, tier, settings, seeds, records)
     summary.update(ran=ran, skipped=skipped, seconds_this_call=time.perf_counter() - started)
     folder = claim_folder(out, claim.name, tier)
@@ -177,6 +209,34 @@ def run_claim(claim, tier, seeds, out, echo=print):
     echo(format_summary(summary))
     echo(f"wrote {folder / 'summary.json'} and {figure}")
     return summary
+
+
+def _run_in_processes(claim, tier, out, pending, workers, echo, finished):
+    """Run ``pending`` runs in ``workers`` processes; each finished run is reported as it ends.
+
+    Processes are started with ``spawn`` (a fresh interpreter, no BLAS thread pool or OpenMP state
+    inherited through ``fork``). If a run fails, the runs not yet started are cancelled, those
+    running finish and keep their files, and the first error is raised.
+    """
+    import multiprocessing
+    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+
+    echo(f"{len(pending)} run(s) in {workers} processes")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {}
+        for label, setting, seed, path in pending:
+            echo(f"{label}: queued")
+            futures[pool.submit(_run_in_worker, claim.name, tier, setting, seed, str(out))] = (label, setting,
+                                                                                            seed, path)
+        remaining = set(futures)
+        while remaining:
+            done, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
+            for future in done:
+                if future.exception() is not None:
+                    for other in remaining:
+                        other.cancel()
+                    raise future.exception()
+                finished(*futures[future], future.result())
 
 
 def aggregate(claim, tier, settings, seeds, records):
