@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -218,6 +219,29 @@ def test_runs_in_worker_processes_give_the_numbers_of_runs_in_this_process(tmp_p
         for metric in untimed:
             assert parallel["settings"][name]["numbers"][metric] == entry["numbers"][metric]
     assert parallel["verdict"] == serial["verdict"]
+
+
+def test_a_run_limits_the_compiled_kernels_threads_and_restores_them(tmp_path, monkeypatch):
+    pytest.importorskip("fastpath._cython_unit")
+    from refimpl.backend import get_backend
+
+    monkeypatch.delenv("PONDER_THREADS", raising=False)
+    cython = get_backend("cython")
+    monkeypatch.setattr(cython, "threads", 3)
+    seen = []
+
+    def run(setting, seed, echo):
+        seen.append((get_backend("cython").threads, os.environ.get("PONDER_THREADS")))
+        return {"numbers": {"x": 1.0}, "backend": "cython"}
+
+    claim = _counting_claim([])
+    claim = Claim(name="fake", title="t", statement="s", source="src", tiers=claim.tiers,
+                  default_seeds=claim.default_seeds, run=run, verdict=claim.verdict, plot=claim.plot)
+    run_claim(claim, "small", 1, tmp_path, echo=lambda line: None)
+    assert seen == [(1, "1"), (1, "1")]  # one thread, as for BLAS
+    assert cython.threads == 3 and "PONDER_THREADS" not in os.environ
+    record = json.loads(run_path(tmp_path, "fake", "small", "a", 0).read_text())
+    assert record["blas_threads"] == record["compiled_threads"] == 1
 
 
 def test_the_runner_refuses_a_bad_number_of_jobs(tmp_path):

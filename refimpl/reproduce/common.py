@@ -7,13 +7,51 @@ measure the spread a reader would see when repeating the experiment from scratch
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
+
 import numpy as np
 
-__all__ = ["resolve_backend", "load_setting_data", "train_classifier", "error_rate", "interval_bars",
+__all__ = ["compiled_threads", "resolve_backend", "load_setting_data", "train_classifier", "error_rate", "interval_bars",
            "new_figure", "save_figure", "seed_rng"]
 
 #: Tried in this order for ``backend="fastest"``; the first that runs here is used.
 FASTEST_FIRST = ("cython", "numpy")
+
+
+@contextmanager
+def compiled_threads(threads):
+    """Run the block with the compiled backend's OpenMP team limited to ``threads`` (restored after).
+
+    BLAS is limited with threadpoolctl, but the Cython kernels choose their team themselves
+    (``PONDER_THREADS``, else every core): without this a run asked to use one thread would use
+    every core in its gathers, and ``--jobs`` runs side by side would oversubscribe the machine.
+    The thread count also fixes the order of the kernels' partial sums, so a run's numbers do not
+    depend on the machine's core count or on ``--jobs``.
+    """
+    from .. import backend as registry
+
+    before_env = os.environ.get("PONDER_THREADS")
+    existing = registry._INSTANCES.get("cython")
+    before_threads = existing.threads if existing is not None else None
+    os.environ["PONDER_THREADS"] = str(threads)
+    if existing is not None:
+        existing.threads = threads
+    try:
+        yield
+    finally:
+        if before_env is None:
+            os.environ.pop("PONDER_THREADS", None)
+        else:
+            os.environ["PONDER_THREADS"] = before_env
+        instance = registry._INSTANCES.get("cython")
+        if instance is not None:
+            if before_threads is not None:
+                instance.threads = before_threads
+            else:  # made inside the block: give it the team it would have had outside
+                from fastpath.cython_backend import default_threads
+
+                instance.threads = default_threads()
 
 
 def seed_rng(seed, stream):

@@ -26,6 +26,7 @@ from pathlib import Path
 from threadpoolctl import threadpool_limits
 
 from .claim import MIN_SEEDS, setting_names
+from .common import compiled_threads
 from .intervals import INTERVAL_METHOD, mean_interval
 
 __all__ = ["RUN_FORMAT", "SUMMARY_FORMAT", "ReproductionError", "run_path", "run_claim", "aggregate",
@@ -34,8 +35,9 @@ __all__ = ["RUN_FORMAT", "SUMMARY_FORMAT", "ReproductionError", "run_path", "run
 RUN_FORMAT = "ponder-reproduce-run"
 #: The run files' folder (not ``runs/``, the name users give their output folders and git ignores).
 RUNS_FOLDER = "seed_runs"
-#: BLAS threads of a run unless its setting says ``"threads"``: one, because on a shared machine a
-#: multi-threaded BLAS waits for preempted threads (a small convolution ran 6x slower with 2).
+#: BLAS and compiled-kernel threads of a run unless its setting says ``"threads"``: one, because on
+#: a shared machine a multi-threaded BLAS waits for preempted threads (a small convolution ran 6x
+#: slower with 2), and runs made side by side (``--jobs``) each get a core.
 DEFAULT_THREADS = 1
 SUMMARY_FORMAT = "ponder-reproduce-summary"
 
@@ -125,13 +127,14 @@ def _check_seeds(claim, tier, seeds):
 def _run_one(claim, tier, setting, seed, out, echo):
     """Run ``(setting, seed)`` of ``claim`` and write its run file; returns the record."""
     t0 = time.perf_counter()
-    with threadpool_limits(setting.get("threads", DEFAULT_THREADS)):
+    threads = setting.get("threads", DEFAULT_THREADS)
+    with threadpool_limits(threads), compiled_threads(threads):
         result = claim.run(setting, seed, echo)
     seconds = time.perf_counter() - t0
     record = {"format": RUN_FORMAT, "claim": claim.name, "tier": tier, "setting_name": setting["name"],
               "settings": setting, "seed": seed, "numbers": result["numbers"],
               "details": result.get("details", {}), "backend": result.get("backend"),
-              "blas_threads": setting.get("threads", DEFAULT_THREADS),
+              "blas_threads": threads, "compiled_threads": threads,
               "seconds": seconds, "finished_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
               "environment": environment()}
     write_json_atomically(run_path(out, claim.name, tier, setting["name"], seed), record)
