@@ -329,6 +329,31 @@ def test_c3_verdict_follows_the_gains(grid, impact, verdict):
         assert f"{kind} {'lower' if np.mean(gains) > 0 else 'not lower'} on average" in result.reason
 
 
+def _collapse_summary(collapsed):
+    """The five parity-collapse variants, three seeds; ``collapsed`` maps a variant to its per-seed flags."""
+    def numbers(flags):
+        accuracy = [0.6 if flag else 0.99 for flag in flags]
+        steps = [1.0 if flag else 3.0 for flag in flags]
+        return {"collapsed": [float(f) for f in flags], "accuracy": accuracy, "mean_ponder_steps": steps}
+    return _summary({name: numbers(collapsed.get(name, [0, 0, 0]))
+                     for name in ("relaxed", "no-cost", "warmer", "late-start", "late-start-no-cost")})
+
+
+@pytest.mark.parametrize("collapsed, verdict", [
+    ({"relaxed": [1, 1, 0], "no-cost": [1, 0, 0]}, "reproduced"),                   # warmer learns everywhere
+    ({"relaxed": [1, 1, 0], "no-cost": [0, 0, 0]}, "partly"),                       # the cost is needed
+    ({"relaxed": [1, 1, 0], "no-cost": [1, 0, 0], "warmer": [0, 1, 0]}, "partly"),  # warmer does not help
+    ({"relaxed": [0, 0, 0], "no-cost": [1, 0, 0]}, "not reproduced"),               # nothing to explain
+])
+def test_parity_collapse_verdict_follows_which_variants_collapse(collapsed, verdict):
+    from refimpl.reproduce.claim_collapse import LEARNED, ONE_STEP
+
+    assert 0.6 < LEARNED < 0.99 and 1.0 < ONE_STEP < 3.0  # the synthetic runs sit on either side
+    result = CLAIMS["parity-collapse"].verdict(_collapse_summary(collapsed))
+    assert result.verdict == verdict
+    assert f"relaxed: collapsed in {sum(collapsed['relaxed'])} of 3 seeds" in result.reason
+
+
 def _c6_summary(sact_accuracy):
     """Three seeds, one canvas: ResNet-8 (1 MFLOP) and ResNet-14 (2 MFLOPs), SACT at 1.5 MFLOPs."""
     def entry(kind, flops, accuracy):

@@ -7,6 +7,7 @@ then the claims in the thesis's order.
 from __future__ import annotations
 
 from .claim_acceleration import CLAIM as ACCELERATION
+from .claim_collapse import CLAIM as COLLAPSE
 from .claim_flops import CLAIM as FLOPS
 from .claim_maps import CLAIM as MAPS
 from .claim_masks import CLAIM as MASKS
@@ -18,7 +19,7 @@ from .claim_speedup import CLAIM as SPEEDUP
 __all__ = ["CLAIMS", "PLANNED", "claim_names", "get_claim"]
 
 #: name -> Claim, in reading order.
-CLAIMS = {c.name: c for c in (SANITY, SPEEDUP, MASKS, ACCELERATION, FLOPS, MAPS, C8, C9, PARITY)}
+CLAIMS = {c.name: c for c in (SANITY, SPEEDUP, MASKS, ACCELERATION, FLOPS, MAPS, C8, C9, PARITY, COLLAPSE)}
 
 #: Claims of the thesis that ``ponder reproduce`` will test but does not yet: name -> statement.
 PLANNED = {}

@@ -222,7 +222,7 @@ def _run_in_processes(claim, tier, out, pending, workers, echo, finished):
     running finish and keep their files, and the first error is raised.
     """
     import multiprocessing
-    from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     echo(f"{len(pending)} run(s) in {workers} processes")
     with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -233,7 +233,7 @@ def _run_in_processes(claim, tier, out, pending, workers, echo, finished):
                                                                                             seed, path)
         remaining = set(futures)
         while remaining:
-            done, remaining = wait(remaining, return_when=FIRST_EXCEPTION)
+            done, remaining = wait(remaining, return_when=FIRST_COMPLETED)
             for future in done:
                 if future.exception() is not None:
                     for other in remaining:
