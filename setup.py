@@ -55,7 +55,8 @@ def _extensions():
         Extension(
             name,
             [name.replace(".", "/") + ".pyx"],
-            include_dirs=[numpy.get_include()],
+            include_dirs=[numpy.get_include(), "fastpath"],
+            depends=["fastpath/direct_conv.h"],
             extra_compile_args=opt + cflags,
             extra_link_args=lflags,
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),

@@ -157,16 +157,23 @@ class CythonBackend(ConvBackend):
         ones keep the buffer in cache and bound the memory. Columns of many images share a chunk.
     parallel_work : int, optional
         Calls with less work than this (about one multiply-add or copy per unit) run on one thread.
+    direct_conv : bool, optional
+        Whether float32 convolutions on channels-last rows (the fused residual unit and compiled
+        networks) use the register-blocked direct kernel (``fastpath/direct_conv.h``) instead of a
+        gather and a BLAS GEMM (default True; float64 always uses BLAS).
     """
 
     name = "cython"
 
-    def __init__(self, threads=None, chunk_bytes=CHUNK_BYTES, parallel_work=PARALLEL_WORK):
+    def __init__(self, threads=None, chunk_bytes=CHUNK_BYTES, parallel_work=PARALLEL_WORK, direct_conv=True):
         if _kernels is None:
             raise BackendUnavailableError(f"the cython backend is unavailable: {status().reason}")
         self.threads = default_threads() if threads is None else threads
         self.chunk_bytes = chunk_bytes
         self.parallel_work = parallel_work
+        if not isinstance(direct_conv, bool):
+            raise TypeError(f"direct_conv must be True or False, got {direct_conv!r}")
+        self.direct_conv = direct_conv
         # The sparse residual unit fused in the channels-last domain (refimpl.sparse_unit.unit_executor
         # picks it for sparse SACT units); absent if its extension was not compiled.
         if cython_unit._kernels is not None:

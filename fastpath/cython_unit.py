@@ -107,6 +107,27 @@ def _weights(conv, dtype):
     return wmat, np.ascontiguousarray(bias, dtype=dtype), bool(conv.has_bias)
 
 
+def conv_rows(backend, src, rowmap, pos, taps, wmat, bias, has_bias, out, team):
+    """``out[r] = Wmat · window(r) + bias``: the convolution on rows, on the backend's best kernel.
+
+    float32 with ``backend.direct_conv``: the direct micro-kernel, which reads the source rows in
+    place; otherwise the windows are gathered chunk by chunk and multiplied in BLAS (held at one
+    thread by the caller). Both give every output row from one thread.
+    """
+    rows = pos.size
+    if backend.direct_conv and src.dtype == np.float32:
+        tile = _kernels.DIRECT_TILE_ROWS
+        # about four chunks per thread (static schedule), whole tiles each
+        chunk = max(tile, -(-rows // (4 * team * tile)) * tile) if team > 1 else max(rows, 1)
+        _kernels.conv_rows_forward_direct(src, rowmap, pos, taps, np.ascontiguousarray(wmat.T), bias, has_bias, out,
+                                          chunk, team)
+        return
+    width = wmat.shape[1]
+    chunk = min(max(rows, 1), backend._chunk(width, np.dtype(src.dtype).itemsize))
+    scratch = np.empty((team, chunk * width), dtype=src.dtype)
+    _kernels.conv_rows_forward(src, rowmap, pos, taps, wmat, bias, has_bias, out, scratch, chunk, team)
+
+
 def _weight_grad(dwmat, w_shape):
     k, c, kh, kw = w_shape
     return dwmat.reshape(k, kh, kw, c).transpose(0, 3, 1, 2)
@@ -237,8 +258,7 @@ class CythonFusedUnit:
             _kernels.affine_relu_rows(xe, norm1.center, norm1.scale, norm1.shift, h1e, team)
         with profiling.section("compute"), _one_blas_thread():
             h1c = np.empty((count, k), dtype=dtype)
-            chunk, scratch = self._scratch(team, count, w1[0].shape[1], dtype)
-            _kernels.conv_rows_forward(h1e, rows_e.rowmap, rows_d.pos, taps1, *w1, h1c, scratch, chunk, team)
+            conv_rows(self.backend, h1e, rows_e.rowmap, rows_d.pos, taps1, *w1, h1c, team)
             if training:
                 mean, var = _kernels.row_moments(h1c, self._partial(team, k), team)
                 update_running_statistics(unit.bn2, mean.astype(dtype), var.astype(dtype), count)
@@ -248,8 +268,7 @@ class CythonFusedUnit:
             z = np.empty_like(h1c)
             _kernels.affine_relu_rows(h1c, norm2.center, norm2.scale, norm2.shift, z, team)
             residual = np.empty((rows_a.flat.size, k), dtype=dtype)
-            chunk, scratch = self._scratch(team, rows_a.flat.size, w2[0].shape[1], dtype)
-            _kernels.conv_rows_forward(z, rows_d.rowmap, rows_a.pos, taps2, *w2, residual, scratch, chunk, team)
+            conv_rows(self.backend, z, rows_d.rowmap, rows_a.pos, taps2, *w2, residual, team)
         with profiling.section("scatter"):
             out = x.copy()
             _kernels.add_rows_to_planes(out.reshape(n, k, size), residual, rows_a.flat, rows_a.start, team)
@@ -283,9 +302,7 @@ class CythonFusedUnit:
         c = wmat.shape[1] // taps.size
         wmat_t = np.ascontiguousarray(wmat.reshape(k, taps.size, c).transpose(2, 1, 0).reshape(c, -1))
         din = np.empty((in_rows, c), dtype=dtype)
-        chunk, scratch = self._scratch(team, in_rows, wmat_t.shape[1], dtype)
-        _kernels.conv_rows_forward(dout, out_rowmap, in_pos, -taps, wmat_t, np.zeros(c, dtype=dtype), False,
-                                   din, scratch, chunk, team)
+        conv_rows(self.backend, dout, out_rowmap, in_pos, -taps, wmat_t, np.zeros(c, dtype=dtype), False, din, team)
         return din
 
     def _bn_backward(self, layer, dz, h, norm, training, in_stats, count, team):

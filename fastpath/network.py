@@ -44,7 +44,7 @@ from refimpl.sact import SACTResNet
 from refimpl.sparse_unit import dilate
 
 from . import cython_unit
-from .cython_unit import _kernels, _one_blas_thread, _rows_map, _taps, _weights
+from .cython_unit import _kernels, _one_blas_thread, _rows_map, _taps, _weights, conv_rows
 
 
 def _affine(bn, dtype):
@@ -89,14 +89,9 @@ class CompiledResNet:
 
     def _conv(self, conv, src, grid, out_grid, centres, dtype):
         weights = _weights(conv, dtype)
-        taps = _taps(conv.kernel, grid.wm)
-        rows = centres.size
-        out = np.empty((rows, conv.out_channels), dtype=dtype)
-        team = self.backend._team(rows * weights[0].size)
-        width = weights[0].shape[1]
-        chunk = min(max(rows, 1), self.backend._chunk(width, np.dtype(dtype).itemsize))
-        scratch = np.empty((team, chunk * width), dtype=dtype)
-        _kernels.conv_rows_forward(src, grid.rowmap, centres, taps, *weights, out, scratch, chunk, team)
+        out = np.empty((centres.size, conv.out_channels), dtype=dtype)
+        conv_rows(self.backend, src, grid.rowmap, centres, _taps(conv.kernel, grid.wm), *weights, out,
+                  self.backend._team(centres.size * weights[0].size))
         return out
 
     def _bn_relu(self, bn, rows, dtype):
@@ -253,12 +248,8 @@ class CompiledSACTResNet(CompiledResNet):
     def _conv_at(self, conv, src, rowmap, grid, centres, dtype):
         weights = _weights(conv, dtype)
         out = np.empty((centres.size, conv.out_channels), dtype=dtype)
-        team = self.backend._team(centres.size * weights[0].size)
-        width = weights[0].shape[1]
-        chunk = min(max(centres.size, 1), self.backend._chunk(width, np.dtype(dtype).itemsize))
-        scratch = np.empty((team, chunk * width), dtype=dtype)
-        _kernels.conv_rows_forward(src, rowmap, centres, _taps(conv.kernel, grid.wm), *weights, out, scratch, chunk,
-                                   team)
+        conv_rows(self.backend, src, rowmap, centres, _taps(conv.kernel, grid.wm), *weights, out,
+                  self.backend._team(centres.size * weights[0].size))
         return out
 
     def _block(self, block, rows, plan, s, dtype, flops):

@@ -5,7 +5,8 @@ suite automatically (the OpenCL backend does so once its ``status()`` says usabl
 is reported as skipped with its reason, so a machine without a compiler or an OpenCL device says
 *why* a backend was not tested instead of passing silently.
 
-Besides each backend with its defaults, the Cython backend also runs as ``cython-chunked``: two
+Besides each backend with its defaults, the Cython backend also runs as ``cython-chunked``: the gather-and-GEMM
+convolution rather than the direct float32 kernel, two
 threads even for tiny calls (which the default runs on one thread) and column chunks of a few
 columns, so that chunk boundaries fall inside images and per-thread partial sums are merged in
 every test.
@@ -29,7 +30,8 @@ def _make(name):
     if name == "cython-chunked":
         from fastpath.cython_backend import CythonBackend
 
-        return CythonBackend(threads=2, chunk_bytes=64, parallel_work=0)
+        # the gather-and-GEMM path (chunk_bytes sizes its chunks; float32 would otherwise take the direct kernel)
+        return CythonBackend(threads=2, chunk_bytes=64, parallel_work=0, direct_conv=False)
     return get_backend(name)
 
 

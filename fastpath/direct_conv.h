@@ -1,0 +1,136 @@
+/* Direct convolution on channels-last rows for float32: a register-blocked micro-kernel.
+ *
+ * The row convolution of fastpath/_cython_unit.pyx computes, for every output row r,
+ *
+ *     out[r, k] = bias[k] + sum_t sum_c src[rowmap[pos[r] + tapoff[t]], c] * W[k, t, c]
+ *
+ * (a map entry of -1 reads zeros). The general path gathers the windows into a column buffer and
+ * calls BLAS; for the small channel counts of CIFAR ResNets (C, K <= 64) that GEMM is skinny, and
+ * the gathered buffer is copied twice (once by the gather, once by BLAS packing it). This kernel
+ * reads the source rows in place instead: a tile of ROWS output rows x 16 (or 8) output channels
+ * is held in vector registers while the loop runs over taps and input channels, each step
+ * broadcasting one input value per row and multiplying it by a vector of 16 weights. Weights are
+ * laid out (T C, K), so that vector is contiguous.
+ *
+ * SIMD is chosen when the library is loaded, not when it is compiled: with GCC on x86-64 Linux the
+ * kernel is built three times (x86-64-v4 = AVX-512, x86-64-v3 = AVX2 + FMA, and the baseline
+ * SSE2) through function multiversioning (target_clones), and the loader picks the best the CPU
+ * has. One portable wheel therefore uses AVX2/FMA where present without -march=native. Other
+ * compilers build the baseline only.
+ *
+ * Rounding: the sums run in float32 in tap-major, channel-minor order (with fused multiply-adds
+ * where the CPU has them), not in BLAS's order; both agree with the float64 reference within the
+ * float32 tolerance of docs/spec.md section 11.1.
+ */
+#ifndef PONDER_DIRECT_CONV_H
+#define PONDER_DIRECT_CONV_H
+
+#include <stdint.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && __GNUC__ >= 11
+#define PONDER_MULTIVERSION __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define PONDER_MULTIVERSION
+#endif
+
+#if defined(__GNUC__)
+#define PONDER_HAVE_VECTORS 1
+/* eight floats; aligned(4) allows loads and stores at any float address */
+typedef float ponder_v8 __attribute__((vector_size(32), aligned(4)));
+#else
+#define PONDER_HAVE_VECTORS 0
+#endif
+
+/* output rows held in registers at once: ROWS x 2 accumulators of 8 floats, plus two weight
+ * vectors and a broadcast, fit the 16 vector registers of AVX2 */
+#define PONDER_ROWS 6
+
+/* Source rows of the ROWS windows at tap t: a row of src, or zero_row where the map says -1 (and
+ * for the rows past r1 in the last, partial tile). */
+static inline void ponder_tap_rows(const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos,
+                                   int64_t offset, const float *zero_row, int64_t r, int64_t rows_here,
+                                   const float **rows)
+{
+    for (int64_t i = 0; i < PONDER_ROWS; ++i) {
+        int32_t q = i < rows_here ? rowmap[pos[r + i] + offset] : -1;
+        rows[i] = q >= 0 ? src + (int64_t)q * c_count : zero_row;
+    }
+}
+
+PONDER_MULTIVERSION
+static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos,
+                                        const int64_t *tapoff, int64_t taps, const float *wt, int64_t k_count,
+                                        const float *bias, int has_bias, const float *zero_row, float *out,
+                                        int64_t r0, int64_t r1)
+{
+    const float *rows[PONDER_ROWS];
+    for (int64_t r = r0; r < r1; r += PONDER_ROWS) {
+        int64_t rows_here = r1 - r < PONDER_ROWS ? r1 - r : PONDER_ROWS;
+        int64_t k0 = 0;
+#if PONDER_HAVE_VECTORS
+        for (; k0 + 16 <= k_count; k0 += 16) {
+            ponder_v8 acc[PONDER_ROWS][2];
+            for (int64_t i = 0; i < PONDER_ROWS; ++i)
+                acc[i][0] = acc[i][1] = (ponder_v8){0, 0, 0, 0, 0, 0, 0, 0};
+            for (int64_t t = 0; t < taps; ++t) {
+                ponder_tap_rows(src, c_count, rowmap, pos, tapoff[t], zero_row, r, rows_here, rows);
+                const float *w = wt + t * c_count * k_count + k0;
+                for (int64_t c = 0; c < c_count; ++c) {
+                    ponder_v8 w0 = *(const ponder_v8 *)(w + c * k_count);
+                    ponder_v8 w1 = *(const ponder_v8 *)(w + c * k_count + 8);
+                    for (int64_t i = 0; i < PONDER_ROWS; ++i) {
+                        float x = rows[i][c];
+                        acc[i][0] += x * w0;
+                        acc[i][1] += x * w1;
+                    }
+                }
+            }
+            for (int64_t i = 0; i < rows_here; ++i) {
+                float *o = out + (r + i) * k_count + k0;
+                ponder_v8 b0 = {0, 0, 0, 0, 0, 0, 0, 0}, b1 = b0;
+                if (has_bias) {
+                    b0 = *(const ponder_v8 *)(bias + k0);
+                    b1 = *(const ponder_v8 *)(bias + k0 + 8);
+                }
+                *(ponder_v8 *)o = acc[i][0] + b0;
+                *(ponder_v8 *)(o + 8) = acc[i][1] + b1;
+            }
+        }
+        for (; k0 + 8 <= k_count; k0 += 8) {
+            ponder_v8 acc[PONDER_ROWS];
+            for (int64_t i = 0; i < PONDER_ROWS; ++i)
+                acc[i] = (ponder_v8){0, 0, 0, 0, 0, 0, 0, 0};
+            for (int64_t t = 0; t < taps; ++t) {
+                ponder_tap_rows(src, c_count, rowmap, pos, tapoff[t], zero_row, r, rows_here, rows);
+                const float *w = wt + t * c_count * k_count + k0;
+                for (int64_t c = 0; c < c_count; ++c) {
+                    ponder_v8 w0 = *(const ponder_v8 *)(w + c * k_count);
+                    for (int64_t i = 0; i < PONDER_ROWS; ++i)
+                        acc[i] += rows[i][c] * w0;
+                }
+            }
+            for (int64_t i = 0; i < rows_here; ++i) {
+                ponder_v8 b0 = {0, 0, 0, 0, 0, 0, 0, 0};
+                if (has_bias)
+                    b0 = *(const ponder_v8 *)(bias + k0);
+                *(ponder_v8 *)(out + (r + i) * k_count + k0) = acc[i] + b0;
+            }
+        }
+#endif
+        /* the last k_count % 8 channels (all of them without vector support), one at a time */
+        for (; k0 < k_count; ++k0) {
+            float acc[PONDER_ROWS] = {0};
+            for (int64_t t = 0; t < taps; ++t) {
+                ponder_tap_rows(src, c_count, rowmap, pos, tapoff[t], zero_row, r, rows_here, rows);
+                const float *w = wt + t * c_count * k_count + k0;
+                for (int64_t c = 0; c < c_count; ++c)
+                    for (int64_t i = 0; i < PONDER_ROWS; ++i)
+                        acc[i] += rows[i][c] * w[c * k_count];
+            }
+            for (int64_t i = 0; i < rows_here; ++i)
+                out[(r + i) * k_count + k0] = acc[i] + (has_bias ? bias[k0] : 0.0f);
+        }
+    }
+}
+
+#endif
