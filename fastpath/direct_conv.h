@@ -12,6 +12,9 @@
  * broadcasting one input value per row and multiplying it by a vector of 16 weights. Weights are
  * laid out (T C, K), so that vector is contiguous.
  *
+ * With one output channel (K = 1, the halting heads) there is nothing to hold across outputs; the
+ * kernel then vectorises each window's dot product over the input channels instead.
+ *
  * SIMD is chosen when the library is loaded, not when it is compiled: with GCC on x86-64 Linux the
  * kernel is built three times (x86-64-v4 = AVX-512, x86-64-v3 = AVX2 + FMA, and the baseline
  * SSE2) through function multiversioning (target_clones), and the loader picks the best the CPU
@@ -64,6 +67,32 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
                                         int64_t r0, int64_t r1)
 {
     const float *rows[PONDER_ROWS];
+#if PONDER_HAVE_VECTORS
+    if (k_count == 1 && c_count >= 8) {
+        /* one output channel (a halting head's local term): a dot product of each window with the
+         * weights, vectorised over the input channels instead of over the outputs */
+        for (int64_t r = r0; r < r1; ++r) {
+            ponder_v8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
+            float tail = 0.0f;
+            for (int64_t t = 0; t < taps; ++t) {
+                int32_t q = rowmap[pos[r] + tapoff[t]];
+                if (q < 0)
+                    continue;
+                const float *x = src + (int64_t)q * c_count, *w = wt + t * c_count;
+                int64_t c = 0;
+                for (; c + 8 <= c_count; c += 8)
+                    acc += *(const ponder_v8 *)(x + c) * *(const ponder_v8 *)(w + c);
+                for (; c < c_count; ++c)
+                    tail += x[c] * w[c];
+            }
+            float sum = tail;
+            for (int lane = 0; lane < 8; ++lane)
+                sum += acc[lane];
+            out[r] = sum + (has_bias ? bias[0] : 0.0f);
+        }
+        return;
+    }
+#endif
     for (int64_t r = r0; r < r1; r += PONDER_ROWS) {
         int64_t rows_here = r1 - r < PONDER_ROWS ? r1 - r : PONDER_ROWS;
         int64_t k0 = 0;

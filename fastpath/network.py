@@ -198,23 +198,11 @@ class CompiledSACTResNet(CompiledResNet):
     def _head_logits(self, head, rows, grid, active_flat, dtype):
         """Halting probabilities at ``active_flat``: the local 3×3 term there plus each sample's global term, σ.
 
-        The local term is one (taps, C) × (C, rows) GEMM over every row — each row's contribution to
-        every tap — then, per active position, the sum over taps of its neighbours' contributions
-        (zero outside the image): a 3×3 convolution to one channel without gathering windows.
+        The local term is the row convolution to one channel at the active positions only (in
+        float32 the direct kernel's dot-product path, vectorised over the input channels).
         """
         n, size = grid.n, grid.h * grid.w
-        wmat, bias, has_bias = _weights(head.local, dtype)
-        taps = _taps(head.local.kernel, grid.wm)
-        per_tap = np.zeros((taps.size, n, grid.hm, grid.wm), dtype=dtype)
-        per_tap[:, :, grid.pad: grid.pad + grid.h, grid.pad: grid.pad + grid.w] = (
-            wmat.reshape(taps.size, -1) @ rows.T).reshape(taps.size, n, grid.h, grid.w)
-        per_tap = per_tap.reshape(taps.size, -1)
-        centres = grid.pos[active_flat]
-        local = np.zeros(active_flat.size, dtype=dtype)
-        for t, offset in enumerate(taps):
-            local += per_tap[t].take(centres + offset)
-        if has_bias:
-            local += bias[0]
+        local = self._conv_at(head.local, rows, grid.rowmap, grid, grid.pos[active_flat], dtype)[:, 0]
         pooled = (np.ones((1, size), dtype=dtype) @ rows.reshape(n, size, rows.shape[1]))[:, 0] / dtype.type(size)
         global_term = pooled @ head.params["w_global"]
         logits = (local + global_term[active_flat // size]).astype(dtype, copy=False)
