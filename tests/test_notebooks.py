@@ -181,3 +181,19 @@ def test_notebook_08_quotes_committed_parity_runs_written_by_the_script():
     source = "\n".join(c.source for c in nbformat.read(next(p for p in NOTEBOOKS if p.name.startswith("08_")),
                                                            as_version=4).cells)
     assert "docs/_static/parity" in source and "parity_experiment.py" in source
+
+
+#: the notebook of the OpenCL backend has no claim of the thesis to reproduce
+REPRODUCED_ELSEWHERE = {"03_opencl.ipynb"}
+
+
+@pytest.mark.parametrize("path", [p for p in NOTEBOOKS if p.name not in REPRODUCED_ELSEWHERE], ids=lambda p: p.name)
+def test_notebook_links_the_results_page_for_the_claims_it_names(path):
+    from refimpl.reproduce import CLAIMS
+
+    nb = nbformat.read(path, as_version=4)
+    cells = ["".join(cell.source) for cell in nb.cells if "../docs/reproduce.md" in "".join(cell.source)]
+    assert cells, f"{path.name} does not link ../docs/reproduce.md"
+    named = set(re.findall(r"\b(C\d+|sanity|parity-collapse|parity)\b", cells[0]))
+    assert named and named <= set(CLAIMS), f"{path.name} names {sorted(named)}; the claims are {sorted(CLAIMS)}"
+    assert (path.parents[1] / "docs" / "reproduce.md").is_file()

@@ -422,6 +422,15 @@ def test_results_page_shows_the_numbers_of_a_committed_summary(small_runs):
 COMMITTED = Path(__file__).resolve().parents[1] / "docs" / "_static" / "reproduce"
 
 
+def test_the_results_page_counts_the_runs_of_each_machine(tmp_path):
+    from refimpl.reproduce.runner import run_machines
+
+    records = [{"environment": {"machine": "x86_64", "processor": "", "cpu_count": cpus}} for cpus in (2, 16, 16)]
+    assert run_machines(records) == {"x86_64 with 16 CPUs": 2, "x86_64 with 2 CPUs": 1}
+    summary = run_claim(_counting_claim([]), "small", 2, tmp_path, echo=lambda line: None)
+    assert sum(summary["run_machines"].values()) == 4  # two settings, two seeds
+
+
 @pytest.mark.parametrize("summary_path", sorted(COMMITTED.glob("*/*/summary.json")),
                          ids=lambda p: f"{p.parent.parent.name}-{p.parent.name}")
 def test_committed_summary_is_its_run_files_aggregated(summary_path):
@@ -442,4 +451,6 @@ def test_committed_summary_is_its_run_files_aggregated(summary_path):
             assert stored["values"] == interval["values"]
             assert stored["mean"] == pytest.approx(interval["mean"])
     assert again["verdict"] == summary["verdict"]
+    if "run_machines" in summary:  # written since summaries count the runs per machine
+        assert again["run_machines"] == summary["run_machines"]
     assert (summary_path.parent / summary["figure"]).read_bytes()[:8] == PNG_MAGIC

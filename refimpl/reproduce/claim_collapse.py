@@ -20,8 +20,10 @@ no direction; the readout adapts to the state it sees most, that of step 1 (halt
 first indicator saturates (:math:`z_1 \\to 1`), later steps get weight :math:`\\approx 0`, the
 gradient through the relaxed sample, :math:`z(1 - z)/λ`, vanishes, and one step is an absorbing
 state: the network must compute parity in one tanh layer, which it does not learn. A warmer
-relaxation keeps :math:`z_1` away from 1 for longer; a later start lets the mixture see later
-states first.
+relaxation draws softer indicators, so later steps keep some weight and gradient even after the
+network has drifted towards one step, and it can leave it; a later start lets the mixture see
+later states first. The expected ponder steps over the first tenth of training, next to those
+after training, show whether a run drifted to one step early and whether it left it.
 
 Numbers per run: accuracy on fresh vectors (thresholded), mean ponder steps, whether the run
 *collapsed* (accuracy below 0.9 and mean ponder steps below 1.5) and the expected ponder steps

@@ -40,11 +40,15 @@ def _claim_section(claim, summary, tier, figure_prefix):
         return lines
     verdict = summary["verdict"]
     seconds = summary.get("total_run_seconds", 0.0)
-    machine = summary.get("environment", {})
-    where = f"{machine.get('processor') or machine.get('machine', '?')}, {machine.get('cpu_count', '?')} CPUs"
+    machines = summary.get("run_machines")
+    if machines:
+        where = ", ".join(f"{count} on {name}" for name, count in machines.items())
+    else:  # summaries written before run_machines: the machine that summarised them
+        machine = summary.get("environment", {})
+        where = f"{machine.get('processor') or machine.get('machine', '?')}, {machine.get('cpu_count', '?')} CPUs"
     lines += [f"**Verdict: {verdict['verdict']}.** {verdict['reason']}", "",
               f"Command: `ponder reproduce {claim.name} --tier {tier} --seeds {summary['seeds']} --out OUT`; "
-              f"the runs took {seconds / 60:.1f} min in all, one after another ({where}). "
+              f"the runs took {seconds / 60:.1f} min of run time in all ({where}). "
               f"Intervals: {summary['interval']}.", ""]
     for name, entry in summary["settings"].items():
         backends = ", ".join(entry.get("backends", []))

@@ -242,6 +242,16 @@ def _run_in_processes(claim, tier, out, pending, workers, echo, finished):
                 finished(*futures[future], future.result())
 
 
+def run_machines(records):
+    """``{machine description: number of runs}`` over run records (a tier may be made on several machines)."""
+    counts = {}
+    for record in records:
+        machine = record.get("environment", {})
+        where = f"{machine.get('processor') or machine.get('machine', '?')} with {machine.get('cpu_count', '?')} CPUs"
+        counts[where] = counts.get(where, 0) + 1
+    return dict(sorted(counts.items()))
+
+
 def aggregate(claim, tier, settings, seeds, records):
     """The summary of ``records`` (``{(setting name, seed): run record}``): intervals and the verdict."""
     per_setting = {}
@@ -259,6 +269,7 @@ def aggregate(claim, tier, settings, seeds, records):
                "source": claim.source, "tier": tier, "seeds": seeds, "interval": INTERVAL_METHOD,
                "settings": per_setting,
                "total_run_seconds": sum(sum(s["run_seconds"]) for s in per_setting.values()),
+               "run_machines": run_machines(records.values()),
                "environment": environment()}
     if tier == "small":
         summary["note"] = "small tier: a smoke run of the pipeline; its numbers and verdict mean nothing"
