@@ -32,9 +32,15 @@ import numpy as np
 
 cdef extern from "direct_conv.h" nogil:
     int PONDER_ROWS
+    ctypedef struct ponder_epilogue:
+        const float *bias
+        const float *addend
+        const float *center
+        const float *scale
+        const float *shift
     void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos,
                                      const int64_t *tapoff, int64_t taps, const float *wt, int64_t k_count,
-                                     const float *bias, int has_bias, const float *zero_row, float *out,
+                                     const ponder_epilogue *ep, const float *zero_row, float *out,
                                      int64_t r0, int64_t r1)
 
 #: Output rows of one register tile of the direct float32 kernel (direct_conv.h).
@@ -212,25 +218,35 @@ def conv_rows_forward(const real[:, ::1] src, const int32_t[::1] rowmap, const i
 
 def conv_rows_forward_direct(const float[:, ::1] src, const int32_t[::1] rowmap, const int64_t[::1] pos,
                              const int64_t[::1] tapoff, const float[:, ::1] wt, const float[::1] bias, bint has_bias,
-                             float[:, ::1] out, Py_ssize_t chunk, int threads):
+                             float[:, ::1] out, Py_ssize_t chunk, int threads, const float[:, ::1] addend=None,
+                             const float[::1] center=None, const float[::1] scale=None,
+                             const float[::1] shift=None):
     """:func:`conv_rows_forward` in float32 without the gather: the micro-kernel of ``direct_conv.h``.
 
     ``wt`` (T C, K) holds the weights with the output channels contiguous (``Wmatᵀ``). Rows are
     split into chunks of ``chunk`` (a multiple of the kernel's tile keeps every tile full), one
-    chunk per static OpenMP iteration; each output row is written by one thread.
+    chunk per static OpenMP iteration; each output row is written by one thread. Fused into the
+    store, in this order: ``+ addend[r]`` (R, K) if given, then ``max(0, (v - center) scale +
+    shift)`` if ``center`` is given (``scale`` and ``shift`` with it).
     """
     cdef Py_ssize_t rows = pos.shape[0], k_count = wt.shape[1], c_count = src.shape[1], taps = tapoff.shape[0]
     cdef Py_ssize_t chunks, q, r0, r1
+    cdef ponder_epilogue ep
     if rows == 0:
         return
     zero_arr = np.zeros(max(c_count, 1), dtype=np.float32)
     cdef float[::1] zero_row = zero_arr
+    ep.bias = &bias[0] if has_bias else NULL
+    ep.addend = &addend[0, 0] if addend is not None else NULL
+    ep.center = ep.scale = ep.shift = NULL
+    if center is not None:
+        ep.center, ep.scale, ep.shift = &center[0], &scale[0], &shift[0]
     chunks = (rows + chunk - 1) // chunk
     for q in prange(chunks, nogil=True, num_threads=threads, schedule="static"):
         r0 = q * chunk
         r1 = min(rows, r0 + chunk)
         ponder_direct_conv_rows_f32(&src[0, 0], c_count, &rowmap[0], &pos[0], &tapoff[0], taps, &wt[0, 0],
-                                    k_count, &bias[0], has_bias, &zero_row[0], &out[0, 0], r0, r1)
+                                    k_count, &ep, &zero_row[0], &out[0, 0], r0, r1)
 
 
 def conv_rows_weight_grad(const real[:, ::1] src, const int32_t[::1] rowmap, const int64_t[::1] pos,

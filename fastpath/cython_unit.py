@@ -107,25 +107,32 @@ def _weights(conv, dtype):
     return wmat, np.ascontiguousarray(bias, dtype=dtype), bool(conv.has_bias)
 
 
-def conv_rows(backend, src, rowmap, pos, taps, wmat, bias, has_bias, out, team):
+def conv_rows(backend, src, rowmap, pos, taps, wmat, bias, has_bias, out, team, addend=None, post=None):
     """``out[r] = Wmat · window(r) + bias``: the convolution on rows, on the backend's best kernel.
 
     float32 with ``backend.direct_conv``: the direct micro-kernel, which reads the source rows in
     place; otherwise the windows are gathered chunk by chunk and multiplied in BLAS (held at one
-    thread by the caller). Both give every output row from one thread.
+    thread by the caller). Both give every output row from one thread. Then, if given, ``addend``
+    (R, K) is added (a residual) and ``post = (center, scale, shift)`` applied as batch norm and
+    ReLU — inside the direct kernel's store, as separate passes on the GEMM path.
     """
     rows = pos.size
     if backend.direct_conv and src.dtype == np.float32:
         tile = _kernels.DIRECT_TILE_ROWS
         # about four chunks per thread (static schedule), whole tiles each
         chunk = max(tile, -(-rows // (4 * team * tile)) * tile) if team > 1 else max(rows, 1)
+        center, scale, shift = post if post is not None else (None, None, None)
         _kernels.conv_rows_forward_direct(src, rowmap, pos, taps, np.ascontiguousarray(wmat.T), bias, has_bias, out,
-                                          chunk, team)
+                                          chunk, team, addend, center, scale, shift)
         return
     width = wmat.shape[1]
     chunk = min(max(rows, 1), backend._chunk(width, np.dtype(src.dtype).itemsize))
     scratch = np.empty((team, chunk * width), dtype=src.dtype)
     _kernels.conv_rows_forward(src, rowmap, pos, taps, wmat, bias, has_bias, out, scratch, chunk, team)
+    if addend is not None:
+        out += addend
+    if post is not None:
+        _kernels.affine_relu_rows(out, *post, out, team)
 
 
 def _weight_grad(dwmat, w_shape):

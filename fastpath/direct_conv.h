@@ -21,6 +21,10 @@
  * has. One portable wheel therefore uses AVX2/FMA where present without -march=native. Other
  * compilers build the baseline only.
  *
+ * A finished output is completed before it is stored for good (ponder_epilogue): the bias, a
+ * residual row added (the unit's shortcut) and the next batch norm with its ReLU, each saving a
+ * pass over the outputs.
+ *
  * Rounding: the sums run in float32 in tap-major, channel-minor order (with fused multiply-adds
  * where the CPU has them), not in BLAS's order; both agree with the float64 reference within the
  * float32 tolerance of docs/spec.md section 11.1.
@@ -60,10 +64,39 @@ static inline void ponder_tap_rows(const float *src, int64_t c_count, const int3
     }
 }
 
+/* What is done to a finished output row segment o[0:n] (output channels k0 .. k0 + n of row r)
+ * before it is left: + bias, + a residual row (addend), then batch norm and ReLU. Fusing these
+ * saves a pass over the outputs each; a plain loop, which the compiler vectorises. */
+typedef struct {
+    const float *bias;    /* (K,) or NULL */
+    const float *addend;  /* (R, K) rows added to the outputs, or NULL */
+    const float *center;  /* (K,) batch norm + ReLU of the outputs: max(0, (v - center) scale + shift), */
+    const float *scale;   /* or NULL for none */
+    const float *shift;
+} ponder_epilogue;
+
+static inline void ponder_finish(float *o, int64_t n, const ponder_epilogue *ep, int64_t r, int64_t k_count,
+                                 int64_t k0)
+{
+    if (ep->bias)
+        for (int64_t j = 0; j < n; ++j)
+            o[j] += ep->bias[k0 + j];
+    if (ep->addend) {
+        const float *a = ep->addend + r * k_count + k0;
+        for (int64_t j = 0; j < n; ++j)
+            o[j] += a[j];
+    }
+    if (ep->center)
+        for (int64_t j = 0; j < n; ++j) {
+            float v = (o[j] - ep->center[k0 + j]) * ep->scale[k0 + j] + ep->shift[k0 + j];
+            o[j] = v > 0.0f ? v : 0.0f;
+        }
+}
+
 PONDER_MULTIVERSION
 static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos,
                                         const int64_t *tapoff, int64_t taps, const float *wt, int64_t k_count,
-                                        const float *bias, int has_bias, const float *zero_row, float *out,
+                                        const ponder_epilogue *ep, const float *zero_row, float *out,
                                         int64_t r0, int64_t r1)
 {
     const float *rows[PONDER_ROWS];
@@ -88,7 +121,8 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
             float sum = tail;
             for (int lane = 0; lane < 8; ++lane)
                 sum += acc[lane];
-            out[r] = sum + (has_bias ? bias[0] : 0.0f);
+            out[r] = sum;
+            ponder_finish(out + r, 1, ep, r, 1, 0);
         }
         return;
     }
@@ -116,13 +150,9 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
             }
             for (int64_t i = 0; i < rows_here; ++i) {
                 float *o = out + (r + i) * k_count + k0;
-                ponder_v8 b0 = {0, 0, 0, 0, 0, 0, 0, 0}, b1 = b0;
-                if (has_bias) {
-                    b0 = *(const ponder_v8 *)(bias + k0);
-                    b1 = *(const ponder_v8 *)(bias + k0 + 8);
-                }
-                *(ponder_v8 *)o = acc[i][0] + b0;
-                *(ponder_v8 *)(o + 8) = acc[i][1] + b1;
+                *(ponder_v8 *)o = acc[i][0];
+                *(ponder_v8 *)(o + 8) = acc[i][1];
+                ponder_finish(o, 16, ep, r + i, k_count, k0);
             }
         }
         for (; k0 + 8 <= k_count; k0 += 8) {
@@ -139,10 +169,8 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
                 }
             }
             for (int64_t i = 0; i < rows_here; ++i) {
-                ponder_v8 b0 = {0, 0, 0, 0, 0, 0, 0, 0};
-                if (has_bias)
-                    b0 = *(const ponder_v8 *)(bias + k0);
-                *(ponder_v8 *)(out + (r + i) * k_count + k0) = acc[i] + b0;
+                *(ponder_v8 *)(out + (r + i) * k_count + k0) = acc[i];
+                ponder_finish(out + (r + i) * k_count + k0, 8, ep, r + i, k_count, k0);
             }
         }
 #endif
@@ -156,8 +184,10 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
                     for (int64_t i = 0; i < PONDER_ROWS; ++i)
                         acc[i] += rows[i][c] * w[c * k_count];
             }
-            for (int64_t i = 0; i < rows_here; ++i)
-                out[(r + i) * k_count + k0] = acc[i] + (has_bias ? bias[k0] : 0.0f);
+            for (int64_t i = 0; i < rows_here; ++i) {
+                out[(r + i) * k_count + k0] = acc[i];
+                ponder_finish(out + (r + i) * k_count + k0, 1, ep, r + i, k_count, k0);
+            }
         }
     }
 }

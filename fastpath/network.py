@@ -87,11 +87,19 @@ class CompiledResNet:
         convs = [layer for _, layer in model.named_layers() if isinstance(layer, Conv2d)]
         self.pad = max(max(k // 2 for k in conv.kernel) for conv in convs)
 
-    def _conv(self, conv, src, grid, out_grid, centres, dtype):
+    def _conv(self, conv, src, grid, out_grid, centres, dtype, addend=None, post=None):
+        return self._conv_at(conv, src, grid.rowmap, grid, centres, dtype, addend, post)
+
+    def _conv_at(self, conv, src, rowmap, grid, centres, dtype, addend=None, post=None):
+        """The convolution at the map indices ``centres`` of ``grid``, reading ``src`` through ``rowmap``.
+
+        ``addend`` (a residual added to the outputs) and ``post`` (a batch norm and ReLU applied to
+        them, as ``_affine`` gives it) are fused into the store (:func:`fastpath.cython_unit.conv_rows`).
+        """
         weights = _weights(conv, dtype)
         out = np.empty((centres.size, conv.out_channels), dtype=dtype)
-        conv_rows(self.backend, src, grid.rowmap, centres, _taps(conv.kernel, grid.wm), *weights, out,
-                  self.backend._team(centres.size * weights[0].size))
+        conv_rows(self.backend, src, rowmap, centres, _taps(conv.kernel, grid.wm), *weights, out,
+                  self.backend._team(centres.size * weights[0].size), addend, post)
         return out
 
     def _bn_relu(self, bn, rows, dtype):
@@ -148,11 +156,11 @@ class CompiledResNet:
         """A residual unit at every position (it may downsample): rows of its input grid → rows of its output grid."""
         grid, out_grid, conv1, conv2, shortcut = entry
         h1 = self._bn_relu(unit.bn1, rows, dtype)
-        h1 = self._conv(unit.conv1, h1, grid, out_grid, conv1, dtype)
-        h1 = self._bn_relu(unit.bn2, h1, dtype)
-        out = self._conv(unit.conv2, h1, out_grid, out_grid, conv2, dtype)
-        if isinstance(unit.shortcut, Identity):
-            out += rows
+        z = self._conv(unit.conv1, h1, grid, out_grid, conv1, dtype, post=_affine(unit.bn2, dtype))
+        identity = isinstance(unit.shortcut, Identity)
+        out = self._conv(unit.conv2, z, out_grid, out_grid, conv2, dtype, addend=rows if identity else None)
+        if identity:
+            pass  # added by the convolution
         elif isinstance(unit.shortcut, PadShortcut):
             out[:, : rows.shape[1]] += rows[shortcut]
         else:
@@ -225,20 +233,12 @@ class CompiledSACTResNet(CompiledResNet):
                 src, src_map = rows[e_flat], _rows_map(grid.rowmap.size, grid.pos[e_flat])
             d_map = _rows_map(grid.rowmap.size, grid.pos[d_flat])
         h1 = self._bn_relu(unit.bn1, src, dtype)
-        h1 = self._conv_at(unit.conv1, h1, src_map, grid, grid.pos[d_flat], dtype)
-        z = self._bn_relu(unit.bn2, h1, dtype)
+        z = self._conv_at(unit.conv1, h1, src_map, grid, grid.pos[d_flat], dtype, post=_affine(unit.bn2, dtype))
         residual = self._conv_at(unit.conv2, z, d_map, grid, grid.pos[a_flat], dtype)
         _kernels.add_rows_at(rows, residual, a_flat, self.backend._team(residual.size))
         c, k = unit.conv1.in_channels, unit.conv1.out_channels
         return (conv_flops(1, c, k, unit.conv1.kernel) * d_mask.sum(axis=(1, 2))
                 + conv_flops(1, k, k, unit.conv2.kernel) * mask.sum(axis=(1, 2))).astype(np.int64)
-
-    def _conv_at(self, conv, src, rowmap, grid, centres, dtype):
-        weights = _weights(conv, dtype)
-        out = np.empty((centres.size, conv.out_channels), dtype=dtype)
-        conv_rows(self.backend, src, rowmap, centres, _taps(conv.kernel, grid.wm), *weights, out,
-                  self.backend._team(centres.size * weights[0].size))
-        return out
 
     def _block(self, block, rows, plan, s, dtype, flops):
         """One SACT block on rows (see :func:`refimpl.adaptive_block.run_units`); returns Σ_n p_n U_n and ρ."""

@@ -72,6 +72,36 @@ def test_direct_rows_equal_numpy_and_the_gemm_path(n, h, w, kernel, c_count, k_c
     assert_close(direct, gemm, np.float32)
 
 
+def _finish(value, addend, post):
+    """The definition of the fused epilogue: ``+ addend``, then batch norm and ReLU."""
+    if addend is not None:
+        value = value + addend
+    if post is not None:
+        center, scale, shift = post
+        value = np.maximum(0, (value - center) * scale + shift)
+    return value
+
+
+@given(c_count=st.integers(1, 20), k_count=st.integers(1, 40), with_addend=st.booleans(), with_post=st.booleans(),
+       dtype=st.sampled_from([np.float32, np.float64]), direct=st.booleans(), threads=st.integers(1, 2), seed=seeds)
+def test_the_fused_residual_and_batch_norm_equal_separate_passes(c_count, k_count, with_addend, with_post, dtype,
+                                                                 direct, threads, seed):
+    # conv_rows fuses them into the direct kernel's store, and applies them as passes on the GEMM path
+    from fastpath.cython_backend import CythonBackend
+    from fastpath.cython_unit import conv_rows
+
+    rng = np.random.default_rng(seed)
+    src, rowmap, pos, taps, wmat, bias = _case(rng, 2, 5, 4, (3, 3), c_count, k_count)
+    addend = rng.standard_normal((pos.size, k_count)).astype(dtype) if with_addend else None
+    post = tuple(rng.standard_normal(k_count).astype(dtype) for _ in range(3)) if with_post else None
+    expected = _finish(_numpy_rows(src, rowmap, pos, taps, wmat, bias, True), addend, post)
+    out = np.full((pos.size, k_count), np.nan, dtype=dtype)
+    conv_rows(CythonBackend(threads=threads, direct_conv=direct), src.astype(dtype), rowmap, pos, taps,
+              wmat.astype(dtype), bias.astype(dtype), True, out, threads, addend, post)
+    # float32 rounding of the inputs: both sides start from the same float32 values, so compare in float32
+    assert_close(out, expected, np.float32)
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 7])
 def test_direct_rows_with_chunks_that_split_tiles(chunk):
     # the dispatcher gives whole tiles, but the kernel must be right for any chunk (a partial tile per chunk)
