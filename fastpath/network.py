@@ -74,6 +74,31 @@ class _Grid:
         return ((sample * self.hm + y + self.pad) * self.wm + x + self.pad).astype(np.int64).ravel()
 
 
+class _Workspace:
+    """Arrays reused from call to call: one buffer per *role*, grown when a call needs more.
+
+    A compiled network takes its large intermediate arrays (the rows of every layer) from here
+    rather than allocating them per layer. A fresh multi-megabyte NumPy array is memory the
+    allocator maps from the operating system, and every 4 KiB page of it costs a page fault when
+    first written: on a SACT-ResNet-32 at 32 px that was about a fifth of the forward time (it
+    went away when the C library was told to keep freed memory). A role's buffer is only ever
+    used for one array at a time, which is what the callers keep to.
+    """
+
+    def __init__(self):
+        self._buffers = {}
+
+    def take(self, role, shape, dtype):
+        """An uninitialised C-contiguous array of ``shape``, the front of ``role``'s buffer."""
+        dtype = np.dtype(dtype)
+        size = int(np.prod(shape))
+        buffer = self._buffers.get((role, dtype))
+        if buffer is None or buffer.size < size:
+            buffer = np.empty(size, dtype=dtype)
+            self._buffers[(role, dtype)] = buffer
+        return buffer[:size].reshape(shape)
+
+
 class CompiledResNet:
     """``compiled(x)``: the logits of a :class:`refimpl.resnet.ResNet` in evaluation mode, on rows.
 
@@ -83,27 +108,29 @@ class CompiledResNet:
     def __init__(self, model, backend):
         self.model, self.backend = model, backend
         self._geometry = {}
+        self._workspace = _Workspace()
         # map padding: the widest half-window of any convolution
         convs = [layer for _, layer in model.named_layers() if isinstance(layer, Conv2d)]
         self.pad = max(max(k // 2 for k in conv.kernel) for conv in convs)
 
-    def _conv(self, conv, src, grid, out_grid, centres, dtype, addend=None, post=None):
-        return self._conv_at(conv, src, grid.rowmap, grid, centres, dtype, addend, post)
+    def _conv(self, conv, src, grid, centres, dtype, role, addend=None, post=None):
+        return self._conv_at(conv, src, grid.rowmap, grid, centres, dtype, role, addend, post)
 
-    def _conv_at(self, conv, src, rowmap, grid, centres, dtype, addend=None, post=None):
+    def _conv_at(self, conv, src, rowmap, grid, centres, dtype, role, addend=None, post=None):
         """The convolution at the map indices ``centres`` of ``grid``, reading ``src`` through ``rowmap``.
 
-        ``addend`` (a residual added to the outputs) and ``post`` (a batch norm and ReLU applied to
-        them, as ``_affine`` gives it) are fused into the store (:func:`fastpath.cython_unit.conv_rows`).
+        The output is ``role``'s workspace array. ``addend`` (a residual added to the outputs) and
+        ``post`` (a batch norm and ReLU applied to them, as ``_affine`` gives it) are fused into
+        the store (:func:`fastpath.cython_unit.conv_rows`).
         """
         weights = _weights(conv, dtype)
-        out = np.empty((centres.size, conv.out_channels), dtype=dtype)
+        out = self._workspace.take(role, (centres.size, conv.out_channels), dtype)
         conv_rows(self.backend, src, rowmap, centres, _taps(conv.kernel, grid.wm), *weights, out,
                   self.backend._team(centres.size * weights[0].size), addend, post)
         return out
 
-    def _bn_relu(self, bn, rows, dtype):
-        out = np.empty_like(rows)
+    def _bn_relu(self, bn, rows, dtype, role="activated"):
+        out = self._workspace.take(role, rows.shape, dtype)
         _kernels.affine_relu_rows(rows, *_affine(bn, dtype), out, self.backend._team(rows.size))
         return out
 
@@ -150,21 +177,28 @@ class CompiledResNet:
         n, c, h, w = x.shape
         rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(n * h * w, c)
         grid, _, centres = plan["stem"]
-        return self._conv(self.model.stem, rows, grid, grid, centres, dtype)
+        self._rows_role = 0
+        return self._conv(self.model.stem, rows, grid, centres, dtype, "rows0")
+
+    def _next_rows_role(self):
+        """The role of a unit's output rows: the other of two buffers than its input rows' (ping-pong)."""
+        self._rows_role = 1 - self._rows_role
+        return f"rows{self._rows_role}"
 
     def _dense_unit(self, unit, rows, entry, dtype):
         """A residual unit at every position (it may downsample): rows of its input grid → rows of its output grid."""
         grid, out_grid, conv1, conv2, shortcut = entry
         h1 = self._bn_relu(unit.bn1, rows, dtype)
-        z = self._conv(unit.conv1, h1, grid, out_grid, conv1, dtype, post=_affine(unit.bn2, dtype))
+        z = self._conv(unit.conv1, h1, grid, conv1, dtype, "conv1", post=_affine(unit.bn2, dtype))
         identity = isinstance(unit.shortcut, Identity)
-        out = self._conv(unit.conv2, z, out_grid, out_grid, conv2, dtype, addend=rows if identity else None)
+        out = self._conv(unit.conv2, z, out_grid, conv2, dtype, self._next_rows_role(),
+                         addend=rows if identity else None)
         if identity:
             pass  # added by the convolution
         elif isinstance(unit.shortcut, PadShortcut):
             out[:, : rows.shape[1]] += rows[shortcut]
         else:
-            out += self._conv(unit.shortcut, rows, grid, out_grid, shortcut, dtype)
+            out += self._conv(unit.shortcut, rows, grid, shortcut, dtype, "shortcut")
         return out
 
     def _head(self, rows, n, dtype):
@@ -210,7 +244,7 @@ class CompiledSACTResNet(CompiledResNet):
         float32 the direct kernel's dot-product path, vectorised over the input channels).
         """
         n, size = grid.n, grid.h * grid.w
-        local = self._conv_at(head.local, rows, grid.rowmap, grid, grid.pos[active_flat], dtype)[:, 0]
+        local = self._conv_at(head.local, rows, grid.rowmap, grid, grid.pos[active_flat], dtype, "head")[:, 0]
         pooled = (np.ones((1, size), dtype=dtype) @ rows.reshape(n, size, rows.shape[1]))[:, 0] / dtype.type(size)
         global_term = pooled @ head.params["w_global"]
         logits = (local + global_term[active_flat // size]).astype(dtype, copy=False)
@@ -220,21 +254,26 @@ class CompiledSACTResNet(CompiledResNet):
         """In place ``rows[A] += f(x)[A]``: conv1 on D = dilate(A), conv2 on A; returns the FLOPs per sample."""
         n, h, w = grid.n, grid.h, grid.w
         mask = active.reshape(n, h, w)
-        d_mask = dilate(mask, unit.conv2.kernel)
-        a_flat, d_flat = np.flatnonzero(active), np.flatnonzero(d_mask)
-        if a_flat.size == active.size:  # every position: the rows of the whole grid
+        a_flat = np.flatnonzero(active)
+        if a_flat.size == active.size:  # every position: the rows of the whole grid, nothing to dilate
+            d_mask, d_flat = mask, a_flat
             src, src_map = rows, grid.rowmap
             d_map = grid.rowmap
         else:
+            d_mask = dilate(mask, unit.conv2.kernel)
+            d_flat = np.flatnonzero(d_mask)
             e_flat = np.flatnonzero(dilate(d_mask, unit.conv1.kernel))
             if 2 * e_flat.size > active.size:  # bn1 + ReLU on every row costs less than gathering E first
                 src, src_map = rows, grid.rowmap
             else:
-                src, src_map = rows[e_flat], _rows_map(grid.rowmap.size, grid.pos[e_flat])
+                src = np.take(rows, e_flat, axis=0, out=self._workspace.take("gathered", (e_flat.size, rows.shape[1]),
+                                                                           dtype))
+                src_map = _rows_map(grid.rowmap.size, grid.pos[e_flat])
             d_map = _rows_map(grid.rowmap.size, grid.pos[d_flat])
         h1 = self._bn_relu(unit.bn1, src, dtype)
-        z = self._conv_at(unit.conv1, h1, src_map, grid, grid.pos[d_flat], dtype, post=_affine(unit.bn2, dtype))
-        residual = self._conv_at(unit.conv2, z, d_map, grid, grid.pos[a_flat], dtype)
+        z = self._conv_at(unit.conv1, h1, src_map, grid, grid.pos[d_flat], dtype, "conv1",
+                          post=_affine(unit.bn2, dtype))
+        residual = self._conv_at(unit.conv2, z, d_map, grid, grid.pos[a_flat], dtype, "residual")
         _kernels.add_rows_at(rows, residual, a_flat, self.backend._team(residual.size))
         c, k = unit.conv1.in_channels, unit.conv1.out_channels
         return (conv_flops(1, c, k, unit.conv1.kernel) * d_mask.sum(axis=(1, 2))
@@ -250,7 +289,8 @@ class CompiledSACTResNet(CompiledResNet):
         cumulative = np.zeros(total, dtype=dtype)
         remainder = np.ones(total, dtype=dtype)
         n_units = np.ones(total, dtype=np.int64)
-        weighted = np.zeros_like(rows)
+        weighted = self._workspace.take("weighted", rows.shape, dtype)
+        weighted[...] = 0
         active = np.ones(total, dtype=bool)
         active_flat = np.arange(total)
         for index in range(1, len(block.units)):
@@ -278,7 +318,9 @@ class CompiledSACTResNet(CompiledResNet):
             flops += self._sparse_unit(block.units[index], rows, grid, active, dtype)
         remainder[active_flat] = 1 - cumulative[active_flat]  # ran every unit: N = L
         n_units[active_flat] = len(block.units)
-        weighted += remainder[:, None] * rows  # p_N = R, and U_N is the last state of a position halted at N
+        # p_N = R, and U_N is the last state of a position halted at N
+        _kernels.add_scaled_rows_at(weighted, rows, remainder, np.arange(total, dtype=np.int64),
+                                    self.backend._team(rows.size))
         rho = (n_units + remainder).astype(dtype)
         return weighted, rho.reshape(n, grid.h, grid.w)
 

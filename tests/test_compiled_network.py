@@ -130,6 +130,29 @@ def test_compiled_sact_covers_no_some_and_all_halted_positions():
     assert seen == {"all run", "all halt", "mixed"}
 
 
+@pytest.mark.parametrize("kind", ["resnet", "sact"])
+def test_calls_that_reuse_the_workspace_do_not_change_earlier_results(kind):
+    """The compiled network keeps its intermediate arrays from call to call; results must not share them."""
+    rng = np.random.default_rng(11)
+    if kind == "resnet":
+        model = randomised(ResNet(2, 4, 2, rng, widths=(3, 4, 6), backend="cython", dtype=np.float32), rng)
+    else:
+        model = randomised(SACTResNet(2, 4, 2, rng, widths=(3, 4, 6), backend="cython", dtype=np.float32), rng)
+        for block in model.stages:
+            for head in block.heads:
+                head.local.params["w"][...] = rng.standard_normal(head.local.params["w"].shape)
+    compiled = fastpath.compile_network(model)
+    first_x = rng.standard_normal((3, 2, 9, 7)).astype(np.float32)
+    first = compiled(first_x)
+    kept = first.copy()
+    for shape in ((5, 2, 12, 12), (1, 2, 4, 5), (3, 2, 9, 7)):  # larger, smaller, the same again
+        x = rng.standard_normal(shape).astype(np.float32)
+        assert_close(compiled(x), model(x))
+    np.testing.assert_array_equal(first, kept)  # the first result was not overwritten
+    again = compiled(first_x)
+    np.testing.assert_array_equal(again, first)  # same input, same output, whatever ran in between
+
+
 def test_compile_network_refuses_dense_masked_sact():
     rng = np.random.default_rng(5)
     model = SACTResNet(1, 4, 1, rng, widths=(2, 2, 2), backend="cython", execution="dense")
