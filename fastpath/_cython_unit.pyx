@@ -323,37 +323,60 @@ def bn_relu_backward_rows(real[:, ::1] dz, const real[:, ::1] h, const real[::1]
     ``count`` rows with ``in_stats`` set, and only they get the statistics' term (rows outside
     receive gradient but gave no statistics). ``partial`` (blocks, 2, C) is scratch. Returns
     ``(dgamma, dbeta)`` (double).
+
+    The loops run over raw row pointers, so that the compiler sees contiguous channel loops it
+    can vectorise (the float rows and the double partial sums cannot alias), and the statistics'
+    term is ``dβ / count`` and ``dγ / count`` computed once per channel, not divided per element.
     """
     cdef Py_ssize_t rows = h.shape[0], k_count = h.shape[1]
     cdef Py_ssize_t blocks = partial.shape[0], b, r, k, lo, hi
     cdef double g, xhat
+    cdef double *sum_g
+    cdef double *sum_gx
+    cdef real *dz_row
+    cdef const real *h_row
     dgamma_arr = np.zeros(k_count, dtype=np.float64)
     dbeta_arr = np.zeros(k_count, dtype=np.float64)
+    per_beta_arr = np.zeros(k_count, dtype=np.float64)
+    per_gamma_arr = np.zeros(k_count, dtype=np.float64)
     cdef double[::1] dgamma = dgamma_arr, dbeta = dbeta_arr
+    cdef double[::1] per_beta = per_beta_arr, per_gamma = per_gamma_arr
+    if rows == 0:
+        return dgamma_arr, dbeta_arr
     partial[...] = 0
     for b in prange(blocks, nogil=True, num_threads=threads, schedule="static"):
         lo = block_start(b, blocks, rows)
         hi = block_start(b + 1, blocks, rows)
+        sum_g = &partial[b, 0, 0]
+        sum_gx = &partial[b, 1, 0]
         for r in range(lo, hi):
+            dz_row = &dz[r, 0]
+            h_row = &h[r, 0]
             for k in range(k_count):
-                if (h[r, k] - center[k]) * scale[k] + shift[k] > 0:
-                    g = dz[r, k]
+                if (h_row[k] - center[k]) * scale[k] + shift[k] > 0:
+                    g = dz_row[k]
                 else:
                     g = 0
-                    dz[r, k] = 0
-                partial[b, 0, k] += g
-                partial[b, 1, k] += g * (h[r, k] - mean[k]) * inv_std[k]
+                    dz_row[k] = 0
+                sum_g[k] += g
+                sum_gx[k] += g * (h_row[k] - mean[k]) * inv_std[k]
     for b in range(blocks):
         for k in range(k_count):
             dbeta[k] += partial[b, 0, k]
             dgamma[k] += partial[b, 1, k]
+    for k in range(k_count):
+        per_beta[k] = dbeta[k] / count if count > 0 else 0
+        per_gamma[k] = dgamma[k] / count if count > 0 else 0
     for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
-        for k in range(k_count):
-            if training and in_stats[r]:
-                xhat = (h[r, k] - mean[k]) * inv_std[k]
-                dz[r, k] = <real> (scale[k] * (dz[r, k] - (dbeta[k] + xhat * dgamma[k]) / count))
-            else:
-                dz[r, k] = scale[k] * dz[r, k]
+        dz_row = &dz[r, 0]
+        h_row = &h[r, 0]
+        if training and in_stats[r]:
+            for k in range(k_count):
+                xhat = (h_row[k] - mean[k]) * inv_std[k]
+                dz_row[k] = <real> (scale[k] * (dz_row[k] - (per_beta[k] + xhat * per_gamma[k])))
+        else:
+            for k in range(k_count):
+                dz_row[k] = scale[k] * dz_row[k]
     return dgamma_arr, dbeta_arr
 
 
