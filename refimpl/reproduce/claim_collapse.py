@@ -34,13 +34,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import claim_parity
 from .claim import Claim, Verdict
+from .claim_parity import LEARNED
+from .claim_parity import TIERS as PARITY_TIERS
+from .claim_parity import run as parity_run
 from .common import interval_bars, new_figure, save_figure
 
-#: A run collapsed when it did not learn parity (accuracy below this) ...
-LEARNED = claim_parity.LEARNED
-#: ... and ponders fewer steps than this on average.
+#: A run collapsed when it did not learn parity (accuracy below ``LEARNED``, the parity claim's
+#: threshold) and ponders fewer steps than this on average.
 ONE_STEP = 1.5
 
 VARIANTS = {
@@ -53,7 +54,7 @@ VARIANTS = {
 
 
 def _settings(tier):
-    (pact,) = [s for s in claim_parity.TIERS[tier] if s["objective"] == "pact"]
+    (pact,) = [s for s in PARITY_TIERS[tier] if s["objective"] == "pact"]
     return [dict(pact, **changes, name=name, variant=name) for name, changes in VARIANTS.items()]
 
 
@@ -62,7 +63,7 @@ TIERS = {tier: _settings(tier) for tier in ("small", "medium", "full")}
 
 def run(setting, seed, echo):
     parity_setting = {key: value for key, value in setting.items() if key != "variant"}
-    result = claim_parity.run(parity_setting, seed, echo)
+    result = parity_run(parity_setting, seed, echo)
     numbers = result["numbers"]
     ponder = result["details"]["log"]["ponder"]
     numbers["early_expected_steps"] = float(ponder[0])  # averaged over the first logged tenth

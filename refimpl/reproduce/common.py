@@ -29,14 +29,17 @@ def compiled_threads(threads):
     The thread count also fixes the order of the kernels' partial sums, so a run's numbers do not
     depend on the machine's core count or on ``--jobs``.
     """
-    from .. import backend as registry
+    from ..backend import BackendUnavailableError, get_backend
 
+    try:  # made now if it was not, so that it has its default team to go back to
+        compiled = get_backend("cython")
+    except (BackendUnavailableError, ValueError):
+        compiled = None
     before_env = os.environ.get("PONDER_THREADS")
-    existing = registry._INSTANCES.get("cython")
-    before_threads = existing.threads if existing is not None else None
+    before_threads = compiled.threads if compiled is not None else None
     os.environ["PONDER_THREADS"] = str(threads)
-    if existing is not None:
-        existing.threads = threads
+    if compiled is not None:
+        compiled.threads = threads
     try:
         yield
     finally:
@@ -44,14 +47,8 @@ def compiled_threads(threads):
             os.environ.pop("PONDER_THREADS", None)
         else:
             os.environ["PONDER_THREADS"] = before_env
-        instance = registry._INSTANCES.get("cython")
-        if instance is not None:
-            if before_threads is not None:
-                instance.threads = before_threads
-            else:  # made inside the block: give it the team it would have had outside
-                from fastpath.cython_backend import default_threads
-
-                instance.threads = default_threads()
+        if compiled is not None:
+            compiled.threads = before_threads
 
 
 def seed_rng(seed, stream):
