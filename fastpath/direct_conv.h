@@ -103,8 +103,42 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
 #if PONDER_HAVE_VECTORS
     if (k_count == 1 && c_count >= 8) {
         /* one output channel (a halting head's local term): a dot product of each window with the
-         * weights, vectorised over the input channels instead of over the outputs */
-        for (int64_t r = r0; r < r1; ++r) {
+         * weights, vectorised over the input channels instead of over the outputs; four rows at a
+         * time, so that their independent sums overlap (a single row waits on its map lookups and
+         * on one chain of additions) */
+        int64_t r = r0;
+        for (; r + 4 <= r1; r += 4) {
+            ponder_v8 acc[4];
+            float sum[4];
+            for (int i = 0; i < 4; ++i) {
+                acc[i] = (ponder_v8){0, 0, 0, 0, 0, 0, 0, 0};
+                sum[i] = 0.0f;
+            }
+            for (int64_t t = 0; t < taps; ++t) {
+                const float *x[4];
+                for (int i = 0; i < 4; ++i) {
+                    int32_t q = rowmap[pos[r + i] + tapoff[t]];
+                    x[i] = q >= 0 ? src + (int64_t)q * c_count : zero_row;
+                }
+                const float *w = wt + t * c_count;
+                int64_t c = 0;
+                for (; c + 8 <= c_count; c += 8) {
+                    ponder_v8 wv = *(const ponder_v8 *)(w + c);
+                    for (int i = 0; i < 4; ++i)
+                        acc[i] += *(const ponder_v8 *)(x[i] + c) * wv;
+                }
+                for (; c < c_count; ++c)
+                    for (int i = 0; i < 4; ++i)
+                        sum[i] += x[i][c] * w[c];
+            }
+            for (int i = 0; i < 4; ++i) {
+                for (int lane = 0; lane < 8; ++lane)
+                    sum[i] += acc[i][lane];
+                out[r + i] = sum[i];
+                ponder_finish(out + r + i, 1, ep, r + i, 1, 0);
+            }
+        }
+        for (; r < r1; ++r) {
             ponder_v8 acc = {0, 0, 0, 0, 0, 0, 0, 0};
             float tail = 0.0f;
             for (int64_t t = 0; t < taps; ++t) {
@@ -118,10 +152,10 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
                 for (; c < c_count; ++c)
                     tail += x[c] * w[c];
             }
-            float sum = tail;
+            float total = tail;
             for (int lane = 0; lane < 8; ++lane)
-                sum += acc[lane];
-            out[r] = sum;
+                total += acc[lane];
+            out[r] = total;
             ponder_finish(out + r, 1, ep, r, 1, 0);
         }
         return;
