@@ -107,6 +107,12 @@ def _weights(conv, dtype):
     return wmat, np.ascontiguousarray(bias, dtype=dtype), bool(conv.has_bias)
 
 
+def _gemm_scratch(backend, team, rows, width, dtype):
+    """``(chunk, scratch)``: rows per GEMM and each thread's buffer of gathered windows (``width`` columns)."""
+    chunk = min(max(rows, 1), backend._chunk(width, np.dtype(dtype).itemsize))
+    return chunk, np.empty((team, chunk * width), dtype=dtype)
+
+
 def conv_rows(backend, src, rowmap, pos, taps, wmat, bias, has_bias, out, team, addend=None, post=None):
     """``out[r] = Wmat · window(r) + bias``: the convolution on rows, on the backend's best kernel.
 
@@ -125,9 +131,7 @@ def conv_rows(backend, src, rowmap, pos, taps, wmat, bias, has_bias, out, team, 
         _kernels.conv_rows_forward_direct(src, rowmap, pos, taps, np.ascontiguousarray(wmat.T), bias, has_bias, out,
                                           chunk, team, addend, center, scale, shift)
         return
-    width = wmat.shape[1]
-    chunk = min(max(rows, 1), backend._chunk(width, np.dtype(src.dtype).itemsize))
-    scratch = np.empty((team, chunk * width), dtype=src.dtype)
+    chunk, scratch = _gemm_scratch(backend, team, rows, wmat.shape[1], src.dtype)
     _kernels.conv_rows_forward(src, rowmap, pos, taps, wmat, bias, has_bias, out, scratch, chunk, team)
     if addend is not None:
         out += addend
@@ -205,10 +209,6 @@ class CythonFusedUnit:
         self.backend = backend
 
     # -- helpers -------------------------------------------------------------------------------
-
-    def _scratch(self, team, rows, width, dtype):
-        chunk = min(max(rows, 1), self.backend._chunk(width, np.dtype(dtype).itemsize))
-        return chunk, np.empty((team, chunk * width), dtype=dtype)
 
     def _partial(self, team, channels):
         return np.zeros((team, 2, channels), dtype=np.float64)
@@ -296,7 +296,7 @@ class CythonFusedUnit:
         k = wmat.shape[0]
         dw_partial = np.zeros((team, *wmat.shape), dtype=dtype)
         db_partial = np.zeros((team, k), dtype=dtype)
-        chunk, scratch = self._scratch(team, pos.size, wmat.shape[1], dtype)
+        chunk, scratch = _gemm_scratch(self.backend, team, pos.size, wmat.shape[1], dtype)
         _kernels.conv_rows_weight_grad(src, rowmap, pos, taps, dout, dw_partial, db_partial, scratch, chunk, team)
         dwmat, db = dw_partial[0].copy(), db_partial[0].copy()
         for part in range(1, team):  # fixed order: reproducible at a fixed thread count

@@ -129,8 +129,8 @@ class CompiledResNet:
                   self.backend._team(centres.size * weights[0].size), addend, post)
         return out
 
-    def _bn_relu(self, bn, rows, dtype, role="activated"):
-        out = self._workspace.take(role, rows.shape, dtype)
+    def _bn_relu(self, bn, rows, dtype):
+        out = self._workspace.take("activated", rows.shape, dtype)
         _kernels.affine_relu_rows(rows, *_affine(bn, dtype), out, self.backend._team(rows.size))
         return out
 
@@ -190,14 +190,12 @@ class CompiledResNet:
         grid, out_grid, conv1, conv2, shortcut = entry
         h1 = self._bn_relu(unit.bn1, rows, dtype)
         z = self._conv(unit.conv1, h1, grid, conv1, dtype, "conv1", post=_affine(unit.bn2, dtype))
-        identity = isinstance(unit.shortcut, Identity)
+        identity = isinstance(unit.shortcut, Identity)  # then conv2 adds the rows as it stores its outputs
         out = self._conv(unit.conv2, z, out_grid, conv2, dtype, self._next_rows_role(),
                          addend=rows if identity else None)
-        if identity:
-            pass  # added by the convolution
-        elif isinstance(unit.shortcut, PadShortcut):
+        if isinstance(unit.shortcut, PadShortcut):
             out[:, : rows.shape[1]] += rows[shortcut]
-        else:
+        elif not identity:
             out += self._conv(unit.shortcut, rows, grid, shortcut, dtype, "shortcut")
         return out
 
