@@ -24,7 +24,7 @@ GIL.
 
 from cython.parallel cimport prange, threadid
 from libc.math cimport sqrt
-from libc.stdint cimport int32_t, int64_t
+from libc.stdint cimport int32_t, int64_t, uint8_t
 from libc.string cimport memcpy, memset
 from scipy.linalg.cython_blas cimport dgemm, sgemm
 
@@ -38,6 +38,7 @@ cdef extern from "direct_conv.h" nogil:
         const float *center
         const float *scale
         const float *shift
+        const int64_t *out_rows
     void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos,
                                      const int64_t *tapoff, int64_t taps, const float *wt, int64_t k_count,
                                      const ponder_epilogue *ep, const float *zero_row, float *out,
@@ -220,14 +221,16 @@ def conv_rows_forward_direct(const float[:, ::1] src, const int32_t[::1] rowmap,
                              const int64_t[::1] tapoff, const float[:, ::1] wt, const float[::1] bias, bint has_bias,
                              float[:, ::1] out, Py_ssize_t chunk, int threads, const float[:, ::1] addend=None,
                              const float[::1] center=None, const float[::1] scale=None,
-                             const float[::1] shift=None):
+                             const float[::1] shift=None, const int64_t[::1] out_rows=None):
     """:func:`conv_rows_forward` in float32 without the gather: the micro-kernel of ``direct_conv.h``.
 
     ``wt`` (T C, K) holds the weights with the output channels contiguous (``Wmatᵀ``). Rows are
     split into chunks of ``chunk`` (a multiple of the kernel's tile keeps every tile full), one
     chunk per static OpenMP iteration; each output row is written by one thread. Fused into the
     store, in this order: ``+ addend[r]`` (R, K) if given, then ``max(0, (v - center) scale +
-    shift)`` if ``center`` is given (``scale`` and ``shift`` with it).
+    shift)`` if ``center`` is given (``scale`` and ``shift`` with it). With ``out_rows`` (R,) distinct rows of ``out``, output row r is stored at row
+    ``out_rows[r]`` and ``addend`` is read at that row too; ``addend`` may then be ``out`` itself
+    (the residual added in place onto the rows it updates).
     """
     cdef Py_ssize_t rows = pos.shape[0], k_count = wt.shape[1], c_count = src.shape[1], taps = tapoff.shape[0]
     cdef Py_ssize_t chunks, q, r0, r1
@@ -241,6 +244,7 @@ def conv_rows_forward_direct(const float[:, ::1] src, const int32_t[::1] rowmap,
     ep.center = ep.scale = ep.shift = NULL
     if center is not None:
         ep.center, ep.scale, ep.shift = &center[0], &scale[0], &shift[0]
+    ep.out_rows = &out_rows[0] if out_rows is not None else NULL
     chunks = (rows + chunk - 1) // chunk
     for q in prange(chunks, nogil=True, num_threads=threads, schedule="static"):
         r0 = q * chunk
@@ -400,3 +404,33 @@ def add_scaled_rows_at(real[:, ::1] dst, const real[:, ::1] src, const real[::1]
         i = index[r]
         for c in range(c_count):
             dst[i, c] += weight[r] * src[i, c]
+
+
+# ----------------------------------------------------------------------------------------------
+# Masks
+# ----------------------------------------------------------------------------------------------
+
+def dilate_mask(const uint8_t[:, :, ::1] mask, Py_ssize_t kh, Py_ssize_t kw, uint8_t[:, :, ::1] out,
+                uint8_t[:, :, ::1] across, int threads):
+    """``out`` = ``mask`` dilated by a (kh, kw) window centred on each position, clipped to the image.
+
+    :func:`refimpl.sparse_unit.dilate` on uint8 masks, in two passes (a window is a product of
+    two intervals): ``across`` (N, H, W) takes the dilation along each row, ``out`` the dilation of
+    that along each column. One sample per OpenMP iteration.
+    """
+    cdef Py_ssize_t n_count = mask.shape[0], h = mask.shape[1], w = mask.shape[2]
+    cdef Py_ssize_t rh = kh // 2, rw = kw // 2, n, y, x, j
+    cdef uint8_t value
+    for n in prange(n_count, nogil=True, num_threads=threads, schedule="static"):
+        for y in range(h):
+            for x in range(w):
+                value = 0
+                for j in range(max(0, x - rw), min(w, x + rw + 1)):
+                    value = value | mask[n, y, j]
+                across[n, y, x] = value
+        for y in range(h):
+            for x in range(w):
+                value = 0
+                for j in range(max(0, y - rh), min(h, y + rh + 1)):
+                    value = value | across[n, j, x]
+                out[n, y, x] = value

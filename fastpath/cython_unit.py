@@ -35,7 +35,6 @@ import numpy as np
 
 from refimpl.conv import conv_flops
 from refimpl.layers import update_running_statistics
-from refimpl.sparse_unit import dilate
 
 from . import profiling
 from .unit_checks import check_unit_gradient, check_unit_input
@@ -113,14 +112,25 @@ def _gemm_scratch(backend, team, rows, width, dtype):
     return chunk, np.empty((team, chunk * width), dtype=dtype)
 
 
-def conv_rows(backend, src, rowmap, pos, taps, wmat, bias, has_bias, out, team, addend=None, post=None):
+def dilate_fast(mask, kernel, team=1):
+    """:func:`refimpl.sparse_unit.dilate` of a bool (N, H, W) mask by a compiled kernel (two passes)."""
+    mask = np.ascontiguousarray(mask, dtype=bool)
+    out = np.empty_like(mask)
+    across = np.empty(mask.shape, dtype=np.uint8)
+    _kernels.dilate_mask(mask.view(np.uint8), int(kernel[0]), int(kernel[1]), out.view(np.uint8), across, team)
+    return out
+
+
+def conv_rows(backend, src, rowmap, pos, taps, wmat, bias, has_bias, out, team, addend=None, post=None,
+              out_rows=None):
     """``out[r] = Wmat · window(r) + bias``: the convolution on rows, on the backend's best kernel.
 
     float32 with ``backend.direct_conv``: the direct micro-kernel, which reads the source rows in
     place; otherwise the windows are gathered chunk by chunk and multiplied in BLAS (held at one
     thread by the caller). Both give every output row from one thread. Then, if given, ``addend``
-    (R, K) is added (a residual) and ``post = (center, scale, shift)`` applied as batch norm and
-    ReLU — inside the direct kernel's store, as separate passes on the GEMM path.
+    is added (a residual) and ``post = (center, scale, shift)`` applied as batch norm and ReLU —
+    inside the direct kernel's store, as separate passes on the GEMM path. With ``out_rows`` (R,) (distinct rows of ``out``), output row r goes to
+    ``out[out_rows[r]]`` and the addend is read at that row; ``addend`` may be ``out`` itself.
     """
     rows = pos.size
     if backend.direct_conv and src.dtype == np.float32:
@@ -129,14 +139,18 @@ def conv_rows(backend, src, rowmap, pos, taps, wmat, bias, has_bias, out, team, 
         chunk = max(tile, -(-rows // (4 * team * tile)) * tile) if team > 1 else max(rows, 1)
         center, scale, shift = post if post is not None else (None, None, None)
         _kernels.conv_rows_forward_direct(src, rowmap, pos, taps, np.ascontiguousarray(wmat.T), bias, has_bias, out,
-                                          chunk, team, addend, center, scale, shift)
+                                          chunk, team, addend, center, scale, shift, out_rows)
         return
     chunk, scratch = _gemm_scratch(backend, team, rows, wmat.shape[1], src.dtype)
-    _kernels.conv_rows_forward(src, rowmap, pos, taps, wmat, bias, has_bias, out, scratch, chunk, team)
+    in_place = out_rows is not None or (addend is not None and np.shares_memory(addend, out))
+    result = np.empty((rows, out.shape[1]), dtype=out.dtype) if in_place else out
+    _kernels.conv_rows_forward(src, rowmap, pos, taps, wmat, bias, has_bias, result, scratch, chunk, team)
     if addend is not None:
-        out += addend
+        result += addend if out_rows is None else addend[out_rows]
     if post is not None:
-        _kernels.affine_relu_rows(out, *post, out, team)
+        _kernels.affine_relu_rows(result, *post, result, team)
+    if in_place:
+        out[slice(None) if out_rows is None else out_rows] = result
 
 
 def _weight_grad(dwmat, w_shape):
@@ -226,7 +240,7 @@ class CythonFusedUnit:
         with profiling.section("other"):
             x = np.ascontiguousarray(x)
             x3 = x.reshape(n, c, size)
-            d_mask = dilate(active, kernel2)
+            d_mask = dilate_fast(active, kernel2)
             d_counts = d_mask.sum(axis=(1, 2)).astype(np.int64)
             a_counts = active.sum(axis=(1, 2)).astype(np.int64)
             flops = (conv_flops(1, c, k, kernel1) * d_counts + conv_flops(1, k, k, kernel2) * a_counts).astype(np.int64)
@@ -243,7 +257,7 @@ class CythonFusedUnit:
                 rows_a = rows_d = rows_e = _all_rows(n, h, w, ph, pw)
                 e_in_d = np.ones(count, dtype=np.uint8)
             else:
-                e_mask = dilate(d_mask, kernel1)
+                e_mask = dilate_fast(d_mask, kernel1)
                 map_size, allpos = _grid(n, h, w, ph, pw)
                 rows_a = _rows(active, a_counts, allpos, map_size)
                 rows_d = _rows(d_mask, d_counts, allpos, map_size)

@@ -22,8 +22,10 @@
  * compilers build the baseline only.
  *
  * A finished output is completed before it is stored for good (ponder_epilogue): the bias, a
- * residual row added (the unit's shortcut) and the next batch norm with its ReLU, each saving a
- * pass over the outputs.
+ * residual row added (the unit's shortcut, or a halting head's global term) and the next batch
+ * norm with its ReLU, each saving a pass over the outputs. Output row r may
+ * be stored at another row, out_rows[r] (a sparse unit adds its residual in place onto the rows
+ * of its active positions: the store is the scatter).
  *
  * Rounding: the sums run in float32 in tap-major, channel-minor order (with fused multiply-adds
  * where the CPU has them), not in BLAS's order; both agree with the float64 reference within the
@@ -64,28 +66,51 @@ static inline void ponder_tap_rows(const float *src, int64_t c_count, const int3
     }
 }
 
-/* What is done to a finished output row segment o[0:n] (output channels k0 .. k0 + n of row r)
- * before it is left: + bias, + a residual row (addend), then batch norm and ReLU. Fusing these
- * saves a pass over the outputs each; a plain loop, which the compiler vectorises. */
+/* What is done to a finished output value of the row stored at `row`, output channel k: + bias[k]
+ * and + addend[row, k] (a residual) while it is still in a register (ponder_sum8, ponder_sum1),
+ * then, once stored, batch norm and ReLU in place (ponder_finish). Fusing these
+ * saves a pass over the outputs each. The addend is read before the output is written, so it may
+ * be the output array itself. */
 typedef struct {
-    const float *bias;    /* (K,) or NULL */
-    const float *addend;  /* (R, K) rows added to the outputs, or NULL */
-    const float *center;  /* (K,) batch norm + ReLU of the outputs: max(0, (v - center) scale + shift), */
-    const float *scale;   /* or NULL for none */
+    const float *bias;      /* (K,) or NULL */
+    const float *addend;    /* rows added to the outputs, indexed like the stored rows, or NULL; it may
+                             * be the output array itself (an in-place residual add: every output
+                             * element is read, then written, by the one thread that computes it) */
+    const float *center;    /* (K,) batch norm + ReLU of the outputs: max(0, (v - center) scale + shift), */
+    const float *scale;     /* or NULL for none */
     const float *shift;
+    const int64_t *out_rows; /* (R,) the row of out (and of addend) that output row r is stored at, or
+                              * NULL for row r itself */
 } ponder_epilogue;
 
-static inline void ponder_finish(float *o, int64_t n, const ponder_epilogue *ep, int64_t r, int64_t k_count,
-                                 int64_t k0)
+static inline int64_t ponder_out_row(const ponder_epilogue *ep, int64_t r)
+{
+    return ep->out_rows ? ep->out_rows[r] : r;
+}
+
+static inline float ponder_sum1(const ponder_epilogue *ep, float v, int64_t row, int64_t k_count, int64_t k)
 {
     if (ep->bias)
-        for (int64_t j = 0; j < n; ++j)
-            o[j] += ep->bias[k0 + j];
-    if (ep->addend) {
-        const float *a = ep->addend + r * k_count + k0;
-        for (int64_t j = 0; j < n; ++j)
-            o[j] += a[j];
-    }
+        v += ep->bias[k];
+    if (ep->addend)
+        v += ep->addend[row * k_count + k];
+    return v;
+}
+
+#if PONDER_HAVE_VECTORS
+static inline ponder_v8 ponder_sum8(const ponder_epilogue *ep, ponder_v8 v, int64_t row, int64_t k_count,
+                                    int64_t k0)
+{
+    if (ep->bias)
+        v += *(const ponder_v8 *)(ep->bias + k0);
+    if (ep->addend)
+        v += *(const ponder_v8 *)(ep->addend + row * k_count + k0);
+    return v;
+}
+#endif
+
+static inline void ponder_finish(float *o, int64_t n, const ponder_epilogue *ep, int64_t k0)
+{
     if (ep->center)
         for (int64_t j = 0; j < n; ++j) {
             float v = (o[j] - ep->center[k0 + j]) * ep->scale[k0 + j] + ep->shift[k0 + j];
@@ -134,8 +159,9 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
             for (int i = 0; i < 4; ++i) {
                 for (int lane = 0; lane < 8; ++lane)
                     sum[i] += acc[i][lane];
-                out[r + i] = sum[i];
-                ponder_finish(out + r + i, 1, ep, r + i, 1, 0);
+                int64_t row = ponder_out_row(ep, r + i);
+                out[row] = ponder_sum1(ep, sum[i], row, 1, 0);
+                ponder_finish(out + row, 1, ep, 0);
             }
         }
         for (; r < r1; ++r) {
@@ -155,8 +181,9 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
             float total = tail;
             for (int lane = 0; lane < 8; ++lane)
                 total += acc[lane];
-            out[r] = total;
-            ponder_finish(out + r, 1, ep, r, 1, 0);
+            int64_t row = ponder_out_row(ep, r);
+            out[row] = ponder_sum1(ep, total, row, 1, 0);
+            ponder_finish(out + row, 1, ep, 0);
         }
         return;
     }
@@ -183,10 +210,11 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
                 }
             }
             for (int64_t i = 0; i < rows_here; ++i) {
-                float *o = out + (r + i) * k_count + k0;
-                *(ponder_v8 *)o = acc[i][0];
-                *(ponder_v8 *)(o + 8) = acc[i][1];
-                ponder_finish(o, 16, ep, r + i, k_count, k0);
+                int64_t row = ponder_out_row(ep, r + i);
+                float *o = out + row * k_count + k0;
+                *(ponder_v8 *)o = ponder_sum8(ep, acc[i][0], row, k_count, k0);
+                *(ponder_v8 *)(o + 8) = ponder_sum8(ep, acc[i][1], row, k_count, k0 + 8);
+                ponder_finish(o, 16, ep, k0);
             }
         }
         for (; k0 + 8 <= k_count; k0 += 8) {
@@ -203,8 +231,10 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
                 }
             }
             for (int64_t i = 0; i < rows_here; ++i) {
-                *(ponder_v8 *)(out + (r + i) * k_count + k0) = acc[i];
-                ponder_finish(out + (r + i) * k_count + k0, 8, ep, r + i, k_count, k0);
+                int64_t row = ponder_out_row(ep, r + i);
+                float *o = out + row * k_count + k0;
+                *(ponder_v8 *)o = ponder_sum8(ep, acc[i], row, k_count, k0);
+                ponder_finish(o, 8, ep, k0);
             }
         }
 #endif
@@ -219,8 +249,9 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
                         acc[i] += rows[i][c] * w[c * k_count];
             }
             for (int64_t i = 0; i < rows_here; ++i) {
-                out[(r + i) * k_count + k0] = acc[i];
-                ponder_finish(out + (r + i) * k_count + k0, 1, ep, r + i, k_count, k0);
+                int64_t row = ponder_out_row(ep, r + i);
+                out[row * k_count + k0] = ponder_sum1(ep, acc[i], row, k_count, k0);
+                ponder_finish(out + row * k_count + k0, 1, ep, k0);
             }
         }
     }

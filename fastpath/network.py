@@ -41,10 +41,9 @@ from refimpl.conv_layer import Conv2d
 from refimpl.distributions import sigmoid
 from refimpl.resnet import Identity, PadShortcut, ResNet
 from refimpl.sact import SACTResNet
-from refimpl.sparse_unit import dilate
 
 from . import cython_unit
-from .cython_unit import _kernels, _one_blas_thread, _rows_map, _taps, _weights, conv_rows
+from .cython_unit import _kernels, _one_blas_thread, _rows_map, _taps, _weights, conv_rows, dilate_fast
 
 
 def _affine(bn, dtype):
@@ -116,17 +115,20 @@ class CompiledResNet:
     def _conv(self, conv, src, grid, centres, dtype, role, addend=None, post=None):
         return self._conv_at(conv, src, grid.rowmap, grid, centres, dtype, role, addend, post)
 
-    def _conv_at(self, conv, src, rowmap, grid, centres, dtype, role, addend=None, post=None):
+    def _conv_at(self, conv, src, rowmap, grid, centres, dtype, role, addend=None, post=None, out=None,
+                 out_rows=None):
         """The convolution at the map indices ``centres`` of ``grid``, reading ``src`` through ``rowmap``.
 
-        The output is ``role``'s workspace array. ``addend`` (a residual added to the outputs) and
-        ``post`` (a batch norm and ReLU applied to them, as ``_affine`` gives it) are fused into
-        the store (:func:`fastpath.cython_unit.conv_rows`).
+        The output is ``role``'s workspace array, or ``out`` at the rows ``out_rows`` if given.
+        ``addend`` (a residual added to the outputs) and ``post`` (a batch norm and ReLU applied
+        to them, as ``_affine`` gives it) are fused into the store
+        (:func:`fastpath.cython_unit.conv_rows`).
         """
         weights = _weights(conv, dtype)
-        out = self._workspace.take(role, (centres.size, conv.out_channels), dtype)
+        if out is None:
+            out = self._workspace.take(role, (centres.size, conv.out_channels), dtype)
         conv_rows(self.backend, src, rowmap, centres, _taps(conv.kernel, grid.wm), *weights, out,
-                  self.backend._team(centres.size * weights[0].size), addend, post)
+                  self.backend._team(centres.size * weights[0].size), addend, post, out_rows)
         return out
 
     def _bn_relu(self, bn, rows, dtype):
@@ -239,13 +241,16 @@ class CompiledSACTResNet(CompiledResNet):
         """Halting probabilities at ``active_flat``: the local 3×3 term there plus each sample's global term, σ.
 
         The local term is the row convolution to one channel at the active positions only (in
-        float32 the direct kernel's dot-product path, vectorised over the input channels).
+        float32 the direct kernel's dot-product path, vectorised over the input channels), which
+        adds the global term as it stores each value.
         """
         n, size = grid.n, grid.h * grid.w
-        local = self._conv_at(head.local, rows, grid.rowmap, grid, grid.pos[active_flat], dtype, "head")[:, 0]
         pooled = (np.ones((1, size), dtype=dtype) @ rows.reshape(n, size, rows.shape[1]))[:, 0] / dtype.type(size)
-        global_term = pooled @ head.params["w_global"]
-        logits = (local + global_term[active_flat // size]).astype(dtype, copy=False)
+        global_term = (pooled @ head.params["w_global"]).astype(dtype, copy=False)
+        global_rows = global_term[active_flat // size].reshape(-1, 1)  # added as the kernel stores each local term
+        logits = self._conv_at(head.local, rows, grid.rowmap, grid, grid.pos[active_flat], dtype, "head",
+                               addend=global_rows)[:, 0]
+        # σ stays a NumPy pass: its vectorised exp beats a scalar one per stored value
         return sigmoid(logits).astype(dtype, copy=False)
 
     def _sparse_unit(self, unit, rows, grid, active, dtype):
@@ -253,14 +258,16 @@ class CompiledSACTResNet(CompiledResNet):
         n, h, w = grid.n, grid.h, grid.w
         mask = active.reshape(n, h, w)
         a_flat = np.flatnonzero(active)
-        if a_flat.size == active.size:  # every position: the rows of the whole grid, nothing to dilate
+        every = a_flat.size == active.size
+        if every:  # every position: the rows of the whole grid, nothing to dilate
             d_mask, d_flat = mask, a_flat
             src, src_map = rows, grid.rowmap
             d_map = grid.rowmap
         else:
-            d_mask = dilate(mask, unit.conv2.kernel)
+            team = self.backend._team(active.size * 9)
+            d_mask = dilate_fast(mask, unit.conv2.kernel, team)
             d_flat = np.flatnonzero(d_mask)
-            e_flat = np.flatnonzero(dilate(d_mask, unit.conv1.kernel))
+            e_flat = np.flatnonzero(dilate_fast(d_mask, unit.conv1.kernel, team))
             if 2 * e_flat.size > active.size:  # bn1 + ReLU on every row costs less than gathering E first
                 src, src_map = rows, grid.rowmap
             else:
@@ -271,8 +278,9 @@ class CompiledSACTResNet(CompiledResNet):
         h1 = self._bn_relu(unit.bn1, src, dtype)
         z = self._conv_at(unit.conv1, h1, src_map, grid, grid.pos[d_flat], dtype, "conv1",
                           post=_affine(unit.bn2, dtype))
-        residual = self._conv_at(unit.conv2, z, d_map, grid, grid.pos[a_flat], dtype, "residual")
-        _kernels.add_rows_at(rows, residual, a_flat, self.backend._team(residual.size))
+        # conv2 reads z only, so it can add its outputs onto the rows of A as it stores them
+        self._conv_at(unit.conv2, z, d_map, grid, grid.pos[a_flat], dtype, "residual", addend=rows, out=rows,
+                      out_rows=None if every else a_flat)
         c, k = unit.conv1.in_channels, unit.conv1.out_channels
         return (conv_flops(1, c, k, unit.conv1.kernel) * d_mask.sum(axis=(1, 2))
                 + conv_flops(1, k, k, unit.conv2.kernel) * mask.sum(axis=(1, 2))).astype(np.int64)

@@ -102,6 +102,44 @@ def test_the_fused_residual_and_batch_norm_equal_separate_passes(c_count, k_coun
     assert_close(out, expected, np.float32)
 
 
+@given(c_count=st.integers(1, 20), k_count=st.integers(1, 40), with_addend=st.booleans(), with_post=st.booleans(),
+       scattered=st.booleans(), dtype=st.sampled_from([np.float32, np.float64]),
+       direct=st.booleans(), threads=st.integers(1, 3), seed=seeds)
+def test_a_store_to_other_rows_and_in_place_equals_the_definition(c_count, k_count, with_addend, with_post, scattered,
+                                                                  dtype, direct, threads, seed):
+    # out[out_rows[r]] = finish(conv(r) + out[out_rows[r]]): the residual added in place onto the rows it
+    # updates (the sparse unit's conv2), or onto all rows in order; rows not named keep their values
+    from fastpath.cython_backend import CythonBackend
+    from fastpath.cython_unit import conv_rows
+
+    rng = np.random.default_rng(seed)
+    src, rowmap, pos, taps, wmat, bias = _case(rng, 2, 5, 4, (3, 3), c_count, k_count)
+    size = pos.size + (int(rng.integers(0, 6)) if scattered else 0)
+    out_rows = np.sort(rng.choice(size, size=pos.size, replace=False)).astype(np.int64) if scattered else None
+    out = rng.standard_normal((size, k_count)).astype(dtype)
+    before = out.copy()
+    post = tuple(rng.standard_normal(k_count).astype(dtype) for _ in range(3)) if with_post else None
+    value = _numpy_rows(src, rowmap, pos, taps, wmat, bias, True)
+    target = np.arange(pos.size) if out_rows is None else out_rows
+    value = _finish(value, before[target] if with_addend else None, post)
+    expected = before.astype(np.float64)
+    expected[target] = value
+    conv_rows(CythonBackend(threads=threads, direct_conv=direct), src.astype(dtype), rowmap, pos, taps,
+              wmat.astype(dtype), bias.astype(dtype), True, out, threads, out if with_addend else None, post,
+              out_rows)
+    assert_close(out, expected, np.float32)
+
+
+@given(n=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), kernel=st.sampled_from(KERNELS),
+       density=st.floats(0, 1), threads=st.integers(1, 3), seed=seeds)
+def test_the_compiled_dilation_equals_the_reference(n, h, w, kernel, density, threads, seed):
+    from fastpath.cython_unit import dilate_fast
+    from refimpl.sparse_unit import dilate
+
+    mask = np.random.default_rng(seed).random((n, h, w)) < density
+    np.testing.assert_array_equal(dilate_fast(mask, kernel, threads), dilate(mask, kernel))
+
+
 @pytest.mark.parametrize("chunk", [1, 5, 7])
 def test_direct_rows_with_chunks_that_split_tiles(chunk):
     # the dispatcher gives whole tiles, but the kernel must be right for any chunk (a partial tile per chunk)
