@@ -388,14 +388,6 @@ def bn_relu_backward_rows(real[:, ::1] dz, const real[:, ::1] h, const real[::1]
 # Compiled SACT inference (fastpath.network): row updates in place
 # ---------------------------------------------------------------------------------------------
 
-def add_rows_at(real[:, ::1] dst, const real[:, ::1] src, const int64_t[::1] index, int threads):
-    """``dst[index[r]] += src[r]`` (``index`` distinct)."""
-    cdef Py_ssize_t rows = index.shape[0], c_count = dst.shape[1], r, c
-    for r in prange(rows, nogil=True, num_threads=threads, schedule="static"):
-        for c in range(c_count):
-            dst[index[r], c] += src[r, c]
-
-
 def add_scaled_rows_at(real[:, ::1] dst, const real[:, ::1] src, const real[::1] weight,
                        const int64_t[::1] index, int threads):
     """``dst[index[r]] += weight[r] src[index[r]]`` (``index`` distinct): a weighted sum on the rows that take part."""
@@ -414,23 +406,64 @@ def dilate_mask(const uint8_t[:, :, ::1] mask, Py_ssize_t kh, Py_ssize_t kw, uin
                 uint8_t[:, :, ::1] across, int threads):
     """``out`` = ``mask`` dilated by a (kh, kw) window centred on each position, clipped to the image.
 
-    :func:`refimpl.sparse_unit.dilate` on uint8 masks, in two passes (a window is a product of
-    two intervals): ``across`` (N, H, W) takes the dilation along each row, ``out`` the dilation of
-    that along each column. One sample per OpenMP iteration.
+    :func:`refimpl.sparse_unit.dilate` on 0/1 uint8 masks, in two passes (a window is a product
+    of two intervals): ``across`` (N, H, W) takes the dilation along each row, ``out`` the
+    dilation of that along each column. Each pass ORs shifted copies of whole rows, loops the
+    compiler vectorises. One sample per OpenMP iteration.
     """
     cdef Py_ssize_t n_count = mask.shape[0], h = mask.shape[1], w = mask.shape[2]
-    cdef Py_ssize_t rh = kh // 2, rw = kw // 2, n, y, x, j
-    cdef uint8_t value
+    cdef Py_ssize_t rh = kh // 2, rw = kw // 2, n, y, x, d, j
+    cdef const uint8_t *m
+    cdef uint8_t *a
+    cdef uint8_t *o
+    cdef const uint8_t *above
     for n in prange(n_count, nogil=True, num_threads=threads, schedule="static"):
         for y in range(h):
-            for x in range(w):
-                value = 0
-                for j in range(max(0, x - rw), min(w, x + rw + 1)):
-                    value = value | mask[n, y, j]
-                across[n, y, x] = value
+            m = &mask[n, y, 0]
+            a = &across[n, y, 0]
+            memcpy(a, m, w)
+            for d in range(1, min(rw, w - 1) + 1):
+                for x in range(d, w):
+                    a[x] = a[x] | m[x - d]
+                for x in range(w - d):
+                    a[x] = a[x] | m[x + d]
         for y in range(h):
-            for x in range(w):
-                value = 0
-                for j in range(max(0, y - rh), min(h, y + rh + 1)):
-                    value = value | across[n, j, x]
-                out[n, y, x] = value
+            o = &out[n, y, 0]
+            memcpy(o, &across[n, y, 0], w)
+            for j in range(max(0, y - rh), min(h, y + rh + 1)):
+                if j != y:
+                    above = &across[n, j, 0]
+                    for x in range(w):
+                        o[x] = o[x] | above[x]
+
+
+# ----------------------------------------------------------------------------------------------
+# ACT's bookkeeping per position (compiled networks)
+# ----------------------------------------------------------------------------------------------
+
+def act_step(const real[::1] h, const real[::1] after, const uint8_t[::1] going_on, const int64_t[::1] active_flat,
+             Py_ssize_t index, real[::1] cumulative, real[::1] remainder, int64_t[::1] n_units,
+             uint8_t[::1] active, real[:, ::1] weighted, const real[:, ::1] rows, int threads):
+    """One unit's update of ACT's per-position state, for the positions ``active_flat`` that ran it.
+
+    ``h`` is each position's halting score at unit ``index``, ``after`` = ``cumulative + h`` and
+    ``going_on`` the halting rule applied to it (:func:`refimpl.halting.still_running`, evaluated
+    by the caller: the rule is written in one place). A position that goes on adds ``h U`` to
+    ``weighted`` (its p_n = h_n, U its current row); one that halts records N = ``index`` and
+    R = 1 - (its cumulative score before this unit) and leaves ``active``. ``cumulative`` takes
+    ``after`` everywhere. One OpenMP iteration per position; positions are distinct.
+    """
+    cdef Py_ssize_t count = active_flat.shape[0], c_count = rows.shape[1], r, c, i
+    cdef real p
+    for r in prange(count, nogil=True, num_threads=threads, schedule="static"):
+        i = active_flat[r]
+        if going_on[r]:
+            p = h[r]
+            for c in range(c_count):
+                weighted[i, c] += p * rows[i, c]
+        else:
+            remainder[i] = 1 - cumulative[i]
+            n_units[i] = index
+            active[i] = 0
+        cumulative[i] = after[r]
+

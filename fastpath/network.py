@@ -7,21 +7,26 @@ fused sparse unit (:mod:`fastpath._cython_unit`):
 
 * batch norm + ReLU as one affine-and-clamp pass over the rows;
 * each convolution (stem, conv1 — strided in a downsampling unit —, conv2, a projection
-  shortcut) gathers its windows through an index map of the input grid, one contiguous copy of C
-  values per tap, and makes one BLAS GEMM per chunk of rows;
+  shortcut) reads its windows through an index map of the input grid: in float32 the direct
+  register-tiled kernel (``fastpath/direct_conv.h``) reads the rows in place, with a following
+  batch norm + ReLU or the residual add fused into its store; otherwise the windows are gathered,
+  one contiguous copy of C values per tap, and multiplied by one BLAS GEMM per chunk of rows;
 * the option-A shortcut takes the rows of the subsampled positions and adds them to the first
   channels; the head pools the rows of each sample and applies the linear layer.
 
 A :class:`refimpl.sact.SACTResNet` (sparse execution) runs the same way; each block runs its first
 unit densely (the path above), then, for every further unit (:func:`refimpl.adaptive_block.run_units`):
 
-* the halting head on the rows of the still-active positions: the local 3×3 term as one GEMM of
-  all rows against the per-tap weights and a sum of the neighbours' contributions per active
-  position, plus each sample's global term from its pooled rows, then the sigmoid;
-* ACT's cumulative rule per position (:func:`refimpl.halting.still_running`), applied online; it
-  gives N and R = 1 − Σ_{i<N} h_i, and ``Σ_{n<N} h_n U_n`` is accumulated on rows as units run;
+* the halting head on the rows of the still-active positions: the local 3×3 term as the row
+  convolution to one channel at those positions, each sample's global term (from its pooled
+  rows) added as the kernel stores it, then the sigmoid;
+* ACT's cumulative rule per position (:func:`refimpl.halting.still_running`, evaluated in NumPy on
+  the active positions' scores), then one compiled pass (``act_step``) that records N and
+  R = 1 − Σ_{i<N} h_i where a position halts, removes it from A, and accumulates
+  ``Σ_{n<N} h_n U_n`` on the rows where it goes on;
 * the sparse unit ``U = x + A ⊙ f(x)`` in place on the rows: bn1 + ReLU on E = dilate(D),
-  conv1 on D = dilate(A), bn2 + ReLU, conv2 on A, added onto the rows of A.
+  conv1 on D = dilate(A) (masks dilated by a compiled kernel), bn2 + ReLU fused into conv1's
+  store, conv2 on A, whose store adds each output onto the row of its position.
 
 The block output adds ``R · U_N`` from the final rows (a halted position's later outputs equal
 its last one). After a call, ``flops_per_sample`` (N,) is the model's own accounting, and ``rho``
@@ -301,25 +306,17 @@ class CompiledSACTResNet(CompiledResNet):
         active_flat = np.arange(total)
         for index in range(1, len(block.units)):
             head = block.heads[index - 1]
-            per_sample = active.reshape(n, size).sum(axis=1)
+            per_sample = np.bincount(active_flat // size, minlength=n)
             h = self._head_logits(head, rows, grid, active_flat, dtype)
             flops += np.where(per_sample > 0, conv_flops(1, head.channels, 1, head.local.kernel) * per_sample
                               + 2 * head.channels, 0)
-            before = cumulative[active_flat]
-            after = before + h
-            cumulative[active_flat] = after
+            after = cumulative[active_flat] + h
             going_on = halting.still_running(after, block.eps)
-            halts = ~going_on
-            remainder[active_flat[halts]] = 1 - before[halts]
-            n_units[active_flat[halts]] = index
-            continuing = active_flat[going_on]
-            # p_n = h_n before the halting unit
-            _kernels.add_scaled_rows_at(weighted, rows, np.ascontiguousarray(h[going_on]), continuing,
-                                        self.backend._team(rows.size))
-            active = np.zeros(total, dtype=bool)
-            active[continuing] = True
-            active_flat = continuing
-            if continuing.size == 0:
+            # p_n = h_n before the halting unit; a halting position records N and R and leaves A
+            _kernels.act_step(h, after, going_on.view(np.uint8), active_flat, index, cumulative, remainder, n_units,
+                              active.view(np.uint8), weighted, rows, self.backend._team(rows.size))
+            active_flat = active_flat[going_on]
+            if active_flat.size == 0:
                 break
             flops += self._sparse_unit(block.units[index], rows, grid, active, dtype)
         remainder[active_flat] = 1 - cumulative[active_flat]  # ran every unit: N = L

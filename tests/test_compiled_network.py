@@ -184,12 +184,6 @@ def test_the_row_update_kernels_equal_numpy(rows, channels, dtype, threads, seed
     rng = np.random.default_rng(seed)
     dst = rng.standard_normal((rows, channels)).astype(dtype)
     index = np.sort(rng.choice(rows, size=rng.integers(0, rows + 1), replace=False)).astype(np.int64)
-    src = rng.standard_normal((index.size, channels)).astype(dtype)
-    expected = dst.copy()
-    expected[index] += src
-    out = dst.copy()
-    _kernels.add_rows_at(out, src, index, threads)
-    assert_close(out, expected)
     weight = rng.standard_normal(index.size).astype(dtype)
     state = rng.standard_normal((rows, channels)).astype(dtype)
     expected = dst.copy()
@@ -197,3 +191,45 @@ def test_the_row_update_kernels_equal_numpy(rows, channels, dtype, threads, seed
     out = dst.copy()
     _kernels.add_scaled_rows_at(out, state, weight, index, threads)
     assert_close(out, expected)
+
+
+@given(positions=st.integers(1, 40), channels=st.integers(1, 5), index=st.integers(1, 6), dtype=float_dtypes(),
+       threads=st.integers(1, 3), seed=seeds)
+def test_the_act_step_kernel_equals_the_numpy_bookkeeping(positions, channels, index, dtype, threads, seed):
+    # one unit of ACT per position (refimpl.halting's rule), as the compiled SACT block applied it before
+    # the kernel: scatter the new cumulative score, record N and R where a position halts, add h U where
+    # it goes on, and leave A where it halts
+    from fastpath.cython_unit import _kernels
+    from refimpl import halting
+
+    rng = np.random.default_rng(seed)
+    cumulative = rng.uniform(0, 0.9, positions).astype(dtype)
+    remainder = rng.uniform(0, 1, positions).astype(dtype)
+    n_units = rng.integers(1, 5, positions).astype(np.int64)
+    weighted = rng.standard_normal((positions, channels)).astype(dtype)
+    rows = rng.standard_normal((positions, channels)).astype(dtype)
+    active_flat = np.sort(rng.choice(positions, size=rng.integers(0, positions + 1), replace=False)).astype(np.int64)
+    active = np.zeros(positions, dtype=bool)
+    active[active_flat] = True
+    h = rng.uniform(0, 0.6, active_flat.size).astype(dtype)
+    after = cumulative[active_flat] + h
+    going_on = halting.still_running(after, 0.01)
+
+    expected = {"cumulative": cumulative.copy(), "remainder": remainder.copy(), "n_units": n_units.copy(),
+                "weighted": weighted.copy(), "active": np.zeros(positions, dtype=bool)}
+    halts = active_flat[~going_on]
+    expected["remainder"][halts] = 1 - cumulative[halts]
+    expected["n_units"][halts] = index
+    continuing = active_flat[going_on]
+    expected["weighted"][continuing] += h[going_on][:, None] * rows[continuing]
+    expected["cumulative"][active_flat] = after
+    expected["active"][continuing] = True
+
+    _kernels.act_step(h, after, going_on.view(np.uint8), active_flat, index, cumulative, remainder, n_units,
+                      active.view(np.uint8), weighted, rows, threads)
+    got = {"cumulative": cumulative, "remainder": remainder, "n_units": n_units, "weighted": weighted,
+           "active": active}
+    for name in ("n_units", "active"):
+        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
+    for name in ("cumulative", "remainder", "weighted"):
+        assert_close(got[name], expected[name])
