@@ -43,6 +43,9 @@ cdef extern from "direct_conv.h" nogil:
                                      const int64_t *tapoff, int64_t taps, const float *wt, int64_t k_count,
                                      const ponder_epilogue *ep, const float *zero_row, float *out,
                                      int64_t r0, int64_t r1)
+    void ponder_direct_weight_grad_f32(const float *src, int64_t c_count, const int32_t *rowmap,
+                                       const int64_t *pos, const int64_t *tapoff, int64_t taps,
+                                       const float *dout, int64_t k_count, float *dwt, int64_t r0, int64_t r1)
 
 #: Output rows of one register tile of the direct float32 kernel (direct_conv.h).
 DIRECT_TILE_ROWS = PONDER_ROWS
@@ -278,6 +281,32 @@ def conv_rows_weight_grad(const real[:, ::1] src, const int32_t[::1] rowmap, con
         # dWᵀ (T C, K) += colsᵀ · dout, column-major
         gemm(c'N', c'T', <int> width, <int> k_count, <int> (r1 - r0), one, &scratch[tid, 0], <int> width,
              &dout[r0, 0], <int> k_count, one, &dw_partial[tid, 0, 0], <int> width)
+        for r in range(r0, r1):
+            for k in range(k_count):
+                db_partial[tid, k] += dout[r, k]
+
+
+def conv_rows_weight_grad_direct(const float[:, ::1] src, const int32_t[::1] rowmap, const int64_t[::1] pos,
+                                 const int64_t[::1] tapoff, const float[:, ::1] dout, float[:, :, ::1] dwt_partial,
+                                 float[:, ::1] db_partial, Py_ssize_t chunk, int threads):
+    """:func:`conv_rows_weight_grad` in float32 without the gather: ``direct_conv.h``'s weight-gradient tile.
+
+    ``dwt_partial`` (threads, T C, K) — the forward's ``Wmatᵀ`` layout — and ``db_partial``
+    (threads, K) must be zero; the caller adds them in thread order (static schedule: every thread
+    gets the same chunks of ``chunk`` rows on every call, so the sums are reproducible at a fixed
+    thread count).
+    """
+    cdef Py_ssize_t rows = pos.shape[0], k_count = dout.shape[1], c_count = src.shape[1], taps = tapoff.shape[0]
+    cdef Py_ssize_t chunks = (rows + chunk - 1) // chunk, q, r0, r1, r, k
+    cdef int tid
+    if rows == 0:
+        return
+    for q in prange(chunks, nogil=True, num_threads=threads, schedule="static"):
+        tid = threadid()
+        r0 = q * chunk
+        r1 = min(rows, r0 + chunk)
+        ponder_direct_weight_grad_f32(&src[0, 0], c_count, &rowmap[0], &pos[0], &tapoff[0], taps, &dout[0, 0],
+                                      k_count, &dwt_partial[tid, 0, 0], r0, r1)
         for r in range(r0, r1):
             for k in range(k_count):
                 db_partial[tid, k] += dout[r, k]

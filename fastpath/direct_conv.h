@@ -257,4 +257,98 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
     }
 }
 
+
+/* The weight gradient of the row convolution, float32, one thread's share of the rows:
+ *
+ *     dwt[t C + c, k] += sum_{r in [r0, r1)} src[rowmap[pos[r] + tapoff[t]], c] * dout[r, k]
+ *
+ * (dwt has the forward's (T C, K) layout, the output channels contiguous). The sum over rows is
+ * the long one, so the register tile is now a block of the gradient itself, ROWS input channels
+ * x 16 (or 8) output channels, held while the loop runs over rows: each row broadcasts ROWS
+ * source values and multiplies them by a vector of 16 output gradients. Rows are taken in blocks
+ * small enough to stay in cache while every tap and channel block passes over them. */
+#define PONDER_DW_BLOCK 256
+
+PONDER_MULTIVERSION
+static void ponder_direct_weight_grad_f32(const float *src, int64_t c_count, const int32_t *rowmap,
+                                          const int64_t *pos, const int64_t *tapoff, int64_t taps,
+                                          const float *dout, int64_t k_count, float *dwt, int64_t r0, int64_t r1)
+{
+    int32_t source[PONDER_DW_BLOCK];
+    for (int64_t b0 = r0; b0 < r1; b0 += PONDER_DW_BLOCK) {
+        int64_t b1 = r1 - b0 < PONDER_DW_BLOCK ? r1 : b0 + PONDER_DW_BLOCK;
+        for (int64_t t = 0; t < taps; ++t) {
+            /* the source row of every row's tap t, looked up once for all channel blocks */
+            for (int64_t r = b0; r < b1; ++r)
+                source[r - b0] = rowmap[pos[r] + tapoff[t]];
+            for (int64_t c0 = 0; c0 < c_count; c0 += PONDER_ROWS) {
+                int64_t cn = c_count - c0 < PONDER_ROWS ? c_count - c0 : PONDER_ROWS;
+                float *d = dwt + (t * c_count + c0) * k_count;
+                int64_t k0 = 0;
+#if PONDER_HAVE_VECTORS
+                for (; k0 + 16 <= k_count; k0 += 16) {
+                    ponder_v8 acc[PONDER_ROWS][2];
+                    for (int64_t i = 0; i < PONDER_ROWS; ++i)
+                        acc[i][0] = acc[i][1] = (ponder_v8){0, 0, 0, 0, 0, 0, 0, 0};
+                    for (int64_t r = b0; r < b1; ++r) {
+                        int32_t q = source[r - b0];
+                        if (q < 0)
+                            continue;
+                        const float *x = src + (int64_t)q * c_count + c0;
+                        ponder_v8 g0 = *(const ponder_v8 *)(dout + r * k_count + k0);
+                        ponder_v8 g1 = *(const ponder_v8 *)(dout + r * k_count + k0 + 8);
+                        if (cn == PONDER_ROWS) {
+                            for (int64_t i = 0; i < PONDER_ROWS; ++i) {
+                                acc[i][0] += x[i] * g0;
+                                acc[i][1] += x[i] * g1;
+                            }
+                        } else {
+                            for (int64_t i = 0; i < cn; ++i) {
+                                acc[i][0] += x[i] * g0;
+                                acc[i][1] += x[i] * g1;
+                            }
+                        }
+                    }
+                    for (int64_t i = 0; i < cn; ++i) {
+                        *(ponder_v8 *)(d + i * k_count + k0) += acc[i][0];
+                        *(ponder_v8 *)(d + i * k_count + k0 + 8) += acc[i][1];
+                    }
+                }
+                for (; k0 + 8 <= k_count; k0 += 8) {
+                    ponder_v8 acc[PONDER_ROWS];
+                    for (int64_t i = 0; i < PONDER_ROWS; ++i)
+                        acc[i] = (ponder_v8){0, 0, 0, 0, 0, 0, 0, 0};
+                    for (int64_t r = b0; r < b1; ++r) {
+                        int32_t q = source[r - b0];
+                        if (q < 0)
+                            continue;
+                        const float *x = src + (int64_t)q * c_count + c0;
+                        ponder_v8 g0 = *(const ponder_v8 *)(dout + r * k_count + k0);
+                        for (int64_t i = 0; i < cn; ++i)
+                            acc[i] += x[i] * g0;
+                    }
+                    for (int64_t i = 0; i < cn; ++i)
+                        *(ponder_v8 *)(d + i * k_count + k0) += acc[i];
+                }
+#endif
+                /* the last k_count % 8 output channels (all of them without vector support) */
+                for (; k0 < k_count; ++k0) {
+                    float acc[PONDER_ROWS] = {0};
+                    for (int64_t r = b0; r < b1; ++r) {
+                        int32_t q = source[r - b0];
+                        if (q < 0)
+                            continue;
+                        const float *x = src + (int64_t)q * c_count + c0;
+                        float g = dout[r * k_count + k0];
+                        for (int64_t i = 0; i < cn; ++i)
+                            acc[i] += x[i] * g;
+                    }
+                    for (int64_t i = 0; i < cn; ++i)
+                        d[i * k_count + k0] += acc[i];
+                }
+            }
+        }
+    }
+}
+
 #endif

@@ -130,6 +130,46 @@ def test_a_store_to_other_rows_and_in_place_equals_the_definition(c_count, k_cou
     assert_close(out, expected, np.float32)
 
 
+@given(n=st.integers(1, 2), h=st.integers(1, 7), w=st.integers(1, 7), kernel=st.sampled_from(KERNELS),
+       c_count=st.integers(1, 20), k_count=st.integers(1, 40), dtype=st.sampled_from([np.float32, np.float64]),
+       direct=st.booleans(), threads=st.integers(1, 3), seed=seeds)
+def test_the_weight_gradient_on_rows_equals_numpy(n, h, w, kernel, c_count, k_count, dtype, direct, threads, seed):
+    # dW = doutᵀ · windows, db = Σ_r dout[r]: the direct kernel (float32, up to 16 source channels, with
+    # blocks of 6 channels and 16 / 8 / 1 output channels) and the gathered GEMM
+    from fastpath.cython_backend import CythonBackend
+    from fastpath.cython_unit import weight_grad_rows
+
+    rng = np.random.default_rng(seed)
+    src, rowmap, pos, taps, wmat, _ = _case(rng, n, h, w, kernel, c_count, k_count)
+    dout = rng.standard_normal((pos.size, k_count)).astype(dtype)
+    rows = rowmap[pos[:, None] + taps[None, :]]
+    padded = np.vstack([src.astype(np.float64), np.zeros((1, c_count))])
+    cols = padded[np.where(rows >= 0, rows, src.shape[0])].reshape(pos.size, taps.size * c_count)
+    dwmat, db = weight_grad_rows(CythonBackend(threads=threads, direct_conv=direct), src.astype(dtype), rowmap, pos,
+                                 taps, dout, wmat.shape[1], threads)
+    assert dwmat.shape == wmat.shape and dwmat.dtype == dtype
+    assert_close(dwmat, dout.T.astype(np.float64) @ cols, np.float32)
+    assert_close(db, dout.sum(axis=0, dtype=np.float64), np.float32)
+
+
+@pytest.mark.parametrize("c_count, k_count, threads", [(16, 16, 1), (13, 24, 2), (7, 1, 3)])
+def test_the_direct_weight_gradient_over_many_row_blocks(c_count, k_count, threads):
+    # more rows than one cache block of the kernel (256), split over threads
+    from fastpath.cython_backend import CythonBackend
+    from fastpath.cython_unit import weight_grad_rows
+
+    rng = np.random.default_rng(c_count)
+    src, rowmap, pos, taps, wmat, _ = _case(rng, 4, 24, 23, (3, 3), c_count, k_count)
+    assert pos.size > 2 * 256, "the case must cross several row blocks"  # a property of the seed
+    dout = rng.standard_normal((pos.size, k_count)).astype(np.float32)
+    direct = weight_grad_rows(CythonBackend(threads=threads, direct_conv=True), src, rowmap, pos, taps, dout,
+                              wmat.shape[1], threads)
+    gemm = weight_grad_rows(CythonBackend(threads=threads, direct_conv=False), src, rowmap, pos, taps, dout,
+                            wmat.shape[1], threads)
+    for got, expected in zip(direct, gemm):
+        assert_close(got, expected, np.float32)
+
+
 @given(n=st.integers(1, 3), h=st.integers(1, 9), w=st.integers(1, 9), kernel=st.sampled_from(KERNELS),
        density=st.floats(0, 1), threads=st.integers(1, 3), seed=seeds)
 def test_the_compiled_dilation_equals_the_reference(n, h, w, kernel, density, threads, seed):
