@@ -363,7 +363,7 @@ def bn_relu_backward_rows(real[:, ::1] dz, const real[:, ::1] h, const real[::1]
     """
     cdef Py_ssize_t rows = h.shape[0], k_count = h.shape[1]
     cdef Py_ssize_t blocks = partial.shape[0], b, r, k, lo, hi
-    cdef double g, xhat
+    cdef double xhat
     cdef double *sum_g
     cdef double *sum_gx
     cdef real *dz_row
@@ -385,14 +385,11 @@ def bn_relu_backward_rows(real[:, ::1] dz, const real[:, ::1] h, const real[::1]
         for r in range(lo, hi):
             dz_row = &dz[r, 0]
             h_row = &h[r, 0]
+            for k in range(k_count):  # unconditional stores: the loop vectorises
+                dz_row[k] = dz_row[k] if (h_row[k] - center[k]) * scale[k] + shift[k] > 0 else 0
             for k in range(k_count):
-                if (h_row[k] - center[k]) * scale[k] + shift[k] > 0:
-                    g = dz_row[k]
-                else:
-                    g = 0
-                    dz_row[k] = 0
-                sum_g[k] += g
-                sum_gx[k] += g * (h_row[k] - mean[k]) * inv_std[k]
+                sum_g[k] += dz_row[k]
+                sum_gx[k] += dz_row[k] * (h_row[k] - mean[k]) * inv_std[k]
     for b in range(blocks):
         for k in range(k_count):
             dbeta[k] += partial[b, 0, k]
