@@ -661,10 +661,13 @@ def direct_conv_single(const real[:, :, :, ::1] xp, const real[:, :, ::1] w, dou
 
 def direct_conv_single_backward(const real[:, :, :, ::1] xp, const real[:, :, ::1] w, const real[:, :, ::1] dy,
                                 int sh, int sw, real[:, :, :, ::1] dxp, double[:, :, :, ::1] dw_partial,
-                                int threads):
+                                double[:, :, ::1] dw_columns, int threads):
     """Backward of :func:`direct_conv_single`: ``dxp`` (zeroed) += and ``dW`` per static block of samples.
 
     ``dw_partial`` (blocks, C, kh, kw) must be zero; the caller adds the blocks in order.
+    ``dw_columns`` (blocks, C kh kw, wo), zeroed, is scratch: each weight's sum is first kept per
+    output column x, an element-wise update that vectorises (a sum over x in the inner loop would
+    be a floating-point reduction the compiler may not reorder), and summed over x once per block.
     """
     cdef Py_ssize_t n_count = xp.shape[0], c_count = xp.shape[1], kh = w.shape[1], kw = w.shape[2]
     cdef Py_ssize_t ho = dy.shape[1], wo = dy.shape[2], blocks = dw_partial.shape[0]
@@ -674,6 +677,7 @@ def direct_conv_single_backward(const real[:, :, :, ::1] xp, const real[:, :, ::
     cdef const real *row
     cdef real *drow
     cdef const real *g
+    cdef double *column
     for b in prange(blocks, nogil=True, num_threads=threads, schedule="static"):
         for n in range((n_count * b) // blocks, (n_count * (b + 1)) // blocks):
             for y in range(ho):
@@ -684,14 +688,21 @@ def direct_conv_single_backward(const real[:, :, :, ::1] xp, const real[:, :, ::
                             wv = w[c, i, j]
                             row = &xp[n, c, y * sh + i, j]
                             drow = &dxp[n, c, y * sh + i, j]
-                            acc = 0
+                            column = &dw_columns[b, (c * kh + i) * kw + j, 0]
                             if sw == 1:
                                 for x in range(wo):
                                     drow[x] += wv * g[x]
                                 for x in range(wo):
-                                    acc = acc + g[x] * row[x]
+                                    column[x] += g[x] * row[x]
                             else:
                                 for x in range(wo):
                                     drow[x * sw] += wv * g[x]
-                                    acc = acc + g[x] * row[x * sw]
-                            dw_partial[b, c, i, j] += acc
+                                    column[x] += g[x] * row[x * sw]
+        for c in range(c_count):
+            for i in range(kh):
+                for j in range(kw):
+                    column = &dw_columns[b, (c * kh + i) * kw + j, 0]
+                    acc = 0
+                    for x in range(wo):
+                        acc = acc + column[x]
+                    dw_partial[b, c, i, j] += acc

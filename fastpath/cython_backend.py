@@ -296,7 +296,9 @@ class CythonBackend(ConvBackend):
         team = self._team(2 * dy.size * w.size)
         dxp = np.zeros(xp.shape, dtype=dtype)
         dw_partial = np.zeros((team, *w.shape[1:]), dtype=np.float64)
-        _kernels.direct_conv_single_backward(xp, w.reshape(w.shape[1:]), dy, sh, sw, dxp, dw_partial, team)
+        dw_columns = np.zeros((team, w[0].size, wo), dtype=np.float64)
+        _kernels.direct_conv_single_backward(xp, w.reshape(w.shape[1:]), dy, sh, sw, dxp, dw_partial, dw_columns,
+                                             team)
         dw = dw_partial[0].copy()
         for part in range(1, team):  # fixed order: reproducible at a fixed thread count
             dw += dw_partial[part]
