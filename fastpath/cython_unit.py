@@ -153,24 +153,18 @@ def conv_rows(backend, src, rowmap, pos, taps, wmat, bias, has_bias, out, team, 
         out[slice(None) if out_rows is None else out_rows] = result
 
 
-#: Widest input (source) channel count for which the direct weight-gradient kernel is used; wider
-#: layers gather their windows for BLAS, whose packed GEMM was as fast at 32 channels and faster at
-#: 64 (measured on an AVX2 EPYC, ResNet layers at batch 64; docs/decisions.md).
-DIRECT_WEIGHT_GRAD_MAX_CHANNELS = 16
-
-
 def weight_grad_rows(backend, src, rowmap, pos, taps, dout, width, team):
     """``(dWmat (K, T C), db (K,))`` of :func:`conv_rows` given ``dout`` (R, K) at its rows.
 
-    float32 with ``backend.direct_conv`` and at most ``DIRECT_WEIGHT_GRAD_MAX_CHANNELS`` source
-    channels: the direct kernel; otherwise the windows are gathered chunk by chunk for BLAS. Both
+    float32 with ``backend.direct_conv``: the direct kernel (``direct_conv.h``); otherwise the
+    windows are gathered chunk by chunk for BLAS. Both
     sum one partial per thread and add the partials in thread order (reproducible at a fixed
     thread count).
     """
     dtype = dout.dtype
     k = dout.shape[1]
     db_partial = np.zeros((team, k), dtype=dtype)
-    if backend.direct_conv and dtype == np.float32 and src.shape[1] <= DIRECT_WEIGHT_GRAD_MAX_CHANNELS:
+    if backend.direct_conv and dtype == np.float32:
         dw_partial = np.zeros((team, width, k), dtype=dtype)
         chunk = max(1, -(-pos.size // team))
         _kernels.conv_rows_weight_grad_direct(src, rowmap, pos, taps, dout, dw_partial, db_partial, chunk, team)

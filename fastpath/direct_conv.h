@@ -269,6 +269,36 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
  * small enough to stay in cache while every tap and channel block passes over them. */
 #define PONDER_DW_BLOCK 256
 
+#if PONDER_HAVE_VECTORS
+/* One cn x 16 block of dW^T (input channels c0 .. c0 + cn, output channels k0 .. k0 + 16) summed
+ * over the rows b0 .. b1. Always inlined with a constant cn, so every loop over i is unrolled and
+ * the accumulators are registers. */
+static inline __attribute__((always_inline)) void
+ponder_dw_tile16(const float *src, int64_t c_count, const int32_t *source, int64_t b0, int64_t b1, const float *dout,
+                 int64_t k_count, int64_t k0, int64_t c0, const int cn, float *d)
+{
+    ponder_v8 acc[PONDER_ROWS][2];
+    for (int i = 0; i < cn; ++i)
+        acc[i][0] = acc[i][1] = (ponder_v8){0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t r = b0; r < b1; ++r) {
+        int32_t q = source[r - b0];
+        if (q < 0)
+            continue;
+        const float *x = src + (int64_t)q * c_count + c0;
+        ponder_v8 g0 = *(const ponder_v8 *)(dout + r * k_count + k0);
+        ponder_v8 g1 = *(const ponder_v8 *)(dout + r * k_count + k0 + 8);
+        for (int i = 0; i < cn; ++i) {
+            acc[i][0] += x[i] * g0;
+            acc[i][1] += x[i] * g1;
+        }
+    }
+    for (int i = 0; i < cn; ++i) {
+        *(ponder_v8 *)(d + i * k_count + k0) += acc[i][0];
+        *(ponder_v8 *)(d + i * k_count + k0 + 8) += acc[i][1];
+    }
+}
+#endif
+
 PONDER_MULTIVERSION
 static void ponder_direct_weight_grad_f32(const float *src, int64_t c_count, const int32_t *rowmap,
                                           const int64_t *pos, const int64_t *tapoff, int64_t taps,
@@ -286,34 +316,15 @@ static void ponder_direct_weight_grad_f32(const float *src, int64_t c_count, con
                 float *d = dwt + (t * c_count + c0) * k_count;
                 int64_t k0 = 0;
 #if PONDER_HAVE_VECTORS
-                for (; k0 + 16 <= k_count; k0 += 16) {
-                    ponder_v8 acc[PONDER_ROWS][2];
-                    for (int64_t i = 0; i < PONDER_ROWS; ++i)
-                        acc[i][0] = acc[i][1] = (ponder_v8){0, 0, 0, 0, 0, 0, 0, 0};
-                    for (int64_t r = b0; r < b1; ++r) {
-                        int32_t q = source[r - b0];
-                        if (q < 0)
-                            continue;
-                        const float *x = src + (int64_t)q * c_count + c0;
-                        ponder_v8 g0 = *(const ponder_v8 *)(dout + r * k_count + k0);
-                        ponder_v8 g1 = *(const ponder_v8 *)(dout + r * k_count + k0 + 8);
-                        if (cn == PONDER_ROWS) {
-                            for (int64_t i = 0; i < PONDER_ROWS; ++i) {
-                                acc[i][0] += x[i] * g0;
-                                acc[i][1] += x[i] * g1;
-                            }
-                        } else {
-                            for (int64_t i = 0; i < cn; ++i) {
-                                acc[i][0] += x[i] * g0;
-                                acc[i][1] += x[i] * g1;
-                            }
-                        }
+                for (; k0 + 16 <= k_count; k0 += 16)
+                    switch (cn) { /* a constant block height, so that the accumulators stay in registers */
+                    case 6: ponder_dw_tile16(src, c_count, source, b0, b1, dout, k_count, k0, c0, 6, d); break;
+                    case 5: ponder_dw_tile16(src, c_count, source, b0, b1, dout, k_count, k0, c0, 5, d); break;
+                    case 4: ponder_dw_tile16(src, c_count, source, b0, b1, dout, k_count, k0, c0, 4, d); break;
+                    case 3: ponder_dw_tile16(src, c_count, source, b0, b1, dout, k_count, k0, c0, 3, d); break;
+                    case 2: ponder_dw_tile16(src, c_count, source, b0, b1, dout, k_count, k0, c0, 2, d); break;
+                    default: ponder_dw_tile16(src, c_count, source, b0, b1, dout, k_count, k0, c0, 1, d); break;
                     }
-                    for (int64_t i = 0; i < cn; ++i) {
-                        *(ponder_v8 *)(d + i * k_count + k0) += acc[i][0];
-                        *(ponder_v8 *)(d + i * k_count + k0 + 8) += acc[i][1];
-                    }
-                }
                 for (; k0 + 8 <= k_count; k0 += 8) {
                     ponder_v8 acc[PONDER_ROWS];
                     for (int64_t i = 0; i < PONDER_ROWS; ++i)

@@ -134,7 +134,7 @@ def test_a_store_to_other_rows_and_in_place_equals_the_definition(c_count, k_cou
        c_count=st.integers(1, 20), k_count=st.integers(1, 40), dtype=st.sampled_from([np.float32, np.float64]),
        direct=st.booleans(), threads=st.integers(1, 3), seed=seeds)
 def test_the_weight_gradient_on_rows_equals_numpy(n, h, w, kernel, c_count, k_count, dtype, direct, threads, seed):
-    # dW = doutᵀ · windows, db = Σ_r dout[r]: the direct kernel (float32, up to 16 source channels, with
+    # dW = doutᵀ · windows, db = Σ_r dout[r]: the direct kernel (float32, with
     # blocks of 6 channels and 16 / 8 / 1 output channels) and the gathered GEMM
     from fastpath.cython_backend import CythonBackend
     from fastpath.cython_unit import weight_grad_rows
