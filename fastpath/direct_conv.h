@@ -270,31 +270,46 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
 #define PONDER_DW_BLOCK 256
 
 #if PONDER_HAVE_VECTORS
-/* One cn x 16 block of dW^T (input channels c0 .. c0 + cn, output channels k0 .. k0 + 16) summed
- * over the rows b0 .. b1. Always inlined with a constant cn, so every loop over i is unrolled and
- * the accumulators are registers. */
+/* One cn x (8 nv) block of dW^T (input channels c0 .. c0 + cn, output channels k0 .. k0 + 8 nv,
+ * nv = 1 or 2) summed over the rows b0 .. b1. Always inlined with constant cn and nv, so every
+ * loop is unrolled and the accumulators are registers. */
 static inline __attribute__((always_inline)) void
-ponder_dw_tile16(const float *src, int64_t c_count, const int32_t *source, int64_t b0, int64_t b1, const float *dout,
-                 int64_t k_count, int64_t k0, int64_t c0, const int cn, float *d)
+ponder_dw_tile(const float *src, int64_t c_count, const int32_t *source, int64_t b0, int64_t b1, const float *dout,
+               int64_t k_count, int64_t k0, int64_t c0, const int cn, const int nv, float *d)
 {
     ponder_v8 acc[PONDER_ROWS][2];
     for (int i = 0; i < cn; ++i)
-        acc[i][0] = acc[i][1] = (ponder_v8){0, 0, 0, 0, 0, 0, 0, 0};
+        for (int v = 0; v < nv; ++v)
+            acc[i][v] = (ponder_v8){0, 0, 0, 0, 0, 0, 0, 0};
     for (int64_t r = b0; r < b1; ++r) {
         int32_t q = source[r - b0];
         if (q < 0)
             continue;
         const float *x = src + (int64_t)q * c_count + c0;
-        ponder_v8 g0 = *(const ponder_v8 *)(dout + r * k_count + k0);
-        ponder_v8 g1 = *(const ponder_v8 *)(dout + r * k_count + k0 + 8);
-        for (int i = 0; i < cn; ++i) {
-            acc[i][0] += x[i] * g0;
-            acc[i][1] += x[i] * g1;
-        }
+        ponder_v8 g[2];
+        for (int v = 0; v < nv; ++v)
+            g[v] = *(const ponder_v8 *)(dout + r * k_count + k0 + 8 * v);
+        for (int i = 0; i < cn; ++i)
+            for (int v = 0; v < nv; ++v)
+                acc[i][v] += x[i] * g[v];
     }
-    for (int i = 0; i < cn; ++i) {
-        *(ponder_v8 *)(d + i * k_count + k0) += acc[i][0];
-        *(ponder_v8 *)(d + i * k_count + k0 + 8) += acc[i][1];
+    for (int i = 0; i < cn; ++i)
+        for (int v = 0; v < nv; ++v)
+            *(ponder_v8 *)(d + i * k_count + k0 + 8 * v) += acc[i][v];
+}
+
+/* ponder_dw_tile with the block height as a constant (the switch is outside the row loop) */
+static inline __attribute__((always_inline)) void
+ponder_dw_tiles(const float *src, int64_t c_count, const int32_t *source, int64_t b0, int64_t b1, const float *dout,
+                int64_t k_count, int64_t k0, int64_t c0, int64_t cn, const int nv, float *d)
+{
+    switch (cn) {
+    case 6: ponder_dw_tile(src, c_count, source, b0, b1, dout, k_count, k0, c0, 6, nv, d); break;
+    case 5: ponder_dw_tile(src, c_count, source, b0, b1, dout, k_count, k0, c0, 5, nv, d); break;
+    case 4: ponder_dw_tile(src, c_count, source, b0, b1, dout, k_count, k0, c0, 4, nv, d); break;
+    case 3: ponder_dw_tile(src, c_count, source, b0, b1, dout, k_count, k0, c0, 3, nv, d); break;
+    case 2: ponder_dw_tile(src, c_count, source, b0, b1, dout, k_count, k0, c0, 2, nv, d); break;
+    default: ponder_dw_tile(src, c_count, source, b0, b1, dout, k_count, k0, c0, 1, nv, d); break;
     }
 }
 #endif
@@ -317,30 +332,9 @@ static void ponder_direct_weight_grad_f32(const float *src, int64_t c_count, con
                 int64_t k0 = 0;
 #if PONDER_HAVE_VECTORS
                 for (; k0 + 16 <= k_count; k0 += 16)
-                    switch (cn) { /* a constant block height, so that the accumulators stay in registers */
-                    case 6: ponder_dw_tile16(src, c_count, source, b0, b1, dout, k_count, k0, c0, 6, d); break;
-                    case 5: ponder_dw_tile16(src, c_count, source, b0, b1, dout, k_count, k0, c0, 5, d); break;
-                    case 4: ponder_dw_tile16(src, c_count, source, b0, b1, dout, k_count, k0, c0, 4, d); break;
-                    case 3: ponder_dw_tile16(src, c_count, source, b0, b1, dout, k_count, k0, c0, 3, d); break;
-                    case 2: ponder_dw_tile16(src, c_count, source, b0, b1, dout, k_count, k0, c0, 2, d); break;
-                    default: ponder_dw_tile16(src, c_count, source, b0, b1, dout, k_count, k0, c0, 1, d); break;
-                    }
-                for (; k0 + 8 <= k_count; k0 += 8) {
-                    ponder_v8 acc[PONDER_ROWS];
-                    for (int64_t i = 0; i < PONDER_ROWS; ++i)
-                        acc[i] = (ponder_v8){0, 0, 0, 0, 0, 0, 0, 0};
-                    for (int64_t r = b0; r < b1; ++r) {
-                        int32_t q = source[r - b0];
-                        if (q < 0)
-                            continue;
-                        const float *x = src + (int64_t)q * c_count + c0;
-                        ponder_v8 g0 = *(const ponder_v8 *)(dout + r * k_count + k0);
-                        for (int64_t i = 0; i < cn; ++i)
-                            acc[i] += x[i] * g0;
-                    }
-                    for (int64_t i = 0; i < cn; ++i)
-                        *(ponder_v8 *)(d + i * k_count + k0) += acc[i];
-                }
+                    ponder_dw_tiles(src, c_count, source, b0, b1, dout, k_count, k0, c0, cn, 2, d);
+                for (; k0 + 8 <= k_count; k0 += 8)
+                    ponder_dw_tiles(src, c_count, source, b0, b1, dout, k_count, k0, c0, cn, 1, d);
 #endif
                 /* the last k_count % 8 output channels (all of them without vector support) */
                 for (; k0 < k_count; ++k0) {
