@@ -129,14 +129,14 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
     if (k_count == 1 && c_count >= 8) {
         /* one output channel (a halting head's local term): a dot product of each window with the
          * weights, vectorised over the input channels instead of over the outputs; four rows at a
-         * time, so that their independent sums overlap (a single row waits on its map lookups and
-         * on one chain of additions) */
+         * time with two accumulators each, so that eight independent chains of multiply-adds
+         * overlap (one row waits on its map lookups and on the latency of its chain) */
         int64_t r = r0;
         for (; r + 4 <= r1; r += 4) {
-            ponder_v8 acc[4];
+            ponder_v8 acc[4][2];
             float sum[4];
             for (int i = 0; i < 4; ++i) {
-                acc[i] = (ponder_v8){0, 0, 0, 0, 0, 0, 0, 0};
+                acc[i][0] = acc[i][1] = (ponder_v8){0, 0, 0, 0, 0, 0, 0, 0};
                 sum[i] = 0.0f;
             }
             for (int64_t t = 0; t < taps; ++t) {
@@ -147,18 +147,26 @@ static void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const
                 }
                 const float *w = wt + t * c_count;
                 int64_t c = 0;
+                for (; c + 16 <= c_count; c += 16) {
+                    ponder_v8 w0 = *(const ponder_v8 *)(w + c), w1 = *(const ponder_v8 *)(w + c + 8);
+                    for (int i = 0; i < 4; ++i) {
+                        acc[i][0] += *(const ponder_v8 *)(x[i] + c) * w0;
+                        acc[i][1] += *(const ponder_v8 *)(x[i] + c + 8) * w1;
+                    }
+                }
                 for (; c + 8 <= c_count; c += 8) {
                     ponder_v8 wv = *(const ponder_v8 *)(w + c);
                     for (int i = 0; i < 4; ++i)
-                        acc[i] += *(const ponder_v8 *)(x[i] + c) * wv;
+                        acc[i][0] += *(const ponder_v8 *)(x[i] + c) * wv;
                 }
                 for (; c < c_count; ++c)
                     for (int i = 0; i < 4; ++i)
                         sum[i] += x[i][c] * w[c];
             }
             for (int i = 0; i < 4; ++i) {
+                ponder_v8 both = acc[i][0] + acc[i][1];
                 for (int lane = 0; lane < 8; ++lane)
-                    sum[i] += acc[i][lane];
+                    sum[i] += both[lane];
                 int64_t row = ponder_out_row(ep, r + i);
                 out[row] = ponder_sum1(ep, sum[i], row, 1, 0);
                 ponder_finish(out + row, 1, ep, 0);
