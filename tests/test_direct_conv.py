@@ -72,6 +72,24 @@ def test_direct_rows_equal_numpy_and_the_gemm_path(n, h, w, kernel, c_count, k_c
     assert_close(direct, gemm, np.float32)
 
 
+@given(n=st.integers(1, 2), h=st.integers(1, 7), w=st.integers(1, 7), kernel=st.sampled_from(KERNELS),
+       c_count=st.integers(1, 40), with_addend=st.booleans(), threads=st.integers(1, 3), seed=seeds)
+def test_the_one_output_channel_path_equals_numpy(n, h, w, kernel, c_count, with_addend, threads, seed):
+    # K = 1 (the halting heads) has its own path: blocks of 16 and 8 input channels over four rows at a
+    # time, a scalar tail of channels, and single rows past the last group of four
+    from fastpath.cython_unit import _kernels
+
+    rng = np.random.default_rng(seed)
+    src, rowmap, pos, taps, wmat, bias = _case(rng, n, h, w, kernel, c_count, 1)
+    addend = rng.standard_normal((pos.size, 1)).astype(np.float32) if with_addend else None
+    expected = _numpy_rows(src, rowmap, pos, taps, wmat, bias, True) + (addend if with_addend else 0)
+    out = np.full((pos.size, 1), np.nan, dtype=np.float32)
+    chunk = -(-max(pos.size, 1) // threads)
+    _kernels.conv_rows_forward_direct(src, rowmap, pos, taps, np.ascontiguousarray(wmat.T), bias, True, out, chunk,
+                                      threads, addend)
+    assert_close(out, expected, np.float32)
+
+
 def _finish(value, addend, post):
     """The definition of the fused epilogue: ``+ addend``, then batch norm and ReLU."""
     if addend is not None:
