@@ -10,6 +10,7 @@ import json
 import statistics
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -134,6 +135,38 @@ def test_the_printed_tables_are_those_of_the_json(run):
     data, stdout = run
     assert tables(data) in stdout
     assert "BLAS:" in stdout and "CPU:" in stdout
+
+
+def test_the_docs_table_script_computes_its_ratios_from_the_json(run, tmp_path):
+    # scripts/bench_networks_table.py: the headline ratios the benchmark page quotes, from one run's rows
+    data, _ = run
+    path = tmp_path / "networks.json"
+    path.write_text(json.dumps(data))
+    result = subprocess.run([sys.executable, "scripts/bench_networks_table.py", str(path)], capture_output=True,
+                            text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 0, result.stderr
+    rows = [r for r in data["rows"] if r["part"] == "inference"]
+    cells = sorted({(r["size"], r["threads"]) for r in rows})
+    line = next(x for x in result.stdout.splitlines() if x.startswith("| SACT compiled, nothing halted"))
+
+    def ms(cell, runner, target=None):
+        return next(r["ms"] for r in rows if (r["size"], r["threads"]) == cell and r["runner"] == runner
+                    and r["ratio_target"] == target)
+
+    expected = [f"{ms(c, 'SACT compiled', 1.0) / ms(c, 'ponder compiled'):.2f}" for c in cells]
+    assert line.split("|")[2:-1] == [f" {v} " for v in expected]
+    trained = [x for x in result.stdout.splitlines() if x.startswith("- training ")]
+    assert len(trained) == sum(r["part"] == "training" for r in data["rows"])
+
+
+def test_the_docs_table_script_refuses_a_file_that_is_not_a_benchmark(tmp_path):
+    path = tmp_path / "other.json"
+    path.write_text("{}")
+    result = subprocess.run([sys.executable, "scripts/bench_networks_table.py", str(path)], capture_output=True,
+                            text=True, timeout=60, cwd=Path(__file__).resolve().parents[1])
+    assert result.returncode == 2
+    assert "json must be a file written by `python -m fastpath.bench --networks --json`" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_the_torch_mirror_computes_the_ponder_network():
