@@ -47,7 +47,7 @@ from refimpl.conv_layer import Conv2d
 from refimpl.resnet import Identity, PadShortcut, ResNet
 from refimpl.sact import SACTResNet
 
-from . import cython_unit
+from . import cython_unit, profiling
 from .cython_unit import _kernels, _one_blas_thread, _rows_map, _taps, _weights, conv_rows, dilate_fast
 
 
@@ -132,13 +132,15 @@ class CompiledResNet:
         weights = _weights(conv, dtype)
         if out is None:
             out = self._workspace.take(role, (centres.size, conv.out_channels), dtype)
-        conv_rows(self.backend, src, rowmap, centres, _taps(conv.kernel, grid.wm), *weights, out,
-                  self.backend._team(centres.size * weights[0].size), addend, post, out_rows)
+        with profiling.section("compute"):
+            conv_rows(self.backend, src, rowmap, centres, _taps(conv.kernel, grid.wm), *weights, out,
+                      self.backend._team(centres.size * weights[0].size), addend, post, out_rows)
         return out
 
     def _bn_relu(self, bn, rows, dtype):
         out = self._workspace.take("activated", rows.shape, dtype)
-        _kernels.affine_relu_rows(rows, *_affine(bn, dtype), out, self.backend._team(rows.size))
+        with profiling.section("gather"):
+            _kernels.affine_relu_rows(rows, *_affine(bn, dtype), out, self.backend._team(rows.size))
         return out
 
     def _plan(self, n, hw):
@@ -182,7 +184,8 @@ class CompiledResNet:
 
     def _stem(self, x, plan, dtype):
         n, c, h, w = x.shape
-        rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(n * h * w, c)
+        with profiling.section("gather"):
+            rows = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(n * h * w, c)
         grid, _, centres = plan["stem"]
         self._rows_role = 0
         return self._conv(self.model.stem, rows, grid, centres, dtype, "rows0")
@@ -201,7 +204,8 @@ class CompiledResNet:
         out = self._conv(unit.conv2, z, out_grid, conv2, dtype, self._next_rows_role(),
                          addend=rows if identity else None)
         if isinstance(unit.shortcut, PadShortcut):
-            out[:, : rows.shape[1]] += rows[shortcut]
+            with profiling.section("other"):
+                out[:, : rows.shape[1]] += rows[shortcut]
         elif not identity:
             out += self._conv(unit.shortcut, rows, grid, shortcut, dtype, "shortcut")
         return out
@@ -209,10 +213,11 @@ class CompiledResNet:
     def _head(self, rows, n, dtype):
         bn, _, _, linear = self.model.head.layers_
         rows = self._bn_relu(bn, rows, dtype)
-        pooled = rows.reshape(n, -1, rows.shape[1]).mean(axis=1, dtype=dtype)
-        logits = pooled @ linear.params["w"]
-        if linear.has_bias:
-            logits += linear.params["b"]
+        with profiling.section("other"):
+            pooled = rows.reshape(n, -1, rows.shape[1]).mean(axis=1, dtype=dtype)
+            logits = pooled @ linear.params["w"]
+            if linear.has_bias:
+                logits += linear.params["b"]
         return logits.astype(dtype, copy=False)
 
     def __call__(self, x):
@@ -250,36 +255,38 @@ class CompiledSACTResNet(CompiledResNet):
         adds the global term as it stores each value.
         """
         n, size = grid.n, grid.h * grid.w
-        pooled = (np.ones((1, size), dtype=dtype) @ rows.reshape(n, size, rows.shape[1]))[:, 0] / dtype.type(size)
-        global_term = (pooled @ head.params["w_global"]).astype(dtype, copy=False)
-        global_rows = global_term[active_flat // size].reshape(-1, 1)  # added as the kernel stores each local term
+        with profiling.section("other"):
+            pooled = (np.ones((1, size), dtype=dtype) @ rows.reshape(n, size, rows.shape[1]))[:, 0] / dtype.type(size)
+            global_term = (pooled @ head.params["w_global"]).astype(dtype, copy=False)
+            global_rows = global_term[active_flat // size].reshape(-1, 1)  # added as the kernel stores each local term
         logits = self._conv_at(head.local, rows, grid.rowmap, grid, grid.pos[active_flat], dtype, "head",
                                addend=global_rows)[:, 0]
-        # σ of refimpl.distributions, as SciPy's ufunc: one pass, 2.7x faster on 65,536 float32 values
-        return expit(logits).astype(dtype, copy=False)
+        with profiling.section("other"):
+            # σ of refimpl.distributions, as SciPy's ufunc: one pass, 2.7x faster on 65,536 float32 values
+            return expit(logits).astype(dtype, copy=False)
 
     def _sparse_unit(self, unit, rows, grid, active, dtype):
         """In place ``rows[A] += f(x)[A]``: conv1 on D = dilate(A), conv2 on A; returns the FLOPs per sample."""
         n, h, w = grid.n, grid.h, grid.w
         mask = active.reshape(n, h, w)
-        a_flat = np.flatnonzero(active)
-        every = a_flat.size == active.size
-        if every:  # every position: the rows of the whole grid, nothing to dilate
-            d_mask, d_flat = mask, a_flat
-            src, src_map = rows, grid.rowmap
-            d_map = grid.rowmap
-        else:
-            team = self.backend._team(active.size * 9)
-            d_mask = dilate_fast(mask, unit.conv2.kernel, team)
-            d_flat = np.flatnonzero(d_mask)
-            e_flat = np.flatnonzero(dilate_fast(d_mask, unit.conv1.kernel, team))
-            if 2 * e_flat.size > active.size:  # bn1 + ReLU on every row costs less than gathering E first
-                src, src_map = rows, grid.rowmap
+        src, src_map, gather = rows, grid.rowmap, None  # bn1 + ReLU on every row, unless E is gathered first
+        with profiling.section("other"):  # the position sets and their index maps
+            a_flat = np.flatnonzero(active)
+            every = a_flat.size == active.size
+            if every:  # every position: the rows of the whole grid, nothing to dilate
+                d_mask, d_flat, d_map = mask, a_flat, grid.rowmap
             else:
-                src = np.take(rows, e_flat, axis=0, out=self._workspace.take("gathered", (e_flat.size, rows.shape[1]),
-                                                                           dtype))
-                src_map = _rows_map(grid.rowmap.size, grid.pos[e_flat])
-            d_map = _rows_map(grid.rowmap.size, grid.pos[d_flat])
+                team = self.backend._team(active.size * 9)
+                d_mask = dilate_fast(mask, unit.conv2.kernel, team)
+                d_flat = np.flatnonzero(d_mask)
+                e_flat = np.flatnonzero(dilate_fast(d_mask, unit.conv1.kernel, team))
+                if 2 * e_flat.size <= active.size:  # else bn1 + ReLU on every row costs less than gathering E
+                    gather, src_map = e_flat, _rows_map(grid.rowmap.size, grid.pos[e_flat])
+                d_map = _rows_map(grid.rowmap.size, grid.pos[d_flat])
+        if gather is not None:
+            with profiling.section("gather"):
+                src = np.take(rows, gather, axis=0,
+                              out=self._workspace.take("gathered", (gather.size, rows.shape[1]), dtype))
         h1 = self._bn_relu(unit.bn1, src, dtype)
         z = self._conv_at(unit.conv1, h1, src_map, grid, grid.pos[d_flat], dtype, "conv1",
                           post=_affine(unit.bn2, dtype))
@@ -287,8 +294,9 @@ class CompiledSACTResNet(CompiledResNet):
         self._conv_at(unit.conv2, z, d_map, grid, grid.pos[a_flat], dtype, "residual", addend=rows, out=rows,
                       out_rows=None if every else a_flat)
         c, k = unit.conv1.in_channels, unit.conv1.out_channels
-        return (conv_flops(1, c, k, unit.conv1.kernel) * d_mask.sum(axis=(1, 2))
-                + conv_flops(1, k, k, unit.conv2.kernel) * mask.sum(axis=(1, 2))).astype(np.int64)
+        with profiling.section("other"):
+            return (conv_flops(1, c, k, unit.conv1.kernel) * d_mask.sum(axis=(1, 2))
+                    + conv_flops(1, k, k, unit.conv2.kernel) * mask.sum(axis=(1, 2))).astype(np.int64)
 
     def _block(self, block, rows, plan, s, dtype, flops):
         """One SACT block on rows (see :func:`refimpl.adaptive_block.run_units`); returns Σ_n p_n U_n and ρ."""
@@ -297,34 +305,37 @@ class CompiledSACTResNet(CompiledResNet):
         n, size = grid.n, grid.h * grid.w
         total = n * size
         # ACT per position (refimpl.halting), online: N, R = 1 - Σ_{i<N} h_i, and Σ_{n<N} h_n U_n so far
-        cumulative = np.zeros(total, dtype=dtype)
-        remainder = np.ones(total, dtype=dtype)
-        n_units = np.ones(total, dtype=np.int64)
-        weighted = self._workspace.take("weighted", rows.shape, dtype)
-        weighted[...] = 0
-        active = np.ones(total, dtype=bool)
-        active_flat = np.arange(total)
+        with profiling.section("other"):
+            cumulative = np.zeros(total, dtype=dtype)
+            remainder = np.ones(total, dtype=dtype)
+            n_units = np.ones(total, dtype=np.int64)
+            weighted = self._workspace.take("weighted", rows.shape, dtype)
+            weighted[...] = 0
+            active = np.ones(total, dtype=bool)
+            active_flat = np.arange(total)
         for index in range(1, len(block.units)):
             head = block.heads[index - 1]
-            per_sample = np.bincount(active_flat // size, minlength=n)
             h = self._head_logits(head, rows, grid, active_flat, dtype)
-            flops += np.where(per_sample > 0, conv_flops(1, head.channels, 1, head.local.kernel) * per_sample
-                              + 2 * head.channels, 0)
-            after = cumulative[active_flat] + h
-            going_on = halting.still_running(after, block.eps)
-            # p_n = h_n before the halting unit; a halting position records N and R and leaves A
-            _kernels.act_step(h, after, going_on.view(np.uint8), active_flat, index, cumulative, remainder, n_units,
-                              active.view(np.uint8), weighted, rows, self.backend._team(rows.size))
-            active_flat = active_flat[going_on]
+            with profiling.section("other"):  # ACT's bookkeeping
+                per_sample = np.bincount(active_flat // size, minlength=n)
+                flops += np.where(per_sample > 0, conv_flops(1, head.channels, 1, head.local.kernel) * per_sample
+                                  + 2 * head.channels, 0)
+                after = cumulative[active_flat] + h
+                going_on = halting.still_running(after, block.eps)
+                # p_n = h_n before the halting unit; a halting position records N and R and leaves A
+                _kernels.act_step(h, after, going_on.view(np.uint8), active_flat, index, cumulative, remainder,
+                                  n_units, active.view(np.uint8), weighted, rows, self.backend._team(rows.size))
+                active_flat = active_flat[going_on]
             if active_flat.size == 0:
                 break
             flops += self._sparse_unit(block.units[index], rows, grid, active, dtype)
-        remainder[active_flat] = 1 - cumulative[active_flat]  # ran every unit: N = L
-        n_units[active_flat] = len(block.units)
-        # p_N = R, and U_N is the last state of a position halted at N
-        _kernels.add_scaled_rows_at(weighted, rows, remainder, np.arange(total, dtype=np.int64),
-                                    self.backend._team(rows.size))
-        rho = (n_units + remainder).astype(dtype)
+        with profiling.section("other"):
+            remainder[active_flat] = 1 - cumulative[active_flat]  # ran every unit: N = L
+            n_units[active_flat] = len(block.units)
+            # p_N = R, and U_N is the last state of a position halted at N
+            _kernels.add_scaled_rows_at(weighted, rows, remainder, np.arange(total, dtype=np.int64),
+                                        self.backend._team(rows.size))
+            rho = (n_units + remainder).astype(dtype)
         return weighted, rho.reshape(n, grid.h, grid.w)
 
     def __call__(self, x):
