@@ -1,0 +1,185 @@
+/* Direct float32 kernels for CythonBackend's convolutions on channels-last rows, planes out.
+ *
+ * CythonBackend computes a float32 convolution on rows (fastpath/_cython_conv.pyx,
+ * conv_rows_to_planes and conv_rows_weight_grad_direct): rows (R, C) with the channels contiguous
+ * and a map over the zero-padded grid holding the row of every position (-1 reads zeros), as in
+ * direct_conv.h. This header adds two kernels for CPUs with AVX2 and FMA and channel counts that
+ * are multiples of 16 (ponder_planes_supported says whether they apply):
+ *
+ * - ponder_conv_planes_f32, the forward of one sample, out[k, p] = bias[k] + sum_t sum_c
+ *   src[rowmap[pos[p] + tapoff[t]], c] wt[t C + c, k]: direct_conv.h's tile of 6 rows x 16
+ *   output channels held in registers, but stored transposed, straight into the compact NCHW
+ *   layout (K, width) the backend returns, instead of row-major rows that would need a pass to
+ *   transpose;
+ * - ponder_conv_rows_weight_grad_f32, the weight gradient dWt[t, c, k] += sum_r
+ *   src[rowmap[pos[r] + tapoff[t]], c] dy[r, k]: a tile of 6 input channels x 16 output channels
+ *   of dW held in registers while a block of rows streams past, each row broadcasting 6 input
+ *   values onto 16 gradient values. It reads the windows in place through one pointer per row
+ *   and tap (the GEMM path gathers them into columns first, and BLAS is slow on a product this
+ *   skinny).
+ *
+ * They are compiled for x86-64-v3 (AVX2 + FMA) through a target attribute and entered only when
+ * the CPU has it (__builtin_cpu_supports). AVX-512 is not used: on the machine this was tuned on
+ * (AMD Zen 4, whose 512-bit operations take two 256-bit passes) 16-float tiles were no faster and
+ * for 16 channels slower. Elsewhere (another compiler or architecture) the caller runs
+ * direct_conv.h's kernel and a transposition, or the gather and BLAS path.
+ *
+ * Rounding: sums in float32 with fused multiply-adds, tap-major and channel-minor like
+ * direct_conv.h (a tap whose rows are all missing is skipped: it would add only zeros); the
+ * weight gradient sums over rows in row order within a block of rows, one partial per thread
+ * (the caller adds the partials in order).
+ */
+#ifndef PONDER_DIRECT_CONV_PLANES_H
+#define PONDER_DIRECT_CONV_PLANES_H
+
+#include <stdint.h>
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 11
+#define PONDER_PLANES_AVX2 1
+typedef float ponder_pv __attribute__((vector_size(32), aligned(4)));
+#define PONDER_PLANES_ROWS 6
+#define PONDER_DW_BLOCK 256   /* most rows streamed per weight-gradient tile */
+
+/* rows p .. p + rows_here of one sample, output channels k0 .. k0 + 16, stored into out (K, width) */
+static __attribute__((target("arch=x86-64-v3"))) void ponder_planes_tile(
+    const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos, const int64_t *tapoff,
+    int64_t taps, const float *wt, int64_t k_count, int64_t k0, const float *bias, const float *zero_row,
+    float *out, int64_t width, int64_t p, int64_t rows_here)
+{
+    ponder_pv acc[PONDER_PLANES_ROWS][2];
+    const float *rows[PONDER_PLANES_ROWS];
+    for (int i = 0; i < PONDER_PLANES_ROWS; ++i)
+        acc[i][0] = acc[i][1] = (ponder_pv){0};
+    for (int64_t t = 0; t < taps; ++t) {
+        int present = 0;
+        for (int i = 0; i < PONDER_PLANES_ROWS; ++i) {
+            int32_t q = i < rows_here ? rowmap[pos[p + i] + tapoff[t]] : -1;
+            rows[i] = q >= 0 ? src + (int64_t)q * c_count : zero_row;
+            present |= q >= 0;
+        }
+        if (!present) /* the whole tile reads zeros here (padding, or a gradient the plan skipped) */
+            continue;
+        const float *w = wt + t * c_count * k_count + k0;
+        for (int64_t c = 0; c < c_count; ++c) {
+            ponder_pv w0 = *(const ponder_pv *)(w + c * k_count);
+            ponder_pv w1 = *(const ponder_pv *)(w + c * k_count + 8);
+            for (int i = 0; i < PONDER_PLANES_ROWS; ++i) {
+                float x = rows[i][c];
+                acc[i][0] += x * w0;
+                acc[i][1] += x * w1;
+            }
+        }
+    }
+    for (int v = 0; v < 2; ++v)
+        for (int l = 0; l < 8; ++l) {
+            float b = bias[k0 + 8 * v + l];
+            float *o = out + (k0 + 8 * v + l) * width + p;
+            for (int i = 0; i < rows_here; ++i)
+                o[i] = acc[i][v][l] + b;
+        }
+}
+
+/* dWt[t, c0 + i, k0 .. k0 + 16] += sum_r x[r][c0 + i] dy[r, k0 .. k0 + 16], i < CB, over the rows of a
+ * block (x[r]: the input row the row's window reads at tap t, or zeros); CB = 6 keeps 12 sums in
+ * flight, enough to cover the latency of the fused multiply-adds */
+#define PONDER_DW_TILE(CB)                                                                                  \
+    static __attribute__((target("arch=x86-64-v3"))) void ponder_dw_tile_##CB(                              \
+        const float *const *x, int64_t nrows, int64_t c0, const float *dy, int64_t k_count, int64_t k0,     \
+        float *dwt)                                                                                         \
+    {                                                                                                       \
+        ponder_pv acc[CB][2];                                                                               \
+        for (int i = 0; i < CB; ++i) {                                                                      \
+            acc[i][0] = *(const ponder_pv *)(dwt + i * k_count);                                            \
+            acc[i][1] = *(const ponder_pv *)(dwt + i * k_count + 8);                                        \
+        }                                                                                                   \
+        for (int64_t r = 0; r < nrows; ++r) {                                                               \
+            const float *d = dy + r * k_count + k0;                                                         \
+            ponder_pv d0 = *(const ponder_pv *)d, d1 = *(const ponder_pv *)(d + 8);                         \
+            const float *xr = x[r] + c0;                                                                    \
+            for (int i = 0; i < CB; ++i) {                                                                  \
+                float v = xr[i];                                                                            \
+                acc[i][0] += v * d0;                                                                        \
+                acc[i][1] += v * d1;                                                                        \
+            }                                                                                               \
+        }                                                                                                   \
+        for (int i = 0; i < CB; ++i) {                                                                      \
+            *(ponder_pv *)(dwt + i * k_count) = acc[i][0];                                                  \
+            *(ponder_pv *)(dwt + i * k_count + 8) = acc[i][1];                                              \
+        }                                                                                                   \
+    }
+
+PONDER_DW_TILE(6)
+PONDER_DW_TILE(4)
+PONDER_DW_TILE(2)
+#else
+#define PONDER_PLANES_AVX2 0
+#endif
+
+/* Whether the kernels below run here for these channel counts (else they must not be called). */
+static int ponder_planes_supported(int64_t c_count, int64_t k_count)
+{
+#if PONDER_PLANES_AVX2
+    return c_count % 16 == 0 && k_count % 16 == 0 && c_count > 0 && k_count > 0 &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+    (void)c_count; (void)k_count;
+    return 0;
+#endif
+}
+
+/* Rows 0 .. count of one sample (positions pos, map rowmap) into out (K, width), bias added;
+ * the slots count .. width are left as they are. Only where ponder_planes_supported(C, K). */
+static void ponder_conv_planes_f32(const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos,
+                                   const int64_t *tapoff, int64_t taps, const float *wt, int64_t k_count,
+                                   const float *bias, const float *zero_row, float *out, int64_t width, int64_t count)
+{
+#if PONDER_PLANES_AVX2
+    for (int64_t k0 = 0; k0 + 16 <= k_count; k0 += 16)
+        for (int64_t p = 0; p < count; p += PONDER_PLANES_ROWS)
+            ponder_planes_tile(src, c_count, rowmap, pos, tapoff, taps, wt, k_count, k0, bias, zero_row, out, width,
+                               p, count - p < PONDER_PLANES_ROWS ? count - p : PONDER_PLANES_ROWS);
+#else
+    (void)src; (void)c_count; (void)rowmap; (void)pos; (void)tapoff; (void)taps; (void)wt; (void)k_count;
+    (void)bias; (void)zero_row; (void)out; (void)width; (void)count;
+#endif
+}
+
+/* dWt (T, C, K) += the weight gradient of the rows r0 .. r1 (window corners pos, gradient rows dy (R, K)),
+ * in blocks of PONDER_DW_BLOCK rows: for every tap, the rows' input pointers once, then every tile.
+ * Only where ponder_planes_supported(C, K). */
+static void ponder_conv_rows_weight_grad_f32(const float *src, int64_t c_count, const int32_t *rowmap,
+                                             const int64_t *pos, const int64_t *tapoff, int64_t taps, const float *dy,
+                                             int64_t k_count, const float *zero_row, float *dwt, int64_t r0, int64_t r1)
+{
+#if PONDER_PLANES_AVX2
+    const float *x[PONDER_DW_BLOCK];
+    /* a block's gradient rows and input rows together about 24 KiB, so that they stay in L1 */
+    int64_t block = 6144 / (c_count + k_count);
+    block = block < 16 ? 16 : block > PONDER_DW_BLOCK ? PONDER_DW_BLOCK : block;
+    for (int64_t rb = r0; rb < r1; rb += block) {
+        int64_t nrows = r1 - rb < block ? r1 - rb : block;
+        for (int64_t t = 0; t < taps; ++t) {
+            for (int64_t r = 0; r < nrows; ++r) {
+                int32_t q = rowmap[pos[rb + r] + tapoff[t]];
+                x[r] = q >= 0 ? src + (int64_t)q * c_count : zero_row;
+            }
+            for (int64_t k0 = 0; k0 < k_count; k0 += 16) {
+                const float *d = dy + rb * k_count;
+                float *o = dwt + t * c_count * k_count + k0;
+                int64_t c0 = 0;
+                for (; c0 + 6 <= c_count; c0 += 6)
+                    ponder_dw_tile_6(x, nrows, c0, d, k_count, k0, o + c0 * k_count);
+                for (; c0 + 4 <= c_count; c0 += 4)
+                    ponder_dw_tile_4(x, nrows, c0, d, k_count, k0, o + c0 * k_count);
+                for (; c0 < c_count; c0 += 2) /* C is a multiple of 16: an even remainder */
+                    ponder_dw_tile_2(x, nrows, c0, d, k_count, k0, o + c0 * k_count);
+            }
+        }
+    }
+#else
+    (void)src; (void)c_count; (void)rowmap; (void)pos; (void)tapoff; (void)taps; (void)dy; (void)k_count;
+    (void)zero_row; (void)dwt; (void)r0; (void)r1;
+#endif
+}
+
+#endif
