@@ -2,9 +2,28 @@
 
 This module is the thin layer between validated NumPy arrays and :mod:`fastpath._cython_conv`: it
 converts inputs (C-contiguous, one float dtype, int32 indices — read-only arrays are fine), allocates
-outputs, and keeps in each cache exactly what the backward kernels read. The kernels themselves
-gather masked im2col columns of many images into one buffer and make one BLAS GEMM per chunk of
-columns (see the docstring of ``_cython_conv.pyx`` for the matrix picture).
+outputs, and keeps in each cache exactly what the backward kernels read. A perforated convolution
+takes one of three paths:
+
+* **rows** — float32 with ``direct_conv`` (the default), 16 to 64 input and output channels,
+  stride 1 and a padding smaller than the kernel (every 3×3 'same' layer of a CIFAR ResNet past
+  the first): the input is
+  transposed once to channels-last rows and a direct register-tiled kernel reads each window in
+  place through an int32 map of the padded grid (no padded copy, no gathered columns), storing its
+  tiles straight into the compact (N, K, P) output (``fastpath/direct_conv_planes.h`` where both
+  channel counts are multiples of 16 on an AVX2 CPU; ``fastpath/direct_conv.h`` and a
+  transposition from a per-thread scratch elsewhere). Backward: ``dW`` by a register tile that
+  streams the output gradient's rows past the windows (a gather and BLAS where the channel counts
+  do not fit it), ``dX`` as the direct convolution of the output gradient — zero where the plan
+  skipped, padded by ``kernel - 1 - padding`` — with the weights flipped and transposed, at every
+  input position (:meth:`CythonBackend._rows_forward`, :meth:`CythonBackend._rows_backward`);
+* **one output channel** (a halting head's local term): a plane-wise direct convolution of the
+  whole map (:meth:`CythonBackend._direct_forward`);
+* **GEMM** — everything else (float64, strided convolutions, wider or narrower layers,
+  ``direct_conv=False``): masked
+  im2col columns of many images gathered into one buffer and one BLAS GEMM per chunk of columns,
+  the backward scattering the column gradient back (col2im); see the docstring of
+  ``_cython_conv.pyx`` for the matrix picture.
 
 Thread count: ``CythonBackend(threads=...)``, else the ``PONDER_THREADS`` environment variable, else
 ``os.cpu_count()``; it drives every OpenMP loop. Each OpenMP thread runs its own chunks through a
@@ -49,6 +68,7 @@ else:
 INDEX = np.int32
 CHUNK_BYTES = 1 << 20  # size of the gathered column buffer of one GEMM (see CythonBackend.chunk_bytes)
 PARALLEL_WORK = 1 << 18  # smaller calls run on one thread (see CythonBackend._team)
+ROWS_CHANNELS = (16, 64)  # input and output channel counts of the convolutions on rows (CythonBackend._on_rows)
 
 
 def default_threads():
@@ -175,7 +195,7 @@ _EMPTY_I32 = np.zeros(1, dtype=INDEX)
 
 
 class CythonBackend(ConvBackend):
-    """Compiled CPU kernels: gather + BLAS GEMM + scatter, OpenMP over ``threads`` threads.
+    """Compiled CPU kernels: direct convolutions on rows, or gather + BLAS GEMM + scatter; OpenMP threads.
 
     Parameters
     ----------
@@ -187,9 +207,12 @@ class CythonBackend(ConvBackend):
     parallel_work : int, optional
         Calls with less work than this (about one multiply-add or copy per unit) run on one thread.
     direct_conv : bool, optional
-        Whether float32 convolutions on channels-last rows (the fused residual unit and compiled
-        networks) use the register-blocked direct kernel (``fastpath/direct_conv.h``) instead of a
-        gather and a BLAS GEMM (default True; float64 always uses BLAS).
+        Whether float32 convolutions use the register-blocked direct kernels on channels-last rows
+        (``fastpath/direct_conv.h``, ``fastpath/direct_conv_planes.h``) instead of a gather and a
+        BLAS GEMM: the fused residual unit, compiled networks, and ``conv_forward`` /
+        ``conv_backward`` at stride 1 with a padding smaller than the kernel and 16 to 64 input
+        and output channels (default True; float64 always uses BLAS). False keeps every float32
+        convolution on the gather-and-GEMM path.
     """
 
     name = "cython"
@@ -239,7 +262,7 @@ class CythonBackend(ConvBackend):
         k = w.shape[0]
         (kh, kw), (sh, sw), (ph, pw), (_, wo) = geometry.kernel, geometry.stride, geometry.padding, geometry.out_hw
         hp, wp = h + 2 * ph, wd + 2 * pw
-        if self._on_rows(dtype, k, geometry):
+        if self._on_rows(dtype, c, k, geometry):
             positions, counts = _index(plan.positions), _index(plan.counts)
             return self._rows_forward(x, w, b, geometry, positions, counts)
         if ph or pw:
@@ -292,17 +315,21 @@ class CythonBackend(ConvBackend):
 
     # -- float32 on channels-last rows: the direct micro-kernel -----------------------------------
 
-    def _on_rows(self, dtype, k, geometry):
+    def _on_rows(self, dtype, c, k, geometry):
         """Whether a convolution runs on channels-last rows (:meth:`_rows_forward`) rather than the GEMM path.
 
-        float32 with ``direct_conv``, more than one output channel (one is :meth:`_direct_forward`'s),
-        stride 1 and a padding smaller than the kernel (so that the input gradient is a convolution
-        of the output gradient padded by ``kernel - 1 - padding``); strided convolutions keep the
-        GEMM path, whose backward scatters the windows instead.
+        float32 with ``direct_conv``; between :data:`ROWS_CHANNELS` input and output channels
+        (the small-channel layers of CIFAR ResNets: with fewer, the input gradient's few output
+        channels leave the kernel's vectors idle; with more, BLAS's GEMM is as fast or faster,
+        measured on the benchmark's NIN, AlexNet and VGG layers); stride 1 and a padding smaller
+        than the kernel, so that the input gradient is a convolution of the output gradient padded
+        by ``kernel - 1 - padding`` (strided convolutions keep the GEMM path, whose backward
+        scatters the windows instead).
         """
         (kh, kw), (ph, pw) = geometry.kernel, geometry.padding
-        return (self.direct_conv and dtype == np.float32 and k > 1 and cython_unit._kernels is not None
-                and geometry.stride == (1, 1) and ph < kh and pw < kw)
+        low, high = ROWS_CHANNELS
+        return (self.direct_conv and dtype == np.float32 and low <= c <= high and low <= k <= high
+                and cython_unit._kernels is not None and geometry.stride == (1, 1) and ph < kh and pw < kw)
 
     def _rows_forward(self, x, w, b, geometry, positions, counts):
         """The input to channels-last rows (one transposition), then the direct kernel at the plan's positions.

@@ -20,8 +20,9 @@
  *
  * They are compiled for x86-64-v3 (AVX2 + FMA) through a target attribute and entered only when
  * the CPU has it (__builtin_cpu_supports). AVX-512 is not used: on the machine this was tuned on
- * (AMD Zen 4, whose 512-bit operations take two 256-bit passes) 16-float tiles were no faster and
- * for 16 channels slower. Elsewhere (another compiler or architecture) the caller runs
+ * (AMD Zen 4, whose 512-bit operations take two 256-bit passes) 16-float tiles were no faster, for
+ * 16 channels slower, and a 12-row tile of 8-float vectors in AVX-512's 32 registers was slower
+ * than this 6-row one (more of its rows fall in a sample's last, partial tile). Elsewhere (another compiler or architecture) the caller runs
  * direct_conv.h's kernel and a transposition, or the gather and BLAS path.
  *
  * Rounding: sums in float32 with fused multiply-adds, tap-major and channel-minor like

@@ -1,12 +1,13 @@
 """The Cython backend's float32 convolution on channels-last rows against the NumPy reference.
 
-``CythonBackend`` (``direct_conv=True``, the default) computes a float32 convolution with more
-than one output channel, stride 1 and a padding smaller than the kernel on channels-last rows:
-the direct kernels of ``fastpath/direct_conv_planes.h`` where both channel counts are multiples of
-16 (and the CPU has AVX2), ``fastpath/direct_conv.h`` plus a transposition elsewhere, the input
-gradient as the direct convolution of the output gradient. Channel counts are therefore drawn
-from both sides of that line, and strides 2 and paddings as large as the kernel, which keep the
-GEMM path, are drawn too: whichever path a call takes, it must agree with the reference.
+``CythonBackend`` (``direct_conv=True``, the default) computes a float32 convolution with 16 to
+64 input and output channels, stride 1 and a padding smaller than the kernel on channels-last
+rows: the direct kernels of ``fastpath/direct_conv_planes.h`` where both channel counts are
+multiples of 16 (and the CPU has AVX2), ``fastpath/direct_conv.h`` plus a transposition
+elsewhere, the input gradient as the direct convolution of the output gradient. Channel counts
+are therefore drawn on both sides of those lines, and strides 2 and paddings as large as the
+kernel, which keep the GEMM path, are drawn too: whichever path a call takes, it must agree with
+the reference.
 
 The backward is checked three ways: against the float64 reference backward (itself checked by
 central differences in float64, tests/test_gradients.py), by central differences of the rows
@@ -32,9 +33,12 @@ pytestmark = pytest.mark.skipif(not fastpath.available_backends()["cython"].usab
                                 reason="cython backend unavailable: the rows path is compiled")
 
 REFERENCE = NumpyBackend()
-# multiples of 16 (both channel counts) take direct_conv_planes.h's kernels, the others direct_conv.h's
-# and a transposition; one output channel is the backend's single-channel kernel
-SIXTEENS = st.sampled_from([16, 32])
+# multiples of 16 (both channel counts, 16..64) take direct_conv_planes.h's kernels, the others in
+# 16..64 direct_conv.h's and a transposition; fewer or more channels keep the GEMM path (one output
+# channel: the backend's single-channel kernel)
+SIXTEENS = st.sampled_from([16, 32, 64])
+IN_RANGE = st.integers(16, 40)
+OUT_OF_RANGE = st.sampled_from([1, 2, 3, 8, 15, 65, 80])
 MASK_KINDS = ("full", "single", "bernoulli", "uniform", "grid")  # plans select at least one position per sample
 
 
@@ -43,19 +47,25 @@ def _mask(kind, out_hw, rng):
 
 
 @st.composite
-def rows_problems(draw, routes=("rows", "rows", "rows", "strided", "wide padding")):
+def rows_problems(draw, routes=("rows", "rows", "rows", "strided", "wide padding", "channels")):
     """``(x, w, b, geometry, plan)`` in float32; ``routes`` weighs the geometries the rows path takes.
 
-    "rows": stride 1, padding below the kernel; "strided": a stride of 2 on one axis or both;
-    "wide padding": a padding as large as the kernel on one axis (the input gradient is then no
-    plain convolution). The last two keep the GEMM path.
+    "rows": 16..64 channels, stride 1, padding below the kernel; "strided": a stride of 2 on one
+    axis or both; "wide padding": a padding as large as the kernel on one axis (the input
+    gradient is then no plain convolution); "channels": fewer than 16 or more than 64 input or
+    output channels. The last three keep the GEMM path.
     """
     route = draw(st.sampled_from(routes))
     n = draw(st.integers(1, 3))
     if draw(st.booleans()):
         c, k = draw(SIXTEENS), draw(SIXTEENS)
     else:
-        c, k = draw(st.integers(1, 20)), draw(st.integers(1, 20))
+        c, k = draw(IN_RANGE), draw(IN_RANGE)
+    if route == "channels":
+        if draw(st.booleans()):
+            c = draw(OUT_OF_RANGE)
+        else:
+            k = draw(OUT_OF_RANGE)
     wide_axis = draw(st.integers(0, 1))
     kernel, padding, in_hw, stride = [], [], [], []
     for axis in range(2):
@@ -81,8 +91,9 @@ def rows_problems(draw, routes=("rows", "rows", "rows", "strided", "wide padding
 
 
 def _on_rows(w, geometry):
+    k, c = w.shape[:2]
     (kh, kw), (ph, pw) = geometry.kernel, geometry.padding
-    return w.shape[0] > 1 and geometry.stride == (1, 1) and ph < kh and pw < kw
+    return 16 <= c <= 64 and 16 <= k <= 64 and geometry.stride == (1, 1) and ph < kh and pw < kw
 
 
 def _backend(threads=2, **kwargs):
@@ -163,18 +174,22 @@ def test_rows_forward_and_input_gradient_do_not_depend_on_the_thread_count(probl
     np.testing.assert_array_equal(outs[0][1], outs[1][1])
 
 
-@pytest.mark.parametrize("dtype,direct_conv,stride,padding,expected", [
-    (np.float32, True, 1, 1, "RowsConvCache"),
-    (np.float64, True, 1, 1, "ConvCache"),  # float64 keeps the GEMM path
-    (np.float32, False, 1, 1, "ConvCache"),  # the switch that keeps it for float32
-    (np.float32, True, 2, 1, "ConvCache"),  # strided: the GEMM path's scatter backward
-    (np.float32, True, 1, 3, "ConvCache"),  # padding as large as the kernel
+@pytest.mark.parametrize("dtype,direct_conv,channels,stride,padding,expected", [
+    (np.float32, True, (16, 16), 1, 1, "RowsConvCache"),
+    (np.float32, True, (64, 24), 1, 1, "RowsConvCache"),
+    (np.float64, True, (16, 16), 1, 1, "ConvCache"),  # float64 keeps the GEMM path
+    (np.float32, False, (16, 16), 1, 1, "ConvCache"),  # the switch that keeps it for float32
+    (np.float32, True, (16, 16), 2, 1, "ConvCache"),  # strided: the GEMM path's scatter backward
+    (np.float32, True, (16, 16), 1, 3, "ConvCache"),  # padding as large as the kernel
+    (np.float32, True, (3, 16), 1, 1, "ConvCache"),  # an RGB input: too few channels
+    (np.float32, True, (16, 96), 1, 1, "ConvCache"),  # too many: BLAS is as fast
 ])
-def test_which_path_a_convolution_takes(dtype, direct_conv, stride, padding, expected):
+def test_which_path_a_convolution_takes(dtype, direct_conv, channels, stride, padding, expected):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((2, 16, 6, 6)).astype(dtype)
-    w = rng.standard_normal((16, 16, 3, 3)).astype(dtype)
-    b = rng.standard_normal(16).astype(dtype)
+    c, k = channels
+    x = rng.standard_normal((2, c, 6, 6)).astype(dtype)
+    w = rng.standard_normal((k, c, 3, 3)).astype(dtype)
+    b = rng.standard_normal(k).astype(dtype)
     geometry = check_conv_args(x, w, b, stride, padding)[3]
     plan = PerforationPlan(np.ones(geometry.out_hw, dtype=bool))
     compact, cache = _backend(direct_conv=direct_conv).conv_forward(x, w, b, plan, geometry)
