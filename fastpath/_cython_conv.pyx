@@ -760,9 +760,14 @@ def planes_to_channels_last(const real[:, :, ::1] planes, const int32_t[::1] cou
         for blk in range((count + TRANSPOSE_BLOCK - 1) // TRANSPOSE_BLOCK):
             p0 = blk * TRANSPOSE_BLOCK
             p1 = min(count, p0 + TRANSPOSE_BLOCK)
-            for c in range(c_count):
+            if c_count < 32:  # few channels: runs along the planes (measured faster at 16)
+                for c in range(c_count):
+                    for p in range(p0, p1):
+                        dst[p * c_count + c] = planes[n, c, p]
+            else:  # many: runs along the rows (measured faster at 32 and 64)
                 for p in range(p0, p1):
-                    dst[p * c_count + c] = planes[n, c, p]
+                    for c in range(c_count):
+                        dst[p * c_count + c] = planes[n, c, p]
 
 
 def conv_rows_to_planes(const float[:, ::1] src, const int32_t[::1] rowmap, Py_ssize_t map_stride, Py_ssize_t map_w,

@@ -36,7 +36,7 @@ REFERENCE = NumpyBackend()
 # multiples of 16 (both channel counts, 16..64) take direct_conv_planes.h's kernels, the others in
 # 16..64 direct_conv.h's and a transposition; fewer or more channels keep the GEMM path (one output
 # channel: the backend's single-channel kernel)
-SIXTEENS = st.sampled_from([16, 32, 64])
+SIXTEENS = st.sampled_from([16, 32, 48, 64])  # 48: a 32-channel tile (AVX-512VL) then a 16-channel one
 IN_RANGE = st.integers(16, 40)
 OUT_OF_RANGE = st.sampled_from([1, 2, 3, 8, 15, 65, 80])
 MASK_KINDS = ("full", "single", "bernoulli", "uniform", "grid")  # plans select at least one position per sample
