@@ -706,3 +706,135 @@ def direct_conv_single_backward(const real[:, :, :, ::1] xp, const real[:, :, ::
                     for x in range(wo):
                         acc = acc + column[x]
                     dw_partial[b, c, i, j] += acc
+
+
+# ----------------------------------------------------------------------------------------------
+# float32 convolution on channels-last rows, NCHW planes in and out (the backend's direct path)
+# ----------------------------------------------------------------------------------------------
+#
+# The same row convolution as the fused residual unit (fastpath/_cython_unit.pyx, its map and
+# taps): rows (R, C) with the channels contiguous, a map over the zero-padded grid holding the row
+# of every position (-1 reads zeros), and the register-blocked micro-kernel of direct_conv.h. Here
+# the map's index is the window's top-left corner rather than its centre, so any padding and
+# kernel size fit. The wrapper is CythonBackend._rows_forward / _rows_backward.
+
+cdef extern from "direct_conv.h" nogil:
+    ctypedef struct ponder_epilogue:
+        const float *bias
+        const float *addend
+        const float *center
+        const float *scale
+        const float *shift
+    void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos,
+                                     const int64_t *tapoff, int64_t taps, const float *wt, int64_t k_count,
+                                     const ponder_epilogue *ep, const float *zero_row, float *out,
+                                     int64_t r0, int64_t r1)
+    ponder_epilogue ponder_epilogue_none()
+
+cdef extern from "direct_conv_planes.h" nogil:
+    int ponder_planes_supported(int64_t c_count, int64_t k_count)
+    void ponder_conv_planes_f32(const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos,
+                                const int64_t *tapoff, int64_t taps, const float *wt, int64_t k_count,
+                                const float *bias, const float *zero_row, float *out, int64_t width, int64_t count)
+
+cdef enum:
+    # rows transposed at a time between a thread's scratch and the planes: 32 rows x K floats stay in L1
+    TRANSPOSE_BLOCK = 32
+
+
+def planes_kernels(Py_ssize_t c_count, Py_ssize_t k_count):
+    """Whether the AVX2 kernels of ``direct_conv_planes.h`` run here for C input and K output channels.
+
+    True on x86-64 CPUs with AVX2 and FMA (GCC builds) when both counts are multiples of 16:
+    :func:`conv_rows_to_planes` then stores its tiles straight into the planes.
+    """
+    return bool(ponder_planes_supported(c_count, k_count))
+
+
+def planes_to_channels_last(const real[:, :, ::1] planes, const int32_t[::1] counts, const int64_t[::1] start,
+                            real[:, ::1] rows, int threads):
+    """``rows[start[n] + p, c] = planes[n, c, p]`` for ``p < counts[n]`` (``counts[0]`` for all if it has one entry).
+
+    NCHW planes (N, C, P) to channels-last rows: the input of the row convolution (every position,
+    ``P = H W``) and the compact output gradient (the computed slots of each sample). Blocks of
+    :data:`TRANSPOSE_BLOCK` positions, so that the strided side of the transposition stays in L1.
+    """
+    cdef Py_ssize_t n_count = planes.shape[0], c_count = planes.shape[1], shared = counts.shape[0] == 1
+    cdef Py_ssize_t n, c, p, p0, p1, blk, count
+    cdef real *dst
+    for n in prange(n_count, nogil=True, num_threads=threads, schedule="static"):
+        count = counts[0] if shared else counts[n]
+        dst = &rows[0, 0] + start[n] * c_count
+        for blk in range((count + TRANSPOSE_BLOCK - 1) // TRANSPOSE_BLOCK):
+            p0 = blk * TRANSPOSE_BLOCK
+            p1 = min(count, p0 + TRANSPOSE_BLOCK)
+            if c_count < 32:  # few channels: runs along the planes (measured faster at 16)
+                for c in range(c_count):
+                    for p in range(p0, p1):
+                        dst[p * c_count + c] = planes[n, c, p]
+            else:  # many: runs along the rows (measured faster at 32 and 64)
+                for p in range(p0, p1):
+                    for c in range(c_count):
+                        dst[p * c_count + c] = planes[n, c, p]
+
+
+def conv_rows_to_planes(const float[:, ::1] src, const int32_t[::1] rowmap, Py_ssize_t map_stride, Py_ssize_t map_w,
+                        const int32_t[:, ::1] positions, const int32_t[::1] counts, Py_ssize_t grid_w,
+                        Py_ssize_t sh, Py_ssize_t sw, const int64_t[::1] tapoff, const float[:, ::1] wt,
+                        const float[::1] bias, float[:, :, ::1] out, int threads):
+    """``out[n, k, p] = bias[k] + Σ_t Σ_c src[rowmap[n S + pos(p) + tapoff[t]], c] wt[t C + c, k]``, 0 past the count.
+
+    The row convolution of every sample ``n`` at its positions ``positions[b, p]`` (raster
+    indices on a grid ``grid_w`` wide, ``b = n`` or 0 for a shared plan, ``p < counts[b]``), whose
+    window's top-left corner is map index ``pos(p) = (q // grid_w) sh map_w + (q % grid_w) sw``
+    of sample ``n``'s map (``map_stride = S`` entries each, ``map_w`` wide). ``wt`` (T C, K) holds
+    the weights with the output channels contiguous. The output is the compact NCHW layout
+    (N, K, P), the slots past the count set to 0. Where :func:`planes_kernels` says so, the
+    tiles of ``direct_conv_planes.h`` are stored straight into the planes; elsewhere each sample's
+    rows are computed by ``direct_conv.h`` into a per-thread scratch, which stays in cache, and
+    transposed from there (that kernel's store is row-major). One sample per OpenMP iteration, so every
+    output is written by one thread and the result does not depend on the thread count.
+    """
+    cdef Py_ssize_t n_count = out.shape[0], k_count = out.shape[1], width = out.shape[2]
+    cdef Py_ssize_t c_count = src.shape[1], taps = tapoff.shape[0], shared = positions.shape[0] == 1
+    cdef Py_ssize_t n, b, p, p0, p1, blk, k, count, q
+    cdef int tid
+    cdef bint planes = ponder_planes_supported(c_count, k_count)
+    cdef ponder_epilogue ep
+    cdef float *scr
+    cdef int64_t *pos
+    if n_count == 0 or k_count == 0:
+        return
+    scratch_arr = np.empty((threads, max(width, 1) * k_count), dtype=np.float32)
+    pos_arr = np.empty((threads, max(width, 1)), dtype=np.int64)
+    zero_arr = np.zeros(max(c_count, 1), dtype=np.float32)
+    cdef float[:, ::1] scratch = scratch_arr
+    cdef int64_t[:, ::1] posbuf = pos_arr
+    cdef float[::1] zero_row = zero_arr
+    ep = ponder_epilogue_none()
+    ep.bias = &bias[0]
+    for n in prange(n_count, nogil=True, num_threads=threads, schedule="static"):
+        tid = threadid()
+        b = 0 if shared else n
+        count = counts[b]
+        scr = &scratch[tid, 0]
+        pos = &posbuf[tid, 0]
+        for p in range(count):
+            q = positions[b, p]
+            pos[p] = (q // grid_w) * sh * map_w + (q % grid_w) * sw
+        if count > 0 and planes:
+            ponder_conv_planes_f32(&src[0, 0], c_count, &rowmap[0] + n * map_stride, pos, &tapoff[0], taps, &wt[0, 0],
+                                   k_count, &bias[0], &zero_row[0], &out[n, 0, 0], width, count)
+        elif count > 0:
+            ponder_direct_conv_rows_f32(&src[0, 0], c_count, &rowmap[0] + n * map_stride, pos, &tapoff[0], taps,
+                                        &wt[0, 0], k_count, &ep, &zero_row[0], scr, 0, count)
+            for blk in range((count + TRANSPOSE_BLOCK - 1) // TRANSPOSE_BLOCK):
+                p0 = blk * TRANSPOSE_BLOCK
+                p1 = min(count, p0 + TRANSPOSE_BLOCK)
+                for k in range(k_count):
+                    for p in range(p0, p1):
+                        out[n, k, p] = scr[p * k_count + k]
+        for k in range(k_count):
+            for p in range(count, width):
+                out[n, k, p] = 0
+

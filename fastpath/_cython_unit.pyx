@@ -43,6 +43,7 @@ cdef extern from "direct_conv.h" nogil:
                                      const int64_t *tapoff, int64_t taps, const float *wt, int64_t k_count,
                                      const ponder_epilogue *ep, const float *zero_row, float *out,
                                      int64_t r0, int64_t r1)
+    ponder_epilogue ponder_epilogue_none()
     void ponder_direct_weight_grad_f32(const float *src, int64_t c_count, const int32_t *rowmap,
                                        const int64_t *pos, const int64_t *tapoff, int64_t taps,
                                        const float *dout, int64_t k_count, float *dwt, int64_t r0, int64_t r1)
@@ -242,9 +243,9 @@ def conv_rows_forward_direct(const float[:, ::1] src, const int32_t[::1] rowmap,
         return
     zero_arr = np.zeros(max(c_count, 1), dtype=np.float32)
     cdef float[::1] zero_row = zero_arr
+    ep = ponder_epilogue_none()
     ep.bias = &bias[0] if has_bias else NULL
     ep.addend = &addend[0, 0] if addend is not None else NULL
-    ep.center = ep.scale = ep.shift = NULL
     if center is not None:
         ep.center, ep.scale, ep.shift = &center[0], &scale[0], &shift[0]
     ep.out_rows = &out_rows[0] if out_rows is not None else NULL

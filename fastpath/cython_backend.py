@@ -2,9 +2,28 @@
 
 This module is the thin layer between validated NumPy arrays and :mod:`fastpath._cython_conv`: it
 converts inputs (C-contiguous, one float dtype, int32 indices — read-only arrays are fine), allocates
-outputs, and keeps in each cache exactly what the backward kernels read. The kernels themselves
-gather masked im2col columns of many images into one buffer and make one BLAS GEMM per chunk of
-columns (see the docstring of ``_cython_conv.pyx`` for the matrix picture).
+outputs, and keeps in each cache exactly what the backward kernels read. A perforated convolution
+takes one of three paths:
+
+* **rows** — float32 with ``direct_conv`` (the default), 16 to 64 input and output channels,
+  stride 1 and a padding smaller than the kernel (every 3×3 'same' layer of a CIFAR ResNet past
+  the first): the input is
+  transposed once to channels-last rows and a direct register-tiled kernel reads each window in
+  place through an int32 map of the padded grid (no padded copy, no gathered columns), storing its
+  tiles straight into the compact (N, K, P) output (``fastpath/direct_conv_planes.h`` where both
+  channel counts are multiples of 16 on an AVX2 CPU; ``fastpath/direct_conv.h`` and a
+  transposition from a per-thread scratch elsewhere). Backward: ``dW`` by a register tile that
+  streams the output gradient's rows past the windows (a gather and BLAS where the channel counts
+  do not fit it), ``dX`` as the direct convolution of the output gradient — zero where the plan
+  skipped, padded by ``kernel - 1 - padding`` — with the weights flipped and transposed, at every
+  input position (:meth:`CythonBackend._rows_forward`, :meth:`CythonBackend._rows_backward`);
+* **one output channel** (a halting head's local term): a plane-wise direct convolution of the
+  whole map (:meth:`CythonBackend._direct_forward`);
+* **GEMM** — everything else (float64, strided convolutions, wider or narrower layers,
+  ``direct_conv=False``): masked
+  im2col columns of many images gathered into one buffer and one BLAS GEMM per chunk of columns,
+  the backward scattering the column gradient back (col2im); see the docstring of
+  ``_cython_conv.pyx`` for the matrix picture.
 
 Thread count: ``CythonBackend(threads=...)``, else the ``PONDER_THREADS`` environment variable, else
 ``os.cpu_count()``; it drives every OpenMP loop. Each OpenMP thread runs its own chunks through a
@@ -49,6 +68,7 @@ else:
 INDEX = np.int32
 CHUNK_BYTES = 1 << 20  # size of the gathered column buffer of one GEMM (see CythonBackend.chunk_bytes)
 PARALLEL_WORK = 1 << 18  # smaller calls run on one thread (see CythonBackend._team)
+ROWS_CHANNELS = (16, 64)  # input and output channel counts of the convolutions on rows (CythonBackend._on_rows)
 
 
 def default_threads():
@@ -124,6 +144,18 @@ class DirectConvCache(NamedTuple):
     counts: np.ndarray  # (B,) int32
 
 
+class RowsConvCache(NamedTuple):
+    """What :meth:`CythonBackend.conv_backward` needs for a convolution computed on channels-last rows."""
+
+    rows: np.ndarray  # (N H W, C) float32 input, channels last
+    rowmap: np.ndarray  # (N (H+2ph) (W+2pw),) int32 row of every position of the padded grid, -1 outside (read-only)
+    w: np.ndarray  # (K, C, kh, kw)
+    x_shape: tuple
+    geometry: ConvGeometry
+    positions: np.ndarray  # (B, P) int32 plan positions, -1 padded
+    counts: np.ndarray  # (B,) int32
+
+
 class TableConvCache(NamedTuple):
     src: np.ndarray  # (N, C, S)
     table: np.ndarray  # (B, R, T)
@@ -141,12 +173,29 @@ class TablePoolCache(NamedTuple):
     argmax: np.ndarray  # (N, C, R) source index of the max (mode "max"), else empty
 
 
+@lru_cache(maxsize=32)
+def _every_position(count):
+    """``(positions (1, count), counts (1,))`` int32 of a shared plan computing every position (read-only)."""
+    positions = np.arange(count, dtype=INDEX)[None]
+    counts = np.array([count], dtype=INDEX)
+    for array in (positions, counts):
+        array.setflags(write=False)
+    return positions, counts
+
+
+def _corner_taps(kernel, map_width):
+    """Offsets of the taps of a window from its top-left corner in a flattened map, row-major ``(i, j)``."""
+    kh, kw = kernel
+    i, j = np.meshgrid(np.arange(kh), np.arange(kw), indexing="ij")
+    return (i * map_width + j).astype(np.int64).ravel()
+
+
 _EMPTY_I64 = np.zeros(1, dtype=np.int64)
 _EMPTY_I32 = np.zeros(1, dtype=INDEX)
 
 
 class CythonBackend(ConvBackend):
-    """Compiled CPU kernels: gather + BLAS GEMM + scatter, OpenMP over ``threads`` threads.
+    """Compiled CPU kernels: direct convolutions on rows, or gather + BLAS GEMM + scatter; OpenMP threads.
 
     Parameters
     ----------
@@ -158,9 +207,12 @@ class CythonBackend(ConvBackend):
     parallel_work : int, optional
         Calls with less work than this (about one multiply-add or copy per unit) run on one thread.
     direct_conv : bool, optional
-        Whether float32 convolutions on channels-last rows (the fused residual unit and compiled
-        networks) use the register-blocked direct kernel (``fastpath/direct_conv.h``) instead of a
-        gather and a BLAS GEMM (default True; float64 always uses BLAS).
+        Whether float32 convolutions use the register-blocked direct kernels on channels-last rows
+        (``fastpath/direct_conv.h``, ``fastpath/direct_conv_planes.h``) instead of a gather and a
+        BLAS GEMM: the fused residual unit, compiled networks, and ``conv_forward`` /
+        ``conv_backward`` at stride 1 with a padding smaller than the kernel and 16 to 64 input
+        and output channels (default True; float64 always uses BLAS). False keeps every float32
+        convolution on the gather-and-GEMM path.
     """
 
     name = "cython"
@@ -210,6 +262,9 @@ class CythonBackend(ConvBackend):
         k = w.shape[0]
         (kh, kw), (sh, sw), (ph, pw), (_, wo) = geometry.kernel, geometry.stride, geometry.padding, geometry.out_hw
         hp, wp = h + 2 * ph, wd + 2 * pw
+        if self._on_rows(dtype, c, k, geometry):
+            positions, counts = _index(plan.positions), _index(plan.counts)
+            return self._rows_forward(x, w, b, geometry, positions, counts)
         if ph or pw:
             xp = np.empty((n, c, hp, wp), dtype=dtype)
             _kernels.pad_planes(x.reshape(n * c, h, wd), xp.reshape(n * c, hp, wp), ph, pw, self._team(xp.size))
@@ -236,6 +291,8 @@ class CythonBackend(ConvBackend):
     def _conv_backward(self, dcompact, cache):
         if isinstance(cache, DirectConvCache):
             return self._direct_backward(dcompact, cache)
+        if isinstance(cache, RowsConvCache):
+            return self._rows_backward(dcompact, cache)
         xp, wmat = cache.xp, cache.wmat
         dcompact = _float(dcompact, wmat.dtype)
         n, c, h, wd = cache.x_shape
@@ -255,6 +312,89 @@ class CythonBackend(ConvBackend):
         else:
             dx = dxp
         return dx, dwmat.reshape(cache.w_shape), db
+
+    # -- float32 on channels-last rows: the direct micro-kernel -----------------------------------
+
+    def _on_rows(self, dtype, c, k, geometry):
+        """Whether a convolution runs on channels-last rows (:meth:`_rows_forward`) rather than the GEMM path.
+
+        float32 with ``direct_conv``; between :data:`ROWS_CHANNELS` input and output channels
+        (the small-channel layers of CIFAR ResNets: with fewer, the input gradient's few output
+        channels leave the kernel's vectors idle; with more, BLAS's GEMM is as fast or faster,
+        measured on the benchmark's NIN, AlexNet and VGG layers); stride 1 and a padding smaller
+        than the kernel, so that the input gradient is a convolution of the output gradient padded
+        by ``kernel - 1 - padding`` (strided convolutions keep the GEMM path, whose backward
+        scatters the windows instead).
+        """
+        (kh, kw), (ph, pw) = geometry.kernel, geometry.padding
+        low, high = ROWS_CHANNELS
+        return (self.direct_conv and dtype == np.float32 and low <= c <= high and low <= k <= high
+                and cython_unit._kernels is not None and geometry.stride == (1, 1) and ph < kh and pw < kw)
+
+    def _rows_forward(self, x, w, b, geometry, positions, counts):
+        """The input to channels-last rows (one transposition), then the direct kernel at the plan's positions.
+
+        The windows are read in place through a map of the padded grid (no padded copy, no
+        gathered columns); the kernel's rows are transposed into the compact (N, K, P) output
+        from a per-thread scratch that stays in cache (:func:`fastpath._cython_conv.conv_rows_to_planes`).
+        """
+        n, c, h, wd = x.shape
+        k = w.shape[0]
+        (kh, kw), (ph, pw), (_, wo) = geometry.kernel, geometry.padding, geometry.out_hw
+        hp, wp = h + 2 * ph, wd + 2 * pw
+        every, every_count = _every_position(h * wd)
+        rows = np.empty((n * h * wd, c), dtype=np.float32)
+        _kernels.planes_to_channels_last(x.reshape(n, c, h * wd), every_count,
+                                         np.arange(n + 1, dtype=np.int64) * (h * wd), rows, self._team(rows.size))
+        rowmap = cython_unit._all_rows(n, h, wd, ph, pw).rowmap
+        wt = np.ascontiguousarray(w.transpose(2, 3, 1, 0).reshape(kh * kw * c, k))
+        width = positions.shape[1]
+        compact = np.empty((n, k, width), dtype=np.float32)
+        _kernels.conv_rows_to_planes(rows, rowmap, hp * wp, wp, positions, counts, wo, 1, 1, _corner_taps((kh, kw), wp),
+                                     wt, b, compact, self._team(n * width * wt.size))
+        return compact, RowsConvCache(rows, rowmap, w, x.shape, geometry, positions, counts)
+
+    def _rows_backward(self, dcompact, cache):
+        """``dW``, ``db`` and ``dX`` on rows, by direct kernels.
+
+        The computed slots of the output gradient become rows (one transposition). ``dW`` and
+        ``db``: :func:`fastpath.cython_unit.weight_grad_rows` (the direct weight-gradient kernel of
+        ``direct_conv.h``, partial sums per thread added in a fixed order). ``dX``
+        of a stride-1 convolution is the convolution of the output gradient — zero at the
+        positions the plan skipped, padded by ``kernel - 1 - padding`` — with the weights flipped
+        and their channel axes swapped, at every input position: the same direct kernel on a map
+        of the output grid that holds the gradient's rows, so no col2im scatter and no atomics.
+        """
+        rows, rowmap, w = cache.rows, cache.rowmap, cache.w
+        positions, counts = cache.positions, cache.counts
+        n, c, h, wd = cache.x_shape
+        k = w.shape[0]
+        (kh, kw), (ph, pw), (ho, wo) = cache.geometry.kernel, cache.geometry.padding, cache.geometry.out_hw
+        hp, wp = h + 2 * ph, wd + 2 * pw
+        taps = kh * kw
+        dcompact = _float(dcompact, np.float32)
+        base, _, _, start = _kernels.plan_columns(positions, counts, n, wo, 1, 1, hp * wp, wp)
+        total = base.size  # > 0: a plan computes at least one position per sample
+        team = self._team(2 * total * w.size)
+        dy = np.empty((total, k), dtype=np.float32)
+        _kernels.planes_to_channels_last(dcompact, counts, start, dy, team)
+        with _blas_pools().limit(limits=1):
+            dwmat, db = cython_unit.weight_grad_rows(self, rows, rowmap, base, _corner_taps((kh, kw), wp), dy,
+                                                     taps * c, team)
+        dw = np.ascontiguousarray(dwmat.reshape(k, kh, kw, c).transpose(0, 3, 1, 2))
+        # dX: the output gradient's rows on a map of the output grid padded by (kh - 1 - ph, kw - 1 - pw)
+        ah, aw = kh - 1 - ph, kw - 1 - pw
+        hm, wm = ho + 2 * ah, wo + 2 * aw
+        out_base = _kernels.plan_columns(positions, counts, n, wo, 1, 1, hm * wm, wm)[0]
+        dymap = np.full(n * hm * wm, -1, dtype=INDEX)
+        dymap[out_base + (ah * wm + aw)] = np.arange(total, dtype=INDEX)
+        # wflip[(i, j, k), c] = w[k, c, kh - 1 - i, kw - 1 - j]
+        wflip = np.ascontiguousarray(w[:, :, ::-1, ::-1].transpose(2, 3, 0, 1).reshape(taps * k, c))
+        every, every_count = _every_position(h * wd)
+        dx = np.empty((n, c, h * wd), dtype=np.float32)
+        _kernels.conv_rows_to_planes(dy, dymap, hm * wm, wm, every, every_count, wd, 1, 1, _corner_taps((kh, kw), wm),
+                                     wflip, np.zeros(c, dtype=np.float32), dx, self._team(dx.size * taps * k))
+        return dx.reshape(cache.x_shape), dw, db
 
     # -- a single output channel (e.g. a halting head's local term): direct convolution ---------
 

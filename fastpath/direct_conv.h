@@ -83,6 +83,14 @@ typedef struct {
                               * NULL for row r itself */
 } ponder_epilogue;
 
+/* An epilogue that does nothing (every field NULL): callers start from it and set what they use,
+ * so a field added later is never left uninitialised. */
+static inline ponder_epilogue ponder_epilogue_none(void)
+{
+    ponder_epilogue ep = {0};
+    return ep;
+}
+
 static inline int64_t ponder_out_row(const ponder_epilogue *ep, int64_t r)
 {
     return ep->out_rows ? ep->out_rows[r] : r;

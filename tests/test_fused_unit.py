@@ -148,7 +148,10 @@ def test_fused_unit_equals_the_reference_composition(fused_backend, problem):
         assert noise <= 1e3 * np.finfo(dtype).eps * scale, (noise, scale)
     for name in expected:
         if name not in exact:
-            assert_close(actual[name], expected[name], dtype=dtype)
+            # a gradient is accumulated onto the one before: the sum carries the rounding of both terms,
+            # which can cancel (a value near -before), so the tolerance scales with the terms' size
+            terms = np.abs(before[name]).max() + np.abs(expected[name] - before[name]).max()
+            assert_close(actual[name], expected[name], dtype=dtype, scale=terms)
 
 
 @given(n=st.integers(1, 3), dtype=float_dtypes(), training=st.booleans(), seed=seeds)
