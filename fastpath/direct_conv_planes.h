@@ -32,16 +32,19 @@
 typedef float ponder_pv __attribute__((vector_size(32), aligned(4)));
 #define PONDER_PLANES_ROWS 6
 
-/* rows p .. p + rows_here of one sample, output channels k0 .. k0 + 16, stored into out (K, width) */
-static __attribute__((target("arch=x86-64-v3"))) void ponder_planes_tile(
+/* rows p .. p + rows_here of one sample, output channels k0 .. k0 + 8 nv (nv = 2 or 4 vectors of
+ * 8), stored into out (K, width). Always inlined with a constant nv into the two entry points
+ * below, each compiled for its instruction set. */
+static inline __attribute__((always_inline)) void ponder_planes_tile_body(
     const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos, const int64_t *tapoff,
     int64_t taps, const float *wt, int64_t k_count, int64_t k0, const float *bias, const float *zero_row,
-    float *out, int64_t width, int64_t p, int64_t rows_here)
+    float *out, int64_t width, int64_t p, int64_t rows_here, const int nv)
 {
-    ponder_pv acc[PONDER_PLANES_ROWS][2];
+    ponder_pv acc[PONDER_PLANES_ROWS][4];
     const float *rows[PONDER_PLANES_ROWS];
     for (int i = 0; i < PONDER_PLANES_ROWS; ++i)
-        acc[i][0] = acc[i][1] = (ponder_pv){0};
+        for (int v = 0; v < nv; ++v)
+            acc[i][v] = (ponder_pv){0};
     for (int64_t t = 0; t < taps; ++t) {
         int present = 0;
         for (int i = 0; i < PONDER_PLANES_ROWS; ++i) {
@@ -53,22 +56,34 @@ static __attribute__((target("arch=x86-64-v3"))) void ponder_planes_tile(
             continue;
         const float *w = wt + t * c_count * k_count + k0;
         for (int64_t c = 0; c < c_count; ++c) {
-            ponder_pv w0 = *(const ponder_pv *)(w + c * k_count);
-            ponder_pv w1 = *(const ponder_pv *)(w + c * k_count + 8);
+            ponder_pv wv[4];
+            for (int v = 0; v < nv; ++v)
+                wv[v] = *(const ponder_pv *)(w + c * k_count + 8 * v);
             for (int i = 0; i < PONDER_PLANES_ROWS; ++i) {
                 float x = rows[i][c];
-                acc[i][0] += x * w0;
-                acc[i][1] += x * w1;
+                for (int v = 0; v < nv; ++v)
+                    acc[i][v] += x * wv[v];
             }
         }
     }
-    for (int v = 0; v < 2; ++v)
+    for (int v = 0; v < nv; ++v)
         for (int l = 0; l < 8; ++l) {
             float b = bias[k0 + 8 * v + l];
             float *o = out + (k0 + 8 * v + l) * width + p;
             for (int i = 0; i < rows_here; ++i)
                 o[i] = acc[i][v][l] + b;
         }
+}
+
+/* the tile 16 output channels wide (AVX2 + FMA: 12 sums, two weight vectors and a broadcast fill
+ * the 16 vector registers) */
+static __attribute__((target("arch=x86-64-v3"))) void ponder_planes_tile(
+    const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos, const int64_t *tapoff,
+    int64_t taps, const float *wt, int64_t k_count, int64_t k0, const float *bias, const float *zero_row,
+    float *out, int64_t width, int64_t p, int64_t rows_here)
+{
+    ponder_planes_tile_body(src, c_count, rowmap, pos, tapoff, taps, wt, k_count, k0, bias, zero_row, out, width, p,
+                            rows_here, 2);
 }
 
 /* The same tile 32 output channels wide, for CPUs with AVX-512VL: 6 rows x 4 vectors of sums in
@@ -79,41 +94,8 @@ static __attribute__((target("arch=x86-64-v4"))) void ponder_planes_tile32(
     int64_t taps, const float *wt, int64_t k_count, int64_t k0, const float *bias, const float *zero_row,
     float *out, int64_t width, int64_t p, int64_t rows_here)
 {
-    ponder_pv acc[PONDER_PLANES_ROWS][4];
-    const float *rows[PONDER_PLANES_ROWS];
-    for (int i = 0; i < PONDER_PLANES_ROWS; ++i)
-        for (int v = 0; v < 4; ++v)
-            acc[i][v] = (ponder_pv){0};
-    for (int64_t t = 0; t < taps; ++t) {
-        int present = 0;
-        for (int i = 0; i < PONDER_PLANES_ROWS; ++i) {
-            int32_t q = i < rows_here ? rowmap[pos[p + i] + tapoff[t]] : -1;
-            rows[i] = q >= 0 ? src + (int64_t)q * c_count : zero_row;
-            present |= q >= 0;
-        }
-        if (!present)
-            continue;
-        const float *w = wt + t * c_count * k_count + k0;
-        for (int64_t c = 0; c < c_count; ++c) {
-            const float *wc = w + c * k_count;
-            ponder_pv w0 = *(const ponder_pv *)wc, w1 = *(const ponder_pv *)(wc + 8);
-            ponder_pv w2 = *(const ponder_pv *)(wc + 16), w3 = *(const ponder_pv *)(wc + 24);
-            for (int i = 0; i < PONDER_PLANES_ROWS; ++i) {
-                float x = rows[i][c];
-                acc[i][0] += x * w0;
-                acc[i][1] += x * w1;
-                acc[i][2] += x * w2;
-                acc[i][3] += x * w3;
-            }
-        }
-    }
-    for (int v = 0; v < 4; ++v)
-        for (int l = 0; l < 8; ++l) {
-            float b = bias[k0 + 8 * v + l];
-            float *o = out + (k0 + 8 * v + l) * width + p;
-            for (int i = 0; i < rows_here; ++i)
-                o[i] = acc[i][v][l] + b;
-        }
+    ponder_planes_tile_body(src, c_count, rowmap, pos, tapoff, taps, wt, k_count, k0, bias, zero_row, out, width, p,
+                            rows_here, 4);
 }
 
 #else
