@@ -56,7 +56,7 @@ def _extensions():
             name,
             [name.replace(".", "/") + ".pyx"],
             include_dirs=[numpy.get_include(), "fastpath"],
-            depends=["fastpath/direct_conv.h", "fastpath/direct_conv_planes.h"],
+            depends=["fastpath/direct_conv.h", "fastpath/direct_conv.pxd", "fastpath/direct_conv_planes.h"],
             extra_compile_args=opt + cflags,
             extra_link_args=lflags,
             define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_9_API_VERSION"),

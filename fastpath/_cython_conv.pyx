@@ -718,18 +718,7 @@ def direct_conv_single_backward(const real[:, :, :, ::1] xp, const real[:, :, ::
 # the map's index is the window's top-left corner rather than its centre, so any padding and
 # kernel size fit. The wrapper is CythonBackend._rows_forward / _rows_backward.
 
-cdef extern from "direct_conv.h" nogil:
-    ctypedef struct ponder_epilogue:
-        const float *bias
-        const float *addend
-        const float *center
-        const float *scale
-        const float *shift
-    void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos,
-                                     const int64_t *tapoff, int64_t taps, const float *wt, int64_t k_count,
-                                     const ponder_epilogue *ep, const float *zero_row, float *out,
-                                     int64_t r0, int64_t r1)
-    ponder_epilogue ponder_epilogue_none()
+from fastpath.direct_conv cimport ponder_direct_conv_rows_f32, ponder_epilogue, ponder_epilogue_none
 
 cdef extern from "direct_conv_planes.h" nogil:
     int ponder_planes_supported(int64_t c_count, int64_t k_count)

@@ -30,23 +30,8 @@ from scipy.linalg.cython_blas cimport dgemm, sgemm
 
 import numpy as np
 
-cdef extern from "direct_conv.h" nogil:
-    int PONDER_ROWS
-    ctypedef struct ponder_epilogue:
-        const float *bias
-        const float *addend
-        const float *center
-        const float *scale
-        const float *shift
-        const int64_t *out_rows
-    void ponder_direct_conv_rows_f32(const float *src, int64_t c_count, const int32_t *rowmap, const int64_t *pos,
-                                     const int64_t *tapoff, int64_t taps, const float *wt, int64_t k_count,
-                                     const ponder_epilogue *ep, const float *zero_row, float *out,
-                                     int64_t r0, int64_t r1)
-    ponder_epilogue ponder_epilogue_none()
-    void ponder_direct_weight_grad_f32(const float *src, int64_t c_count, const int32_t *rowmap,
-                                       const int64_t *pos, const int64_t *tapoff, int64_t taps,
-                                       const float *dout, int64_t k_count, float *dwt, int64_t r0, int64_t r1)
+from fastpath.direct_conv cimport (PONDER_ROWS, ponder_direct_conv_rows_f32, ponder_direct_weight_grad_f32,
+                                   ponder_epilogue, ponder_epilogue_none)
 
 #: Output rows of one register tile of the direct float32 kernel (direct_conv.h).
 DIRECT_TILE_ROWS = PONDER_ROWS
