@@ -378,9 +378,9 @@ class CythonBackend(ConvBackend):
         team = self._team(2 * total * w.size)
         dy = np.empty((total, k), dtype=np.float32)
         _kernels.planes_to_channels_last(dcompact, counts, start, dy, team)
-        with _blas_pools().limit(limits=1):
-            dwmat, db = cython_unit.weight_grad_rows(self, rows, rowmap, base, _corner_taps((kh, kw), wp), dy,
-                                                     taps * c, team)
+        # float32 with direct_conv here (see _on_rows): the direct kernel, no BLAS
+        dwmat, db = cython_unit.weight_grad_rows(self, rows, rowmap, base, _corner_taps((kh, kw), wp), dy, taps * c,
+                                                 team)
         dw = np.ascontiguousarray(dwmat.reshape(k, kh, kw, c).transpose(0, 3, 1, 2))
         # dX: the output gradient's rows on a map of the output grid padded by (kh - 1 - ph, kw - 1 - pw)
         ah, aw = kh - 1 - ph, kw - 1 - pw
