@@ -129,8 +129,9 @@ def conv_rows(backend, src, rowmap, pos, taps, wmat, bias, has_bias, out, team, 
     place; otherwise the windows are gathered chunk by chunk and multiplied in BLAS (held at one
     thread by the caller). Both give every output row from one thread. Then, if given, ``addend``
     is added (a residual) and ``post = (center, scale, shift)`` applied as batch norm and ReLU —
-    inside the direct kernel's store, as separate passes on the GEMM path. With ``out_rows`` (R,) (distinct rows of ``out``), output row r goes to
-    ``out[out_rows[r]]`` and the addend is read at that row; ``addend`` may be ``out`` itself.
+    inside the direct kernel's store, as separate passes on the GEMM path. With ``out_rows`` (R,)
+    (distinct rows of ``out``), output row r goes to ``out[out_rows[r]]`` and the addend is read
+    at that row; ``addend`` may be ``out`` itself.
     """
     rows = pos.size
     if backend.direct_conv and src.dtype == np.float32:
@@ -157,9 +158,8 @@ def weight_grad_rows(backend, src, rowmap, pos, taps, dout, width, team):
     """``(dWmat (K, T C), db (K,))`` of :func:`conv_rows` given ``dout`` (R, K) at its rows.
 
     float32 with ``backend.direct_conv``: the direct kernel (``direct_conv.h``); otherwise the
-    windows are gathered chunk by chunk for BLAS. Both
-    sum one partial per thread and add the partials in thread order (reproducible at a fixed
-    thread count).
+    windows are gathered chunk by chunk for BLAS. Both sum one partial per thread and add the
+    partials in thread order (reproducible at a fixed thread count).
     """
     dtype = dout.dtype
     k = dout.shape[1]
