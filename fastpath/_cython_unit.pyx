@@ -53,6 +53,15 @@ cdef inline void gemm(char transa, char transb, int m, int n, int k, real alpha,
               &beta, c, &ldc)
 
 
+cdef inline void add_row_sums(const real *rows, Py_ssize_t k_count, Py_ssize_t r0, Py_ssize_t r1,
+                              real *total) noexcept nogil:
+    """``total[k] += Σ_{r0 <= r < r1} rows[r, k]``: a bias gradient's share of one chunk of rows."""
+    cdef Py_ssize_t r, k
+    for r in range(r0, r1):
+        for k in range(k_count):
+            total[k] += rows[r * k_count + k]
+
+
 cdef inline Py_ssize_t block_start(Py_ssize_t b, Py_ssize_t blocks, Py_ssize_t total) noexcept nogil:
     """First item of static block ``b`` of ``blocks`` over ``total`` items."""
     return (total * b) // blocks
@@ -254,7 +263,7 @@ def conv_rows_weight_grad(const real[:, ::1] src, const int32_t[::1] rowmap, con
     """
     cdef Py_ssize_t rows = pos.shape[0], k_count = dout.shape[1], width = dw_partial.shape[2]
     cdef Py_ssize_t c_count = src.shape[1], taps = tapoff.shape[0]
-    cdef Py_ssize_t chunks = (rows + chunk - 1) // chunk, q, r0, r1, r, k
+    cdef Py_ssize_t chunks = (rows + chunk - 1) // chunk, q, r0, r1
     cdef int tid
     cdef real one = 1
     if rows == 0:
@@ -267,9 +276,7 @@ def conv_rows_weight_grad(const real[:, ::1] src, const int32_t[::1] rowmap, con
         # dWᵀ (T C, K) += colsᵀ · dout, column-major
         gemm(c'N', c'T', <int> width, <int> k_count, <int> (r1 - r0), one, &scratch[tid, 0], <int> width,
              &dout[r0, 0], <int> k_count, one, &dw_partial[tid, 0, 0], <int> width)
-        for r in range(r0, r1):
-            for k in range(k_count):
-                db_partial[tid, k] += dout[r, k]
+        add_row_sums(&dout[0, 0], k_count, r0, r1, &db_partial[tid, 0])
 
 
 def conv_rows_weight_grad_direct(const float[:, ::1] src, const int32_t[::1] rowmap, const int64_t[::1] pos,
@@ -283,7 +290,7 @@ def conv_rows_weight_grad_direct(const float[:, ::1] src, const int32_t[::1] row
     thread count).
     """
     cdef Py_ssize_t rows = pos.shape[0], k_count = dout.shape[1], c_count = src.shape[1], taps = tapoff.shape[0]
-    cdef Py_ssize_t chunks = (rows + chunk - 1) // chunk, q, r0, r1, r, k
+    cdef Py_ssize_t chunks = (rows + chunk - 1) // chunk, q, r0, r1
     cdef int tid
     if rows == 0:
         return
@@ -293,9 +300,7 @@ def conv_rows_weight_grad_direct(const float[:, ::1] src, const int32_t[::1] row
         r1 = min(rows, r0 + chunk)
         ponder_direct_weight_grad_f32(&src[0, 0], c_count, &rowmap[0], &pos[0], &tapoff[0], taps, &dout[0, 0],
                                       k_count, &dwt_partial[tid, 0, 0], r0, r1)
-        for r in range(r0, r1):
-            for k in range(k_count):
-                db_partial[tid, k] += dout[r, k]
+        add_row_sums(&dout[0, 0], k_count, r0, r1, &db_partial[tid, 0])
 
 
 # ----------------------------------------------------------------------------------------------
